@@ -1,0 +1,41 @@
+# Quick start:  make demo   (set up + run MetaMoE on the embedded vision benchmark)
+#               make test   (set up + run the test suite)
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+FASHION := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+export METAMOE_CACHE_DIR ?= $(CURDIR)/.cache
+
+# Extra arguments for the launcher, e.g. make demo ARGS="--experiment no_rw_dpp --seed 1"
+ARGS ?=
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test lint clean
+
+setup: $(STAMP) $(FASHION)
+
+$(FASHION):
+	$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq dataset-fashion-mnist
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	# CPU torch first: any other torch pulls GBs of CUDA wheels.
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+demo: setup
+	$(BIN)/python -m metamoe.launch --benchmark vision --method metamoe $(ARGS)
+
+test: setup
+	$(BIN)/python -m pytest -q -rs $(PYTEST_ARGS)
+
+lint: setup
+	$(BIN)/ruff check metamoe tests bench
+
+clean:
+	rm -rf .flwr-home results .pytest_cache

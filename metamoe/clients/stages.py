@@ -1,0 +1,143 @@
+"""Client-side stages: relevance sketch, proxy-aligned expert, evaluation.
+
+Pure functions of (config, models, local data); the ClientApp handlers in ``client_app.py``
+only decode messages, call these and encode the replies. The comment above each return says
+exactly what of it is uploaded.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+
+from metamoe.data import Domain, VisionBenchmark
+from metamoe.models.lora import ffn_input_means, inject_ffn_lora, lora_state_dict
+from metamoe.models.moe import MoEViT
+from metamoe.models.vit import ViT
+from metamoe.proxy import sketch as psk
+from metamoe.training import OptimConfig, accuracy, features, train
+
+log = logging.getLogger("metamoe")
+
+
+def optim(section: DictConfig) -> OptimConfig:
+    return OptimConfig(optimizer=section.optimizer, lr=section.lr, momentum=section.momentum,
+                       nesterov=section.nesterov, weight_decay=section.weight_decay,
+                       epochs=section.epochs, batch_size=section.batch_size,
+                       shuffle=section.shuffle)
+
+
+def sketch_stage(cfg: DictConfig, seed: ViT, dom: Domain, bench: VisionBenchmark,
+                 rng_seed: int) -> tuple[dict[str, np.ndarray], dict]:
+    """Relevance sketch of Dp on frozen M0 features (paper §3.2 / App. A).
+
+    logistic: Dp (positives) vs a random public sample of the same size (negatives);
+    centroids: k-means centroids with counts of Dp alone (no public sample needed).
+    """
+    emb = cfg.select.embedding
+    pos = features(seed, dom.x_train, emb)
+    sk = cfg.sketch
+    rng = np.random.default_rng(rng_seed)
+    noise = float(sk.dp_sigma) if sk.dp_sigma > 0 else None
+    # Public data only from here on: a seeded random sample of the pool.
+    n_pub = len(pos) if sk.num_negatives < 0 else int(sk.num_negatives)
+    pub_idx = np.sort(rng.choice(len(bench.pool_x), size=min(n_pub, len(bench.pool_x)),
+                                 replace=False))
+    public = features(seed, bench.pool_x[pub_idx], emb)
+    if sk.kind == "logistic":
+        sketch = psk.fit_logistic_sketch(pos, public, l2=sk.l2, clip_norm=sk.dp_clip,
+                                         noise_multiplier=noise, delta=sk.dp_delta,
+                                         seed=rng_seed)
+    else:
+        centers = None
+        if noise is not None:  # DP needs data-independent cells: k-means of public data
+            from sklearn.cluster import KMeans
+
+            centers = KMeans(n_clusters=int(sk.centroids), n_init=3, random_state=rng_seed
+                             ).fit(public).cluster_centers_.astype(np.float32)
+        sketch = psk.fit_centroid_sketch(pos, int(sk.centroids), centers=centers,
+                                         clip_norm=sk.dp_clip, noise_multiplier=noise,
+                                         delta=sk.dp_delta, seed=rng_seed)
+    info = {"n_private": len(pos)}
+    if sketch.privacy is not None:
+        info["dp_epsilon"] = float(sketch.privacy.epsilon)
+        info["dp_delta"] = float(sketch.privacy.delta)
+    # Uploaded: the sketch's arrays (a weight vector + bias, or k centroids + counts).
+    return sketch.to_arrays(), info
+
+
+def expert_stage(cfg: DictConfig, seed: ViT, dom: Domain, bench: VisionBenchmark,
+                 proxy_idx: np.ndarray, rng_seed: int
+                 ) -> tuple[dict[str, np.ndarray], np.ndarray, dict]:
+    """Proxy-aligned expert: LoRA on M0's FFNs trained on Dp ∪ proxies (paper §3.3).
+
+    Proxies keep their public-pool labels in the shared named-class head (as the paper keeps
+    ImageNet labels next to the client classes); everything but the LoRA is frozen.
+    Returns (LoRA A/B arrays, router vectors [L, d], local metrics).
+    """
+    ec = cfg.expert
+    model = inject_ffn_lora(copy.deepcopy(seed), ec.rank, ec.alpha)
+    xp = torch.from_numpy(dom.x_train)
+    yp = torch.from_numpy(dom.y_train)
+    if ec.use_proxies and len(proxy_idx):
+        xq = torch.from_numpy(bench.pool_x[proxy_idx])
+        yq = torch.from_numpy(bench.pool_y[proxy_idx])
+        x, y = torch.cat([xp, xq]), torch.cat([yp, yq])
+    else:
+        xq, x, y = xp[:0], xp, yp
+    params = [p for p in model.parameters() if p.requires_grad]
+    hist = train(model, x, y, optim(ec), params=params, seed=rng_seed, desc=f"expert[{dom.name}]")
+    router_x = x if ec.router_data == "union" else xp
+    # Uploaded: the LoRA weight deltas and the per-layer means over all of router_x.
+    vectors = ffn_input_means(model, router_x).numpy().astype(np.float32)
+    lora = {k: v.numpy().astype(np.float32) for k, v in lora_state_dict(model).items()}
+    metrics = {"n_train": int(len(x)), "n_private": int(len(xp)), "n_proxies": int(len(xq)),
+               "train_loss": float(hist["loss"]), "train_seconds": float(hist["seconds"]),
+               "train_acc_private": accuracy(model, xp, yp, dom.classes)}
+    return lora, vectors, metrics
+
+
+def evaluate_stage(moe: MoEViT, dom: Domain, expert_names: list[str]) -> dict[str, float]:
+    """Accuracy of the unified MoE, of M0 (zero-shot) and of every single expert on this
+    client's own test split, argmax over this domain's classes; plus the routing shares."""
+    x, y = torch.from_numpy(dom.x_test), torch.from_numpy(dom.y_test)
+    out: dict[str, float] = {"n_test": float(len(y))}
+    for layer in moe.moe_layers():
+        layer.record, layer.route_counts = True, torch.zeros_like(layer.route_counts)
+    moe.set_forced(None)
+    out["acc_unified"] = accuracy(moe, x, y, dom.classes)
+    counts = sum(layer.route_counts for layer in moe.moe_layers())
+    for layer in moe.moe_layers():
+        layer.record = False
+    share = (counts / counts.sum().clamp(min=1)).tolist()
+    for name, s in zip(expert_names, share):
+        out[f"route_share/{name}"] = float(s)
+    moe.set_forced(-1)
+    out["acc_zero_shot"] = accuracy(moe, x, y, dom.classes)
+    for p, name in enumerate(expert_names):
+        moe.set_forced(p)
+        out[f"acc_expert/{name}"] = accuracy(moe, x, y, dom.classes)
+    moe.set_forced(None)
+    # Uploaded: these scalars only.
+    return out
+
+
+def coverage(seed: ViT, dom: Domain, bench: VisionBenchmark,
+             selections: dict[str, np.ndarray], emb: str = "tokens") -> dict[str, float]:
+    """Mean distance from each private *test* embedding to its nearest proxy, per selection
+    method (computed here, on the client; only the mean is uploaded)."""
+    zt = torch.from_numpy(features(seed, dom.x_test, emb))
+    zt = torch.nn.functional.normalize(zt, dim=1)
+    out = {}
+    for method, idx in selections.items():
+        if len(idx) == 0:
+            continue
+        zp = torch.nn.functional.normalize(torch.from_numpy(features(seed, bench.pool_x[idx], emb)),
+                                           dim=1)
+        d = torch.cdist(zt, zp).min(dim=1).values
+        out[f"coverage/{method}"] = float(d.mean())
+    return out

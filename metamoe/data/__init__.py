@@ -1,0 +1,65 @@
+"""Benchmarks, client partitions and the public pool.
+
+``load_benchmark(cfg)`` builds (and caches per process) the benchmark named by the resolved
+config; ``client_partition(cfg, bench, partition_id)`` gives one client its private domain
+data. Client ``i`` owns domain ``domains[i % D]``; with ``clients_per_domain > 1`` the domain's
+train split is divided IID (seeded) among its clients, and they share its test split.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from functools import lru_cache
+
+import numpy as np
+from omegaconf import DictConfig, OmegaConf
+
+from metamoe.data.vision import Domain, VisionBenchmark, build_vision_benchmark
+
+__all__ = ["Domain", "VisionBenchmark", "load_benchmark", "client_partition", "client_names"]
+
+
+@lru_cache(maxsize=4)
+def _load(bench_json: str) -> VisionBenchmark:
+    b = json.loads(bench_json)
+    if b["kind"] != "vision":
+        raise ValueError(f"benchmark kind {b['kind']!r} is not available in this build")
+    bench = build_vision_benchmark(seed=b["data_seed"], max_train=b["max_train"],
+                                   max_test=b["max_test"], domains=tuple(b["domains"]))
+    bench.name = b["name"]
+    if b["max_pool"] >= 0 and b["max_pool"] < len(bench.pool_x):
+        keep = np.sort(np.random.default_rng(b["data_seed"]).permutation(
+            len(bench.pool_x))[:b["max_pool"]])
+        bench.pool_x, bench.pool_y = bench.pool_x[keep], bench.pool_y[keep]
+        bench.pool_source = bench.pool_source[keep]
+    return bench
+
+
+def load_benchmark(cfg: DictConfig) -> VisionBenchmark:
+    return _load(json.dumps(OmegaConf.to_container(cfg.benchmark, resolve=True), sort_keys=True))
+
+
+def client_names(cfg: DictConfig) -> list[str]:
+    doms = list(cfg.benchmark.domains)
+    k = int(cfg.benchmark.clients_per_domain)
+    return [doms[i % len(doms)] if k == 1 else f"{doms[i % len(doms)]}-{i // len(doms)}"
+            for i in range(len(doms) * k)]
+
+
+def client_partition(cfg: DictConfig, bench: VisionBenchmark, partition_id: int
+                     ) -> tuple[str, Domain]:
+    names = client_names(cfg)
+    if not 0 <= partition_id < len(names):
+        raise ValueError(f"partition-id {partition_id} out of range: the benchmark "
+                         f"{cfg.benchmark.name!r} has {len(names)} clients")
+    doms = list(cfg.benchmark.domains)
+    dom = bench.domain(doms[partition_id % len(doms)])
+    k = int(cfg.benchmark.clients_per_domain)
+    if k == 1:
+        return names[partition_id], dom
+    sub = partition_id // len(doms)
+    perm = np.random.default_rng(cfg.benchmark.data_seed + 1).permutation(len(dom.x_train))
+    part = np.array_split(perm, k)[sub]
+    return names[partition_id], replace(dom, x_train=dom.x_train[part],
+                                        y_train=dom.y_train[part])

@@ -1,0 +1,201 @@
+"""Run the Flower app with ``flwr run`` in simulation and check that it really completed.
+
+    python -m metamoe.launch --benchmark vision --method metamoe [--experiment no_rw_dpp]
+                             [--overrides "expert.epochs=3 select.m=200"] [--seed 0]
+
+What it takes care of (each is a Flower 1.41 pitfall, see README "Running"):
+
+* the config is resolved and validated here first, so a bad key fails before anything starts;
+* the simulation size comes from the benchmark (``num-supernodes`` = its client count, one CPU
+  per ClientApp) via ``--federation-config`` — Flower's default of 2 nodes would hang;
+* ``FLWR_HOME`` is private to the checkout, runtime dependency installation is off (it would
+  ``uv sync`` CUDA torch), the local SuperLink gets a free port of its own;
+* ``flwr run --stream`` exits 0 on failure, so the run's status is read with ``flwr ls`` and the
+  command fails unless it is ``finished:completed`` and ``metrics.json`` exists;
+* every process it started (SuperLink, SuperExec, simulation, Ray) is stopped at the end.
+
+Prints the per-domain accuracy table, and the run directory on its last line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+from metamoe.config import ConfigError, num_clients, resolve_config
+
+ROOT = Path(__file__).resolve().parent.parent
+MARK = "METAMOE_LAUNCH_ID"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(flwr_home: Path, port: int, launch_id: str) -> dict[str, str]:
+    env = dict(os.environ)
+    bindir = str(Path(sys.executable).parent)
+    env.update({
+        "PATH": bindir + os.pathsep + env.get("PATH", ""),
+        "FLWR_HOME": str(flwr_home),
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+        "FLWR_TELEMETRY_ENABLED": "0",
+        "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(port),
+        "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
+        "PYTHONUNBUFFERED": "1",
+        MARK: launch_id,
+    })
+    return env
+
+
+def _marked_pids(launch_id: str) -> list[int]:
+    """Processes (other than us) that inherited this launch's marker variable."""
+    needle = f"{MARK}={launch_id}".encode()
+    pids = []
+    for p in Path("/proc").iterdir():
+        if not p.name.isdigit() or int(p.name) == os.getpid():
+            continue
+        try:
+            if needle in (p / "environ").read_bytes().split(b"\0"):
+                pids.append(int(p.name))
+        except (OSError, PermissionError):
+            continue
+    return pids
+
+
+def stop_processes(launch_id: str, grace: float = 5.0) -> int:
+    """SIGTERM, then SIGKILL, every process this launch started. Returns how many."""
+    pids = _marked_pids(launch_id)
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline and _marked_pids(launch_id):
+            time.sleep(0.2)
+        pids = _marked_pids(launch_id)
+        if not pids:
+            break
+    return len(pids)
+
+
+def _toml_value(v) -> str:
+    return json.dumps(v) if isinstance(v, str) else str(v).lower() if isinstance(v, bool) else str(v)
+
+
+def launch(benchmark: str = "vision", method: str = "metamoe", experiment: str = "",
+           overrides: str = "", seed: int = 0, run_id: str = "", output_dir: str | None = None,
+           cache_dir: str | None = None, timeout: float = 3600.0, app_dir: Path = ROOT,
+           quiet: bool = False) -> Path:
+    """Run one ``flwr run`` simulation; return the run directory (raises on failure)."""
+    run_config = {"benchmark": benchmark, "method": method, "experiment": experiment,
+                  "overrides": overrides, "seed": seed}
+    cfg = resolve_config(run_config)  # fail fast on a bad config, naming the key
+    run_id = run_id or f"{cfg.benchmark.name}-{method}{'-' + experiment if experiment else ''}" \
+                       f"-s{seed}-{time.strftime('%Y%m%d-%H%M%S')}"
+    out = Path(output_dir or ROOT / "results").resolve()
+    cache = Path(cache_dir or os.environ.get("METAMOE_CACHE_DIR") or ROOT / ".cache").resolve()
+    run_config.update({"run-id": run_id, "output-dir": str(out), "cache-dir": str(cache)})
+    flwr_home = Path(os.environ.get("METAMOE_FLWR_HOME", ROOT / ".flwr-home")).resolve()
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    rc_file = flwr_home / "run-configs" / f"{run_id}.toml"
+    rc_file.parent.mkdir(parents=True, exist_ok=True)
+    rc_file.write_text("".join(f"{k} = {_toml_value(v)}\n" for k, v in run_config.items()))
+    k = num_clients(cfg)
+    fed_cfg = f"num-supernodes={k} client-resources-num-cpus=1 client-resources-num-gpus=0.0"
+    launch_id = uuid.uuid4().hex
+    env = _env(flwr_home, _free_port(), launch_id)
+    say = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
+    say(f"[launch] flwr run {app_dir} ({k} simulated clients) run-id {run_id}")
+    try:
+        res = subprocess.run(["flwr", "run", str(app_dir), "--format", "json",
+                              "--federation-config", fed_cfg, "--run-config", str(rc_file)],
+                             env=env, capture_output=True, text=True, timeout=300)
+        try:
+            flwr_run_id = json.loads(res.stdout)["run-id"]
+        except (ValueError, KeyError):
+            raise RuntimeError(f"flwr run failed (exit {res.returncode}):\n{res.stdout}\n"
+                               f"{res.stderr}") from None
+        log_proc = subprocess.Popen(["flwr", "log", str(flwr_run_id)], env=env,
+                                    stdout=None if not quiet else subprocess.DEVNULL,
+                                    stderr=subprocess.STDOUT)
+        try:
+            log_proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            log_proc.kill()
+            raise RuntimeError(f"run {flwr_run_id} did not finish within {timeout:.0f}s") from None
+        status = _status(flwr_run_id, env)
+    finally:
+        left = stop_processes(launch_id)
+        if left:
+            print(f"[launch] WARNING: {left} processes could not be stopped", file=sys.stderr)
+    run_dir = out / run_id
+    if status != "finished:completed":
+        raise RuntimeError(f"run {flwr_run_id} ended as {status!r}, not finished:completed "
+                           f"(see the log above)")
+    if not (run_dir / "metrics.json").exists():
+        raise RuntimeError(f"run {flwr_run_id} completed but wrote no {run_dir}/metrics.json")
+    return run_dir
+
+
+def _status(flwr_run_id, env) -> str:
+    for _ in range(30):
+        res = subprocess.run(["flwr", "ls", "--run-id", str(flwr_run_id), "--format", "json"],
+                             env=env, capture_output=True, text=True, timeout=60)
+        try:
+            status = json.loads(res.stdout)["runs"][0]["status"]
+        except (ValueError, KeyError, IndexError):
+            status = f"unknown ({res.stdout.strip()[:200]} {res.stderr.strip()[:200]})"
+        if status.startswith("finished"):
+            return status
+        time.sleep(1.0)
+    return status
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m metamoe.launch", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--benchmark", default="vision")
+    ap.add_argument("--method", default="metamoe")
+    ap.add_argument("--experiment", default="")
+    ap.add_argument("--overrides", default="", help="OmegaConf dotlist, e.g. 'select.m=200'")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--run-id", default="")
+    ap.add_argument("--output-dir", default=None)
+    ap.add_argument("--cache-dir", default=None)
+    ap.add_argument("--timeout", type=float, default=3600.0)
+    a = ap.parse_args(argv)
+    try:
+        run_dir = launch(a.benchmark, a.method, a.experiment, a.overrides, a.seed, a.run_id,
+                         a.output_dir, a.cache_dir, a.timeout)
+    except ConfigError as e:
+        print(f"configuration error: {e}", file=sys.stderr)
+        return 2
+    except RuntimeError as e:
+        print(f"run failed: {e}", file=sys.stderr)
+        return 1
+    from metamoe.server.report import accuracy_table
+
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    print("\nPer-domain test accuracy (%):")
+    print(accuracy_table(metrics))
+    print(f"\nreport: {run_dir / 'report.md'}")
+    print(run_dir)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

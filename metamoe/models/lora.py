@@ -1,0 +1,125 @@
+"""LoRA on the FFN sublayers (an expert), in the style of HF peft but FFN-only and tiny.
+
+An expert is M0 plus low-rank deltas on every FFN's ``fc1`` and ``fc2``:
+``W x + (alpha / r) * B A x`` with A kaiming-uniform, B zero (so a fresh expert equals M0).
+Its state is only the A/B matrices: ``lora_state_dict`` is what a client uploads.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+FFN_TARGETS = ("fc1", "fc2")
+
+
+class LoRALinear(nn.Module):
+    """A frozen ``nn.Linear`` plus a trainable rank-r update."""
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float):
+        super().__init__()
+        if rank <= 0:
+            raise ValueError(f"LoRA rank must be positive, got {rank}")
+        self.base = base
+        for p in self.base.parameters():
+            p.requires_grad_(False)
+        self.rank = rank
+        self.scale = alpha / rank
+        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x) + (x @ self.lora_A.t() @ self.lora_B.t()) * self.scale
+
+    def delta_weight(self) -> torch.Tensor:
+        return self.lora_B @ self.lora_A * self.scale
+
+
+def inject_ffn_lora(model: nn.Module, rank: int, alpha: float) -> nn.Module:
+    """Freeze ``model`` and wrap ``fc1``/``fc2`` of every FFN in ``model.ffn_layers()``."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for ffn in model.ffn_layers():
+        for name in FFN_TARGETS:
+            lin = getattr(ffn, name)
+            if isinstance(lin, LoRALinear):
+                raise ValueError(f"FFN {name} already carries a LoRA adapter")
+            setattr(ffn, name, LoRALinear(lin, rank, alpha))
+    return model
+
+
+def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Only the LoRA A/B tensors, keyed ``layers.{l}.{fc1|fc2}.lora_{A|B}``."""
+    out = {}
+    for l, ffn in enumerate(model.ffn_layers()):
+        for name in FFN_TARGETS:
+            lin = getattr(ffn, name)
+            out[f"layers.{l}.{name}.lora_A"] = lin.lora_A.detach().clone()
+            out[f"layers.{l}.{name}.lora_B"] = lin.lora_B.detach().clone()
+    return out
+
+
+def load_lora_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    expected = set()
+    for l, ffn in enumerate(model.ffn_layers()):
+        for name in FFN_TARGETS:
+            lin = getattr(ffn, name)
+            for ab in ("A", "B"):
+                key = f"layers.{l}.{name}.lora_{ab}"
+                expected.add(key)
+                if key not in state:
+                    raise KeyError(f"LoRA state is missing {key}")
+                t = torch.as_tensor(state[key])
+                param = getattr(lin, f"lora_{ab}")
+                if t.shape != param.shape:
+                    raise ValueError(f"LoRA {key}: shape {tuple(t.shape)} != {tuple(param.shape)}")
+                param.data.copy_(t)
+    extra = set(state) - expected
+    if extra:
+        raise KeyError(f"unexpected LoRA keys: {sorted(extra)[:5]}")
+
+
+def lora_shapes(depth: int, dim: int, hidden: int, rank: int) -> dict[str, tuple[int, ...]]:
+    """Expected upload shapes of one expert (used to validate client uploads)."""
+    shapes = {}
+    for l in range(depth):
+        shapes[f"layers.{l}.fc1.lora_A"] = (rank, dim)
+        shapes[f"layers.{l}.fc1.lora_B"] = (hidden, rank)
+        shapes[f"layers.{l}.fc2.lora_A"] = (rank, hidden)
+        shapes[f"layers.{l}.fc2.lora_B"] = (dim, rank)
+    return shapes
+
+
+@torch.no_grad()
+def ffn_input_means(model: nn.Module, x: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+    """Router vectors e^(l): mean FFN input over all tokens of all samples, per layer [L, d].
+
+    Computed with forward hooks on every FFN under the (LoRA-carrying) ``model``. Only this
+    per-layer mean over the whole local set leaves the client, never a per-sample vector.
+    """
+    layers = model.ffn_layers()
+    sums = [None] * len(layers)
+    count = 0
+
+    def make_hook(i):
+        def hook(_module, inputs):
+            z = inputs[0].detach()
+            s = z.reshape(-1, z.shape[-1]).sum(0)
+            sums[i] = s if sums[i] is None else sums[i] + s
+        return hook
+
+    handles = [ffn.register_forward_pre_hook(make_hook(i)) for i, ffn in enumerate(layers)]
+    try:
+        model.eval()
+        for i in range(0, len(x), batch_size):
+            xb = x[i:i + batch_size]
+            model(xb)
+            count += xb.shape[0]
+    finally:
+        for h in handles:
+            h.remove()
+    tokens_per_sample = model.cfg.num_tokens
+    return torch.stack(sums) / (count * tokens_per_sample)

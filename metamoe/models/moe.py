@@ -1,0 +1,213 @@
+"""The unified model: every FFN becomes a MoE of the clients' FFN-LoRA experts.
+
+Per layer l, expert p computes the *full* FFN with M0's weights plus expert p's LoRA deltas
+(``fc2(gelu(fc1 z + ΔA_p z)) + Δ2_p(.)``); attention, norms, embeddings and head stay M0's.
+
+Context-aware router (MetaMoE §3.4): the gate sees
+``z̃_t = (1 - λ) z_t + λ c`` with ``λ = clamp(λ_raw, 0, 1)`` learnable per layer and ``c`` the
+**per-sample** mean of the layer's FFN input over that sample's tokens; logits are
+``scale * z̃_t · e_p`` with router rows initialised to the clients' router vectors e_p^(l).
+Output ``Σ_{p ∈ top-k} π_p FFN_p(z_t)`` with π = softmax(logits) (paper Eq. 6), so the router
+and λ receive gradient.
+
+The authors' code differs in two ways, kept only as switches for ablations:
+``renormalize=True`` divides the top-k weights by their sum (with k = 1 the weight is ≡ 1 and
+router and λ get no gradient), and ``context="batch"`` uses the per-position batch mean, which
+depends on what else is in the batch. ``context="none"`` is the "w/o context-aware router"
+ablation (λ fixed at 0).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from metamoe.models.vit import FFN, ViT, ViTConfig
+
+CONTEXT_MODES = ("sample", "batch", "none")
+
+
+@dataclass
+class MoEConfig:
+    num_experts: int
+    rank: int
+    alpha: float
+    top_k: int = 1
+    lambda_init: float = 0.3
+    context: str = "sample"  # sample | batch (authors' code) | none (w/o CA router)
+    renormalize: bool = False  # authors' code: renormalised top-k weights (frozen router at k=1)
+    logit_scale: float = 1.0  # logits = scale * z̃ · e_p ; the paper uses the raw dot product
+    expert_names: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.context not in CONTEXT_MODES:
+            raise ValueError(f"moe.context must be one of {CONTEXT_MODES}, got {self.context!r}")
+        if not 1 <= self.top_k <= self.num_experts:
+            raise ValueError(f"moe.top_k={self.top_k} must be in [1, {self.num_experts}]")
+        if not 0.0 <= self.lambda_init <= 1.0:
+            raise ValueError(f"moe.lambda_init={self.lambda_init} must be in [0, 1]")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class MoEFFN(nn.Module):
+    """K FFN-LoRA experts sharing M0's FFN weights, with a context-aware top-k router."""
+
+    def __init__(self, base: FFN, cfg: MoEConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.fc1, self.fc2 = base.fc1, base.fc2
+        for p in list(self.fc1.parameters()) + list(self.fc2.parameters()):
+            p.requires_grad_(False)
+        k, r = cfg.num_experts, cfg.rank
+        d, h = self.fc1.in_features, self.fc1.out_features
+        self.scale = cfg.alpha / r
+        self.A1 = nn.Parameter(torch.zeros(k, r, d))
+        self.B1 = nn.Parameter(torch.zeros(k, h, r))
+        self.A2 = nn.Parameter(torch.zeros(k, r, h))
+        self.B2 = nn.Parameter(torch.zeros(k, d, r))
+        self.router = nn.Parameter(torch.zeros(k, d))
+        self.lambda_raw = nn.Parameter(torch.tensor(float(cfg.lambda_init)))
+        if cfg.context == "none":
+            self.lambda_raw.requires_grad_(False)
+            self.lambda_raw.data.zero_()
+        self.forced: int | None = None  # None: routed; -1: M0's FFN; p: expert p only
+        self.record = False
+        self.route_counts = torch.zeros(k)
+
+    # --- parameter groups -------------------------------------------------------------
+    def expert_parameters(self) -> list[nn.Parameter]:
+        return [self.A1, self.B1, self.A2, self.B2]
+
+    @property
+    def lam(self) -> torch.Tensor:
+        return self.lambda_raw.clamp(0.0, 1.0)
+
+    # --- forward ------------------------------------------------------------------------
+    def _experts(self, z: torch.Tensor, idx: slice | list[int]) -> torch.Tensor:
+        """Outputs of experts ``idx`` on every token: [k, B, T, d]."""
+        A1, B1, A2, B2 = self.A1[idx], self.B1[idx], self.A2[idx], self.B2[idx]
+        h = self.fc1(z).unsqueeze(0) + torch.einsum(
+            "btd,krd,khr->kbth", z, A1, B1) * self.scale
+        a = F.gelu(h)
+        return self.fc2(a) + torch.einsum("kbth,krh,kdr->kbtd", a, A2, B2) * self.scale
+
+    def gate_input(self, z: torch.Tensor) -> torch.Tensor:
+        mode = self.cfg.context
+        if mode == "none":
+            return z
+        c = z.mean(dim=1, keepdim=True) if mode == "sample" else z.mean(dim=0, keepdim=True)
+        lam = self.lam
+        return (1.0 - lam) * z + lam * c
+
+    def gate_probs(self, z: torch.Tensor) -> torch.Tensor:
+        logits = self.gate_input(z) @ self.router.t() * self.cfg.logit_scale
+        return logits.softmax(dim=-1)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        if self.forced is not None:
+            if self.forced < 0:
+                return self.fc2(F.gelu(self.fc1(z)))
+            return self._experts(z, [self.forced])[0]
+        probs = self.gate_probs(z)  # [B, T, K]
+        topv, topi = probs.topk(self.cfg.top_k, dim=-1)
+        if self.cfg.renormalize:
+            topv = topv / topv.sum(dim=-1, keepdim=True)
+        gates = torch.zeros_like(probs).scatter(-1, topi, topv)
+        if self.record:
+            self.route_counts += F.one_hot(topi[..., 0], self.cfg.num_experts).reshape(
+                -1, self.cfg.num_experts).sum(0).float()
+        out = self._experts(z, slice(None))  # [K, B, T, d]
+        return torch.einsum("btk,kbtd->btd", gates, out)
+
+
+class MoEViT(ViT):
+    """M0 with every FFN replaced by a :class:`MoEFFN`."""
+
+    def __init__(self, vit_cfg: ViTConfig, moe_cfg: MoEConfig):
+        super().__init__(vit_cfg)
+        self.moe_cfg = moe_cfg
+        for blk in self.blocks:
+            blk.mlp = MoEFFN(blk.mlp, moe_cfg)
+
+    def moe_layers(self) -> list[MoEFFN]:
+        return [blk.mlp for blk in self.blocks]
+
+    def set_forced(self, expert: int | None) -> None:
+        """Route every token to ``expert`` (-1 = M0's own FFN, None = learned routing)."""
+        for m in self.moe_layers():
+            m.forced = expert
+
+    def router_parameters(self) -> list[nn.Parameter]:
+        return [m.router for m in self.moe_layers()]
+
+    def lambda_parameters(self) -> list[nn.Parameter]:
+        if self.moe_cfg.context == "none":
+            return []  # λ is fixed at 0 in the "w/o context-aware router" ablation
+        return [m.lambda_raw for m in self.moe_layers()]
+
+    def expert_parameters(self) -> list[nn.Parameter]:
+        return [p for m in self.moe_layers() for p in m.expert_parameters()]
+
+    def freeze_base(self) -> None:
+        """Only router, λ and the experts' LoRA stay trainable."""
+        for p in self.parameters():
+            p.requires_grad_(False)
+        for p in self.router_parameters() + self.lambda_parameters() + self.expert_parameters():
+            p.requires_grad_(True)
+
+    def lambdas(self) -> list[float]:
+        return [float(m.lam.detach()) for m in self.moe_layers()]
+
+
+def build_moe(seed: ViT, moe_cfg: MoEConfig, experts: list[dict[str, torch.Tensor]],
+              router_vectors: list[torch.Tensor] | None) -> MoEViT:
+    """Merge the clients' FFN-LoRA experts into one MoE on top of a copy of M0.
+
+    ``experts[p]`` is client p's :func:`~metamoe.models.lora.lora_state_dict`;
+    ``router_vectors[p]`` its [L, d] router vectors (rows of the router), or None for a
+    randomly initialised router (BTX-style).
+    """
+    if len(experts) != moe_cfg.num_experts:
+        raise ValueError(f"{len(experts)} experts for a MoE with {moe_cfg.num_experts} slots")
+    model = MoEViT(seed.cfg, moe_cfg)
+    missing, unexpected = model.load_state_dict(_seed_state_for_moe(seed), strict=False)
+    bad = [k for k in missing if not _is_moe_param(k)]
+    if bad or unexpected:
+        raise RuntimeError(f"seed/MoE mismatch: missing {bad[:3]} unexpected {unexpected[:3]}")
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for l, layer in enumerate(model.moe_layers()):
+            for p, ex in enumerate(experts):
+                layer.A1[p].copy_(torch.as_tensor(ex[f"layers.{l}.fc1.lora_A"]))
+                layer.B1[p].copy_(torch.as_tensor(ex[f"layers.{l}.fc1.lora_B"]))
+                layer.A2[p].copy_(torch.as_tensor(ex[f"layers.{l}.fc2.lora_A"]))
+                layer.B2[p].copy_(torch.as_tensor(ex[f"layers.{l}.fc2.lora_B"]))
+                if router_vectors is not None:
+                    layer.router[p].copy_(torch.as_tensor(router_vectors[p][l]))
+            if router_vectors is None:
+                d = layer.router.shape[1]
+                layer.router.copy_(torch.randn(layer.router.shape, generator=gen) / math.sqrt(d))
+    model.eval()
+    return model
+
+
+def _is_moe_param(key: str) -> bool:
+    return any(key.endswith(s) for s in (".A1", ".B1", ".A2", ".B2", ".router", ".lambda_raw"))
+
+
+def _seed_state_for_moe(seed: ViT) -> dict[str, torch.Tensor]:
+    """M0's state dict with plain FFN weights (LoRA wrappers, if any, are unwrapped)."""
+    state = copy.deepcopy(seed.state_dict())
+    out = {}
+    for k, v in state.items():
+        if ".lora_" in k:
+            continue
+        out[k.replace(".base.", ".")] = v
+    return out

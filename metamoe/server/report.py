@@ -1,0 +1,141 @@
+"""Result files of a run: ``metrics.json`` (stable interface), ``report.md``, the MoE artifact.
+
+``metrics.json`` top-level keys: ``method``, ``benchmark``, ``config`` (resolved),
+``accuracy`` {``per_domain``: {domain: float}, ``average``}, ``references`` {``zero_shot``,
+``experts`` → {client: {per_domain, average}}}, ``upload_bytes`` {client: int},
+``wall_seconds`` {phase: float, ``total``}; plus informational keys (``clients``, ``missing``,
+``rejected``, ``proxy_coverage``, ...).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from metamoe.config import to_container
+from metamoe.strategies.base import Federation, Outcome
+
+log = logging.getLogger("metamoe")
+
+
+def _acc_block(per_domain: dict[str, float]) -> dict:
+    vals = [v for v in per_domain.values() if v == v]
+    return {"per_domain": per_domain, "average": float(np.mean(vals)) if vals else float("nan")}
+
+
+def build_metrics(cfg, fed: Federation, outcome: Outcome, wall_total: float,
+                  seed_info: dict) -> dict:
+    doms = list(cfg.benchmark.domains)
+    by_domain: dict[str, list[dict]] = {d: [] for d in doms}
+    for name, m in outcome.evaluations.items():
+        info = next((c for c in fed.clients.values() if c.name == name), None)
+        by_domain[info.domain if info else name].append(m)
+
+    def per_domain(key: str) -> dict[str, float]:
+        return {d: float(np.mean([m[key] for m in ms if key in m])) if any(key in m for m in ms)
+                else float("nan") for d, ms in by_domain.items()}
+
+    expert_names = list(outcome.model.moe_cfg.expert_names) if outcome.model is not None else []
+    metrics = {
+        "method": cfg.method,
+        "benchmark": cfg.benchmark.name,
+        "config": to_container(cfg),
+        "accuracy": _acc_block(per_domain("acc_unified")),
+        "references": {
+            "zero_shot": _acc_block(per_domain("acc_zero_shot")),
+            "experts": {n: _acc_block(per_domain(f"acc_expert/{n}")) for n in expert_names},
+        },
+        "upload_bytes": {c.name: int(fed.upload_bytes.get(c.name, 0))
+                         for c in sorted(fed.clients.values(), key=lambda c: c.partition_id)},
+        "download_bytes": {k: int(v) for k, v in fed.download_bytes.items()},
+        "wall_seconds": {**{k: round(v, 3) for k, v in fed.wall.items()},
+                         "total": round(wall_total, 3)},
+        "clients": {c.name: {"domain": c.domain, "partition_id": c.partition_id,
+                             "n_private": c.n_private} for c in fed.clients.values()},
+        "route_share": {d: {n: float(np.mean([m.get(f"route_share/{n}", np.nan) for m in ms]))
+                            for n in expert_names} for d, ms in by_domain.items() if ms},
+        "missing": fed.missing,
+        "rejected": fed.rejected,
+        "seed_model": seed_info,
+    }
+    metrics.update(outcome.extra)
+    return metrics
+
+
+def accuracy_table(metrics: dict) -> str:
+    doms = list(metrics["accuracy"]["per_domain"])
+    rows = [("unified MoE (" + metrics["method"] + ")", metrics["accuracy"]),
+            ("zero-shot M0", metrics["references"]["zero_shot"])]
+    rows += [(f"expert {n}", b) for n, b in metrics["references"]["experts"].items()]
+    w = max(len(r[0]) for r in rows) + 2
+    head = "model".ljust(w) + "".join(f"{d:>10}" for d in doms) + f"{'average':>10}"
+    lines = [head, "-" * len(head)]
+    for label, b in rows:
+        lines.append(label.ljust(w) + "".join(f"{100 * b['per_domain'][d]:>10.2f}" for d in doms)
+                     + f"{100 * b['average']:>10.2f}")
+    return "\n".join(lines)
+
+
+def write_report(run_dir: Path, metrics: dict) -> None:
+    cov = metrics.get("proxy_coverage")
+    lines = [
+        f"# MetaMoE run `{run_dir.name}`",
+        "",
+        f"Method **{metrics['method']}** on benchmark **{metrics['benchmark']}**; "
+        f"seed {metrics['config']['run']['seed']}. Accuracy in % on each client's own test split "
+        "(argmax over that domain's classes).",
+        "",
+        "```",
+        accuracy_table(metrics),
+        "```",
+        "",
+        "## Communication (client → server)",
+        "",
+        "| client | uploaded bytes |",
+        "|---|---|",
+        *[f"| {c} | {b:,} |" for c, b in metrics["upload_bytes"].items()],
+        "",
+        "## Wall time per phase (s)",
+        "",
+        "| phase | seconds |",
+        "|---|---|",
+        *[f"| {p} | {s:.1f} |" for p, s in metrics["wall_seconds"].items()],
+    ]
+    if metrics.get("route_share"):
+        names = list(next(iter(metrics["route_share"].values())))
+        lines += ["", "## Routing share (fraction of tokens per expert, all layers)", "",
+                  "| domain | " + " | ".join(names) + " |",
+                  "|---" * (len(names) + 1) + "|"]
+        for d, sh in metrics["route_share"].items():
+            lines.append(f"| {d} | " + " | ".join(f"{sh[n]:.2f}" for n in names) + " |")
+    if cov:
+        methods = sorted({m for c in cov.values() for m in c})
+        lines += ["", "## Proxy coverage of the private test distribution",
+                  "", "Mean distance from each private test embedding to its nearest proxy "
+                  "(cosine geometry, M0 features; lower is better; computed on the clients).",
+                  "", "| client | " + " | ".join(methods) + " |", "|---" * (len(methods) + 1) + "|"]
+        for c, v in cov.items():
+            lines.append(f"| {c} | " + " | ".join(f"{v.get(m, float('nan')):.4f}"
+                                                  for m in methods) + " |")
+    if metrics.get("missing") or metrics.get("rejected"):
+        lines += ["", "## Missing or rejected clients", ""]
+        for phase, who in metrics.get("missing", {}).items():
+            lines.append(f"- phase {phase}: no valid reply from {', '.join(who)}")
+        for r in metrics.get("rejected", []):
+            lines.append(f"- phase {r['phase']}: rejected {r['client']}: {r['reason']}")
+    if "lambdas" in metrics:
+        lines += ["", f"Learned context weight λ per layer: "
+                      f"{', '.join(f'{v:.3f}' for v in metrics['lambdas'])}"]
+    (run_dir / "report.md").write_text("\n".join(lines) + "\n")
+
+
+def write_metrics(run_dir: Path, metrics: dict) -> Path:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / "metrics.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(metrics, indent=2, allow_nan=True))
+    tmp.replace(path)
+    return path

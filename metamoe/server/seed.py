@@ -1,0 +1,87 @@
+"""The seed model M0 and the pool embeddings, built once on public data and cached.
+
+No pretrained vision weights for 28x28 images install offline, so the server pre-trains M0 on
+the public pool D0 (public data only) with the shared training loop. The checkpoint and the
+pool's M0 features are cached under ``run.cache_dir`` keyed by a hash of everything they
+depend on (benchmark, model, pre-training config, seed). Clients receive M0 through Flower
+messages, never through this cache.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+
+from metamoe.clients.stages import optim
+from metamoe.config import config_hash
+from metamoe.data import VisionBenchmark
+from metamoe.models.io import load_vit, save_vit
+from metamoe.models.vit import ViT, ViTConfig
+from metamoe.training import accuracy, features, seed_everything, train
+
+log = logging.getLogger("metamoe")
+
+
+def cache_dir(cfg: DictConfig) -> Path:
+    d = cfg.run.cache_dir or os.environ.get("METAMOE_CACHE_DIR") or \
+        str(Path.home() / ".cache" / "metamoe")
+    return Path(d)
+
+
+def vit_config(cfg: DictConfig, num_classes: int) -> ViTConfig:
+    m = cfg.model
+    return ViTConfig(stem_channels=m.stem_channels, patch_size=m.patch_size, dim=m.dim,
+                     depth=m.depth, heads=m.heads, mlp_hidden=m.mlp_hidden,
+                     num_classes=num_classes)
+
+
+def seed_key(cfg: DictConfig) -> str:
+    return config_hash({"benchmark": config_hash(cfg.benchmark), "model": config_hash(cfg.model),
+                        "pretrain": config_hash(cfg.pretrain), "seed": int(cfg.run.seed)})
+
+
+def get_seed_model(cfg: DictConfig, bench: VisionBenchmark) -> tuple[ViT, np.ndarray, dict]:
+    """(M0, L2-unnormalised pool features [N0, d], info) — from cache or built now."""
+    key = seed_key(cfg)
+    path = cache_dir(cfg) / f"seed-{key}.safetensors"
+    feat_path = path.with_name(f"pool-{cfg.select.embedding}-{key}.npy")
+    info: dict = {"cache_key": key, "checkpoint": str(path)}
+    if path.exists():
+        model = load_vit(path)
+        log.info("seed model M0 loaded from cache %s", path)
+        info["cached"] = True
+        if feat_path.exists():
+            feats = np.load(feat_path)
+            if feats.shape[0] == len(bench.pool_x):
+                return model, feats, info
+        feats = features(model, bench.pool_x, cfg.select.embedding)
+        _atomic_save(feat_path, lambda p: np.save(p, feats))
+        return model, feats, info
+    seed_everything(int(cfg.run.seed))
+    model = ViT(vit_config(cfg, bench.num_classes))
+    log.info("pre-training seed model M0 on the public pool (%d images, %d epochs)",
+             len(bench.pool_x), cfg.pretrain.epochs)
+    hist = train(model, torch.from_numpy(bench.pool_x), torch.from_numpy(bench.pool_y),
+                 optim(cfg.pretrain), seed=int(cfg.run.seed), desc="pretrain M0", log_every=1)
+    info.update(cached=False, pretrain_loss=hist["loss"], pretrain_seconds=hist["seconds"])
+    feats = features(model, bench.pool_x, cfg.select.embedding)
+    _atomic_save(path, lambda p: save_vit(model, p))
+    _atomic_save(feat_path, lambda p: np.save(p, feats))
+    info["zero_shot_public"] = accuracy(model, bench.pool_x[:5000], bench.pool_y[:5000])
+    log.info("M0 cached at %s", path)
+    return model, feats, info
+
+
+def _atomic_save(path: Path, write) -> None:
+    """Write via a temporary name then rename, so concurrent runs never read half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{os.getpid()}.{path.name}")
+    write(tmp)
+    if tmp.suffix == ".safetensors":
+        tmp.with_suffix(".json").replace(path.with_suffix(".json"))
+    tmp.replace(path)

@@ -1,0 +1,64 @@
+"""The ServerApp: resolve config, build M0, drive the method's phases, emit the results."""
+
+from __future__ import annotations
+
+import logging
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from metamoe.config import num_clients, resolve_config
+from metamoe.data import load_benchmark
+from metamoe.logging_utils import setup_logging
+from metamoe.models.io import load_moe, save_moe
+from metamoe.server.report import accuracy_table, build_metrics, write_metrics, write_report
+from metamoe.server.seed import get_seed_model
+from metamoe.strategies import Federation, get_strategy
+
+app = ServerApp()
+log = logging.getLogger("metamoe")
+
+
+def run_dir_for(cfg) -> Path:
+    run_id = cfg.run.run_id or (f"{cfg.benchmark.name}-{cfg.method}-"
+                                f"{datetime.now(timezone.utc):%Y%m%d-%H%M%S}")
+    root = Path(cfg.run.output_dir) if cfg.run.output_dir else Path.cwd() / "results"
+    return root.resolve() / run_id
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    setup_logging()
+    t0 = time.perf_counter()
+    cfg = resolve_config(context.run_config)  # bad config fails here, before any training
+    if cfg.run.threads:
+        torch.set_num_threads(int(cfg.run.threads))
+    run_dir = run_dir_for(cfg)
+    log.info("run %s: method=%s benchmark=%s seed=%d -> %s", run_dir.name, cfg.method,
+             cfg.benchmark.name, cfg.run.seed, run_dir)
+    strategy_cls = get_strategy(cfg.method)
+    fed = Federation(grid, cfg)
+    with fed.phase("seed"):
+        bench = load_benchmark(cfg)
+        seed_model, pool_feats, seed_info = get_seed_model(cfg, bench)
+    node_ids = fed.wait_for_nodes(num_clients(cfg))
+    strategy = strategy_cls(cfg, seed_model, bench, pool_feats)
+    outcome = strategy.run(fed, node_ids)
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if outcome.model is not None:
+        save_moe(outcome.model, run_dir, extra=outcome.model_extra)
+        probe = torch.from_numpy(bench.domains[0].x_test[:64])
+        with torch.no_grad():
+            same = torch.equal(load_moe(run_dir)(probe), outcome.model(probe))
+        if not same:
+            raise RuntimeError("the saved MoE does not reproduce the in-memory model's logits")
+    metrics = build_metrics(cfg, fed, outcome, time.perf_counter() - t0, seed_info)
+    write_metrics(run_dir, metrics)
+    write_report(run_dir, metrics)
+    log.info("per-domain accuracy (%%):\n%s", accuracy_table(metrics))
+    log.info("results written to %s", run_dir)

@@ -1,0 +1,168 @@
+"""Server-side federation runtime shared by every strategy.
+
+:class:`Federation` wraps Flower's ``Grid``: it waits for nodes (with a deadline), sends one
+phase's messages with ``grid.send_and_receive``, and for every reply either accepts it (after
+the phase's validator) or rejects and logs it with the client's id — an error reply, a
+malformed or non-finite or oversized upload never crashes the server. Missing clients are
+recorded per phase; below ``federation.min_clients`` valid replies the run stops with a clear
+:class:`PhaseError`. It also accounts upload bytes per client and wall time per phase.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from abc import ABC, abstractmethod
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from flwr.app import Message, RecordDict
+from omegaconf import DictConfig
+
+from metamoe.protocol import UploadError, record_nbytes
+
+log = logging.getLogger("metamoe")
+T = TypeVar("T")
+
+
+class PhaseError(RuntimeError):
+    """Too few clients answered a phase validly for the run to go on."""
+
+
+@dataclass
+class ClientInfo:
+    node_id: int
+    name: str
+    domain: str
+    partition_id: int
+    n_private: int = 0
+
+
+@dataclass
+class Federation:
+    grid: Any
+    cfg: DictConfig
+    clients: dict[int, ClientInfo] = field(default_factory=dict)
+    upload_bytes: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    download_bytes: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    wall: dict[str, float] = field(default_factory=dict)
+    rejected: list[dict] = field(default_factory=list)
+    missing: dict[str, list[str]] = field(default_factory=dict)
+
+    def client_name(self, node_id: int) -> str:
+        info = self.clients.get(node_id)
+        return info.name if info else f"node-{node_id}"
+
+    # --- nodes ------------------------------------------------------------------------
+    def wait_for_nodes(self, n: int) -> list[int]:
+        """Wait for ``n`` nodes; past the deadline go on with what is there if that is at
+        least ``federation.min_clients``, else stop with a clear error."""
+        deadline = time.monotonic() + float(self.cfg.federation.wait_for_nodes_s)
+        need = int(self.cfg.federation.min_clients)
+        last = -1
+        while True:
+            ids = sorted(self.grid.get_node_ids())
+            if len(ids) >= n:
+                log.info("%d nodes connected", len(ids))
+                return ids[:n] if len(ids) > n else ids
+            if time.monotonic() > deadline:
+                if len(ids) >= need:
+                    log.warning("only %d of %d nodes connected; going on with them", len(ids), n)
+                    return ids
+                raise PhaseError(f"only {len(ids)} of {n} nodes connected within "
+                                 f"{self.cfg.federation.wait_for_nodes_s:.0f}s "
+                                 f"(federation.min_clients={need}); check num-supernodes / "
+                                 "the SuperNodes")
+            if len(ids) != last:
+                log.info("waiting for nodes: %d of %d connected", len(ids), n)
+                last = len(ids)
+            time.sleep(1.0)
+
+    # --- phases -----------------------------------------------------------------------
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        log.info("── phase %s ──", name)
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.wall[name] = self.wall.get(name, 0.0) + time.perf_counter() - t0
+            log.info("phase %s done in %.1fs", name, self.wall[name])
+
+    def exchange(self, phase: str, message_type: str, payloads: dict[int, RecordDict],
+                 validate: Callable[[int, RecordDict], T]) -> dict[int, T]:
+        """Send each node its payload; return {node_id: validate(node_id, content)} for the
+        valid replies. Rejections and missing nodes are logged and recorded."""
+        limit = float(self.cfg.federation.max_upload_mb) * 2**20
+        msgs = []
+        for nid, content in payloads.items():
+            self.download_bytes[self.client_name(nid)] += record_nbytes(content)
+            msgs.append(Message(content, dst_node_id=nid, message_type=message_type,
+                                group_id=phase))
+        replies = list(self.grid.send_and_receive(
+            msgs, timeout=float(self.cfg.federation.phase_timeout_s)))
+        out: dict[int, T] = {}
+        for rep in replies:
+            nid = rep.metadata.src_node_id
+            who = self.client_name(nid)
+            if rep.has_error():
+                self._reject(phase, who, f"client error: {rep.error.reason}")
+                continue
+            if nid not in payloads or nid in out:
+                self._reject(phase, who, "unexpected or duplicate reply")
+                continue
+            nbytes = record_nbytes(rep.content)
+            if nbytes > limit:
+                self._reject(phase, who, f"upload of {nbytes} bytes exceeds "
+                                         f"federation.max_upload_mb={self.cfg.federation.max_upload_mb}")
+                continue
+            try:
+                out[nid] = validate(nid, rep.content)
+            except UploadError as e:
+                self._reject(phase, who, str(e))
+                continue
+            except Exception as e:  # a validator must never take the server down
+                self._reject(phase, who, f"invalid upload: {type(e).__name__}: {e}")
+                continue
+            self.upload_bytes[self.client_name(nid)] += nbytes
+        gone = [self.client_name(n) for n in payloads if n not in out]
+        if gone:
+            self.missing[phase] = gone
+            log.warning("phase %s: no valid reply from %s", phase, ", ".join(gone))
+        need = int(self.cfg.federation.min_clients)
+        if len(out) < need:
+            raise PhaseError(f"phase {phase}: only {len(out)} valid client replies, "
+                             f"federation.min_clients={need}; missing/rejected: {gone}")
+        return out
+
+    def _reject(self, phase: str, who: str, reason: str) -> None:
+        log.warning("phase %s: REJECTED upload from %s: %s", phase, who, reason)
+        self.rejected.append({"phase": phase, "client": who, "reason": reason})
+
+
+@dataclass
+class Outcome:
+    """What a strategy hands back to the ServerApp for reporting."""
+
+    evaluations: dict[str, dict[str, float]]  # client name -> its evaluate metrics
+    model: Any = None  # the unified model (MoEViT) if the method emits one
+    model_extra: dict = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)  # method-specific results for metrics.json
+
+
+class Strategy(ABC):
+    """A method: drives its phases over a :class:`Federation` and returns an Outcome."""
+
+    name: str = ""
+
+    def __init__(self, cfg: DictConfig, seed_model: Any, bench: Any, pool_features: Any):
+        self.cfg = cfg
+        self.seed_model = seed_model
+        self.bench = bench
+        self.pool_features = pool_features
+
+    @abstractmethod
+    def run(self, fed: Federation, node_ids: list[int]) -> Outcome: ...

@@ -1,0 +1,209 @@
+"""The MetaMoE strategy: sketch → select → expert → unify → evaluate (paper Alg. 1).
+
+Each phase is a ``configure`` (payloads per node) + ``aggregate`` (validate replies) pair
+around :meth:`Federation.exchange`; the server-side work (proxy selection, MoE fine-tuning) is
+plain PyTorch/numpy in this process.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+
+from metamoe.clients.stages import optim
+from metamoe.models.lora import lora_shapes
+from metamoe.models.moe import MoEConfig, MoEViT, build_moe
+from metamoe.protocol import (UploadError, check_arrays, check_metrics, from_record,
+                              get_record, to_record, torch_state_to_record)
+from metamoe.proxy import sketch as psk
+from metamoe.proxy.select import select_proxies
+from metamoe.strategies.base import ClientInfo, Federation, Outcome, Strategy
+from metamoe.training import train
+
+log = logging.getLogger("metamoe")
+
+
+class MetaMoE(Strategy):
+    name = "metamoe"
+
+    # ---------------------------------------------------------------- phase 1: sketch
+    def configure_sketch(self, node_ids: list[int]) -> dict[int, RecordDict]:
+        seed_rec = torch_state_to_record(self.seed_model.state_dict())
+        seed_cfg = ConfigRecord({"vit": json.dumps(self.seed_model.cfg.to_dict())})
+        return {nid: RecordDict({"seed": seed_rec, "seed-config": seed_cfg}) for nid in node_ids}
+
+    def aggregate_sketch(self, fed: Federation, nid: int, content: RecordDict):
+        info = get_record(content, "info", ConfigRecord, f"node-{nid}")
+        for key in ("name", "domain", "partition-id", "n_private"):
+            if key not in info:
+                raise UploadError(f"node-{nid}: sketch info is missing {key!r}")
+        name = str(info["name"])
+        if any(c.name == name for c in fed.clients.values() if c.node_id != nid):
+            raise UploadError(f"node-{nid}: client name {name!r} is already taken by another "
+                              "node (two SuperNodes with the same partition-id?)")
+        arrays = from_record(get_record(content, "sketch", ArrayRecord, name))
+        try:
+            sketch = psk.sketch_from_arrays(arrays)
+        except (ValueError, KeyError, TypeError) as e:
+            raise UploadError(f"client {name}: bad sketch: {e}") from None
+        want = {"logistic": psk.LogisticSketch, "centroids": psk.CentroidSketch}
+        if not isinstance(sketch, want[self.cfg.sketch.kind]):
+            raise UploadError(f"client {name}: a {type(sketch).__name__} was uploaded, the run "
+                              f"uses sketch.kind={self.cfg.sketch.kind!r}")
+        if sketch.dim != self.pool_features.shape[1]:
+            raise UploadError(f"client {name}: sketch dimension {sketch.dim} != embedding "
+                              f"dimension {self.pool_features.shape[1]}")
+        fed.clients[nid] = ClientInfo(nid, name, str(info["domain"]), int(info["partition-id"]),
+                                      int(info["n_private"]))
+        return sketch, {k: info[k] for k in info if k.startswith("dp_")}
+
+    # ---------------------------------------------------------------- phase 2: select
+    def select(self, sketches: dict[str, object]) -> dict[str, dict[str, np.ndarray]]:
+        sc = self.cfg.select
+        methods = [sc.method]
+        if sc.coverage_ablation:
+            methods += [m for m in ("rw_dpp", "relevance", "random") if m != sc.method]
+        out: dict[str, dict[str, np.ndarray]] = {name: {} for name in sketches}
+        for method in methods:
+            res = select_proxies(self.pool_features, sketches, n=sc.n, m=sc.m, method=method,
+                                 seed=self.cfg.run.seed, eps=sc.eps, index=sc.index)
+            for name, r in res.items():
+                out[name][method] = np.asarray(r.indices, dtype=np.int64)
+        for name, sel in out.items():
+            idx = sel[sc.method]
+            src = self.bench.pool_source[idx]
+            mix = {str(s): int((src == s).sum()) for s in np.unique(src)}
+            log.info("client %s: %d proxies by %s, sources %s", name, len(idx), sc.method, mix)
+        return out
+
+    # ---------------------------------------------------------------- phase 3: expert
+    def configure_expert(self, fed: Federation, selections) -> dict[int, RecordDict]:
+        payloads = {}
+        for nid, info in fed.clients.items():
+            sel = selections[info.name]
+            arrays = {"selected": sel[self.cfg.select.method]}
+            arrays.update({m: v for m, v in sel.items() if m != self.cfg.select.method})
+            payloads[nid] = RecordDict({"proxies": to_record(arrays)})
+        return payloads
+
+    def aggregate_expert(self, fed: Federation, nid: int, content: RecordDict):
+        name = fed.client_name(nid)
+        mc, ec = self.seed_model.cfg, self.cfg.expert
+        lora = check_arrays(from_record(get_record(content, "expert", ArrayRecord, name)),
+                            lora_shapes(mc.depth, mc.dim, mc.mlp_hidden, ec.rank), name,
+                            "expert")
+        router = check_arrays(from_record(get_record(content, "router", ArrayRecord, name)),
+                              {"vectors": (mc.depth, mc.dim)}, name, "router vectors")
+        metrics = check_metrics(get_record(content, "metrics", MetricRecord, name),
+                                ["n_train"], name)
+        return lora, router["vectors"], metrics
+
+    # ---------------------------------------------------------------- phase 4: unify
+    def unify(self, experts: dict[str, tuple], union_idx: np.ndarray) -> MoEViT:
+        uc = self.cfg.unify
+        names = list(experts)
+        moe_cfg = MoEConfig(num_experts=len(names), rank=self.cfg.expert.rank,
+                            alpha=self.cfg.expert.alpha, top_k=min(uc.top_k, len(names)),
+                            lambda_init=uc.lambda_init, context=uc.context,
+                            renormalize=uc.renormalize, logit_scale=uc.logit_scale,
+                            expert_names=names)
+        loras = [{k: torch.from_numpy(v) for k, v in experts[n][0].items()} for n in names]
+        vectors = None if uc.router_init == "random" else \
+            [torch.from_numpy(experts[n][1]) for n in names]
+        moe = build_moe(self.seed_model, moe_cfg, loras, vectors)
+        if uc.epochs == 0 or len(union_idx) == 0:
+            return moe
+        moe.freeze_base()
+        groups = []
+        if uc.train_router:
+            groups.append({"params": moe.router_parameters(), "lr": uc.lr})
+            if moe.lambda_parameters():
+                groups.append({"params": moe.lambda_parameters(), "lr": uc.lambda_lr})
+        else:
+            for p in moe.router_parameters() + moe.lambda_parameters():
+                p.requires_grad_(False)
+        if uc.train_experts:
+            groups.append({"params": moe.expert_parameters(), "lr": uc.lr})
+        else:
+            for p in moe.expert_parameters():
+                p.requires_grad_(False)
+        if not groups:
+            return moe
+        x = torch.from_numpy(self.bench.pool_x[union_idx])
+        y = torch.from_numpy(self.bench.pool_y[union_idx])
+        hist = train(moe, x, y, optim(uc), params=groups, seed=self.cfg.run.seed,
+                     desc="unify", log_every=1)
+        log.info("unified MoE fine-tuned on %d public samples, loss %.4f, λ per layer %s",
+                 len(x), hist["loss"], [round(v, 3) for v in moe.lambdas()])
+        return moe
+
+    def unify_data(self, selections) -> np.ndarray:
+        chosen = [sel[self.cfg.select.method] for sel in selections.values()]
+        union = np.unique(np.concatenate(chosen)) if chosen else np.zeros(0, np.int64)
+        if self.cfg.unify.data == "random_public":
+            rng = np.random.default_rng(self.cfg.run.seed)
+            size = min(sum(len(c) for c in chosen), len(self.bench.pool_x))
+            return np.sort(rng.choice(len(self.bench.pool_x), size=size, replace=False))
+        return union
+
+    # ---------------------------------------------------------------- phase 5: evaluate
+    def configure_evaluate(self, fed: Federation, moe: MoEViT, extra: dict) -> dict:
+        state = torch_state_to_record(moe.state_dict())
+        conf = ConfigRecord({"moe": json.dumps({"vit": moe.cfg.to_dict(),
+                                                "moe": moe.moe_cfg.to_dict(), **extra})})
+        return {nid: RecordDict({"moe": state, "config": conf}) for nid in fed.clients}
+
+    def aggregate_evaluate(self, fed: Federation, nid: int, content: RecordDict):
+        name = fed.client_name(nid)
+        return check_metrics(get_record(content, "metrics", MetricRecord, name),
+                             ["acc_unified", "acc_zero_shot"], name)
+
+    # ---------------------------------------------------------------- driver
+    def run(self, fed: Federation, node_ids: list[int]) -> Outcome:
+        extra: dict = {}
+        with fed.phase("sketch"):
+            got = fed.exchange("sketch", "query.sketch", self.configure_sketch(node_ids),
+                               lambda nid, c: self.aggregate_sketch(fed, nid, c))
+            sketches = {fed.client_name(nid): sk for nid, (sk, _) in got.items()}
+            dp = {fed.client_name(nid): d for nid, (_, d) in got.items() if d}
+            if dp:
+                extra["sketch_dp"] = dp
+            # Drop clients whose sketch was rejected from the rest of the run.
+            for nid in list(fed.clients):
+                if nid not in got:
+                    del fed.clients[nid]
+        with fed.phase("select"):
+            selections = self.select(sketches)
+        with fed.phase("expert"):
+            got = fed.exchange("expert", "train.expert", self.configure_expert(fed, selections),
+                               lambda nid, c: self.aggregate_expert(fed, nid, c))
+        order = sorted(got, key=lambda n: fed.clients[n].partition_id)
+        experts = {fed.client_name(n): got[n] for n in order}
+        extra["expert_train"] = {name: {k: v for k, v in e[2].items()
+                                        if not k.startswith("coverage/")}
+                                 for name, e in experts.items()}
+        cov = {}
+        for name, e in experts.items():
+            c = {k.split("/", 1)[1]: v for k, v in e[2].items() if k.startswith("coverage/")}
+            if "selected" in c:
+                c[self.cfg.select.method] = c.pop("selected")
+            if c:
+                cov[name] = c
+        if cov:
+            extra["proxy_coverage"] = cov
+        used = {fed.client_name(n): selections[fed.client_name(n)] for n in order}
+        with fed.phase("unify"):
+            moe = self.unify(experts, self.unify_data(used))
+        extra["lambdas"] = moe.lambdas()
+        domains = {d.name: list(map(int, d.classes)) for d in self.bench.domains}
+        model_extra = {"class_names": list(self.bench.class_names), "domains": domains}
+        with fed.phase("evaluate"):
+            evals = fed.exchange("evaluate", "evaluate",
+                                 self.configure_evaluate(fed, moe, model_extra),
+                                 lambda nid, c: self.aggregate_evaluate(fed, nid, c))
+        evaluations = {fed.client_name(n): m for n, m in evals.items()}
+        return Outcome(evaluations=evaluations, model=moe, model_extra=model_extra, extra=extra)

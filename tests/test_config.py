@@ -1,0 +1,59 @@
+"""Configuration: bad keys/values fail before training, naming the key."""
+
+import pytest
+
+from metamoe.config import ConfigError, num_clients, resolve_config
+
+
+def test_defaults_resolve():
+    cfg = resolve_config({})
+    assert cfg.method == "metamoe" and cfg.benchmark.name == "vision"
+    assert num_clients(cfg) == 3
+
+
+def test_overrides_and_experiment_apply():
+    cfg = resolve_config({"benchmark": "tiny", "experiment": "no_rw_dpp",
+                          "overrides": "expert.epochs=3 select.m=20", "seed": 4})
+    assert cfg.select.method == "relevance"
+    assert cfg.expert.epochs == 3 and cfg.select.m == 20 and cfg.run.seed == 4
+
+
+@pytest.mark.parametrize("overrides, key", [
+    ("expert.epoch=3", "expert.epoch"),          # mistyped key
+    ("unify.lambda_int=0.5", "unify.lambda_int"),
+    ("nonsense=1", "nonsense"),
+    ("expert.epochs=three", "expert.epochs"),    # mistyped value
+])
+def test_unknown_or_mistyped_keys_name_the_key(overrides, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        resolve_config({"overrides": overrides})
+
+
+@pytest.mark.parametrize("overrides, key", [
+    ("unify.context=global", "unify.context"),
+    ("select.method=best", "select.method"),
+    ("select.m=5000", "select.m"),
+    ("unify.lambda_init=1.5", "unify.lambda_init"),
+    ("model.heads=5", "model.dim"),
+    ("unify.top_k=4", "unify.top_k"),
+])
+def test_bad_values_name_the_key(overrides, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        resolve_config({"overrides": overrides})
+
+
+def test_unknown_selectors_and_run_config_keys():
+    with pytest.raises(ConfigError, match="unknown benchmark 'imagenet'"):
+        resolve_config({"benchmark": "imagenet"})
+    with pytest.raises(ConfigError, match="unknown method"):
+        resolve_config({"method": "fedsomething"})
+    with pytest.raises(ConfigError, match="num-rounds"):
+        resolve_config({"num-rounds": 3})
+    with pytest.raises(ConfigError, match="not of the form"):
+        resolve_config({"overrides": "expert.epochs"})
+
+
+def test_resolved_config_is_read_only():
+    cfg = resolve_config({})
+    with pytest.raises(Exception):
+        cfg.expert.epochs = 100
