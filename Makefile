@@ -13,7 +13,9 @@ export METAMOE_CACHE_DIR ?= $(CURDIR)/.cache
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test lint clean
+SEEDS ?= 1
+
+.PHONY: setup demo test compare lint clean
 
 setup: $(STAMP) $(FASHION)
 
@@ -30,6 +32,9 @@ $(STAMP): pyproject.toml
 
 demo: setup
 	$(BIN)/python -m metamoe.launch --benchmark vision --method metamoe $(ARGS)
+
+compare: setup
+	$(BIN)/python -m metamoe.compare --benchmark vision --seeds $(SEEDS)
 
 test: setup
 	$(BIN)/python -m pytest -q -rs $(PYTEST_ARGS)

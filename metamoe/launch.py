@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -109,14 +110,16 @@ def launch(benchmark: str = "vision", method: str = "metamoe", experiment: str =
     out = Path(output_dir or ROOT / "results").resolve()
     cache = Path(cache_dir or os.environ.get("METAMOE_CACHE_DIR") or ROOT / ".cache").resolve()
     run_config.update({"run-id": run_id, "output-dir": str(out), "cache-dir": str(cache)})
-    flwr_home = Path(os.environ.get("METAMOE_FLWR_HOME", ROOT / ".flwr-home")).resolve()
+    launch_id = uuid.uuid4().hex
+    # One FLWR_HOME per launch: concurrent launches must not share a SuperLink state.db.
+    flwr_home = (Path(os.environ.get("METAMOE_FLWR_HOME", ROOT / ".flwr-home"))
+                 / f"launch-{launch_id[:12]}").resolve()
     flwr_home.mkdir(parents=True, exist_ok=True)
     rc_file = flwr_home / "run-configs" / f"{run_id}.toml"
     rc_file.parent.mkdir(parents=True, exist_ok=True)
     rc_file.write_text("".join(f"{k} = {_toml_value(v)}\n" for k, v in run_config.items()))
     k = num_clients(cfg)
     fed_cfg = f"num-supernodes={k} client-resources-num-cpus=1 client-resources-num-gpus=0.0"
-    launch_id = uuid.uuid4().hex
     env = _env(flwr_home, _free_port(), launch_id)
     say = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
     say(f"[launch] flwr run {app_dir} ({k} simulated clients) run-id {run_id}")
@@ -142,6 +145,8 @@ def launch(benchmark: str = "vision", method: str = "metamoe", experiment: str =
         left = stop_processes(launch_id)
         if left:
             print(f"[launch] WARNING: {left} processes could not be stopped", file=sys.stderr)
+        if not os.environ.get("METAMOE_KEEP_FLWR_HOME"):
+            shutil.rmtree(flwr_home, ignore_errors=True)
     run_dir = out / run_id
     if status != "finished:completed":
         raise RuntimeError(f"run {flwr_run_id} ended as {status!r}, not finished:completed "

@@ -38,6 +38,12 @@ def _setup(context: Context):
     return cfg, pid, bench, name, dom
 
 
+def _store_seed(msg: Message, context: Context) -> None:
+    """Keep M0 (sent by the server) in the node's state for the later phases."""
+    context.state["seed"] = get_record(msg.content, "seed", ArrayRecord, "server")
+    context.state["seed-config"] = get_record(msg.content, "seed-config", ConfigRecord, "server")
+
+
 def _seed_model(context: Context):
     if "seed" not in context.state:
         raise RuntimeError("no seed model in this node's state: the sketch phase must run first")
@@ -45,13 +51,19 @@ def _seed_model(context: Context):
     return vit_from_state(context.state["seed"].to_torch_state_dict(), cfg)
 
 
+@app.query("identify")
+def identify(msg: Message, context: Context) -> Message:
+    """Who this node is (client name, domain, partition, private-set size): no data."""
+    cfg, pid, bench, name, dom = _setup(context)
+    info = ConfigRecord({"name": name, "domain": dom.name, "partition-id": pid,
+                         "n_private": len(dom.x_train)})
+    return Message(RecordDict({"info": info}), reply_to=msg)
+
+
 @app.query("sketch")
 def sketch(msg: Message, context: Context) -> Message:
     cfg, pid, bench, name, dom = _setup(context)
-    seed_rec = get_record(msg.content, "seed", ArrayRecord, "server")
-    seed_cfg = get_record(msg.content, "seed-config", ConfigRecord, "server")
-    context.state["seed"] = seed_rec
-    context.state["seed-config"] = seed_cfg
+    _store_seed(msg, context)
     seed = _seed_model(context)
     arrays, info = stages.sketch_stage(cfg, seed, dom, bench, cfg.run.seed * 1000 + pid)
     log.info("client %s: sketch of %d private samples (%s)", name, info["n_private"],
@@ -64,6 +76,8 @@ def sketch(msg: Message, context: Context) -> Message:
 @app.train("expert")
 def expert(msg: Message, context: Context) -> Message:
     cfg, pid, bench, name, dom = _setup(context)
+    if "seed" in msg.content:  # methods without a sketch phase send M0 here
+        _store_seed(msg, context)
     seed = _seed_model(context)
     sel = from_record(get_record(msg.content, "proxies", ArrayRecord, "server"))
     idx = np.asarray(sel.pop("selected"), dtype=np.int64)
@@ -87,7 +101,12 @@ def evaluate(msg: Message, context: Context) -> Message:
     conf = json.loads(str(get_record(msg.content, "config", ConfigRecord, "server")["moe"]))
     moe = moe_from_state(get_record(msg.content, "moe", ArrayRecord, "server")
                          .to_torch_state_dict(), conf)
-    metrics = stages.evaluate_stage(moe, dom, list(conf["moe"]["expert_names"]))
+    metrics = stages.evaluate_stage(moe, dom, list(conf["moe"]["expert_names"]),
+                                    mode=str(conf.get("mode", "routed")))
     log.info("client %s: unified %.4f zero-shot %.4f", name, metrics["acc_unified"],
              metrics["acc_zero_shot"])
     return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+
+
+# Handlers of the iterative federated baselines register on the same `app`.
+from metamoe.clients import fl_handlers  # noqa: E402,F401

@@ -80,7 +80,11 @@ def expert_stage(cfg: DictConfig, seed: ViT, dom: Domain, bench: VisionBenchmark
     Returns (LoRA A/B arrays, router vectors [L, d], local metrics).
     """
     ec = cfg.expert
-    model = inject_ffn_lora(copy.deepcopy(seed), ec.rank, ec.alpha)
+    # LoRA A is drawn from torch's global RNG: seed it, so an expert depends only on
+    # (config, data, rng_seed) and not on what ran before in this process.
+    with torch.random.fork_rng():
+        torch.manual_seed(rng_seed)
+        model = inject_ffn_lora(copy.deepcopy(seed), ec.rank, ec.alpha)
     xp = torch.from_numpy(dom.x_train)
     yp = torch.from_numpy(dom.y_train)
     if ec.use_proxies and len(proxy_idx):
@@ -94,22 +98,51 @@ def expert_stage(cfg: DictConfig, seed: ViT, dom: Domain, bench: VisionBenchmark
     router_x = x if ec.router_data == "union" else xp
     # Uploaded: the LoRA weight deltas and the per-layer means over all of router_x.
     vectors = ffn_input_means(model, router_x).numpy().astype(np.float32)
+    dp_info: dict[str, float] = {}
+    pc = cfg.privacy
+    if pc.router_dp_sigma > 0:  # optional: Gaussian mechanism on the clipped mean instead
+        from metamoe.clients.privacy import private_router_vectors
+
+        vectors, dp_info = private_router_vectors(model, router_x, pc.router_dp_clip,
+                                                  pc.router_dp_sigma, pc.router_dp_delta,
+                                                  seed=rng_seed + 7)
     lora = {k: v.numpy().astype(np.float32) for k, v in lora_state_dict(model).items()}
     metrics = {"n_train": int(len(x)), "n_private": int(len(xp)), "n_proxies": int(len(xq)),
                "train_loss": float(hist["loss"]), "train_seconds": float(hist["seconds"]),
-               "train_acc_private": accuracy(model, xp, yp, dom.classes)}
+               "train_acc_private": accuracy(model, xp, yp, dom.classes), **dp_info}
     return lora, vectors, metrics
 
 
-def evaluate_stage(moe: MoEViT, dom: Domain, expert_names: list[str]) -> dict[str, float]:
-    """Accuracy of the unified MoE, of M0 (zero-shot) and of every single expert on this
-    client's own test split, argmax over this domain's classes; plus the routing shares."""
+@torch.no_grad()
+def ensemble_accuracy(moe: MoEViT, x: torch.Tensor, y: torch.Tensor, classes: list[int]) -> float:
+    """BTM-style ensemble: the mean of the single experts' class probabilities (uniform)."""
+    cls = torch.as_tensor(list(classes))
+    probs = 0
+    for p in range(moe.moe_cfg.num_experts):
+        moe.set_forced(p)
+        probs = probs + torch.cat([moe(x[i:i + 512])[:, cls].softmax(-1)
+                                   for i in range(0, len(x), 512)])
+    moe.set_forced(None)
+    return float((cls[probs.argmax(1)] == y).float().mean())
+
+
+def evaluate_stage(moe: MoEViT, dom: Domain, expert_names: list[str],
+                   mode: str = "routed") -> dict[str, float]:
+    """Accuracy of the unified model, of M0 (zero-shot) and of every single expert on this
+    client's own test split, argmax over this domain's classes; plus the routing shares.
+
+    ``mode``: "routed" evaluates the MoE with its router; "ensemble" (BTM) averages the
+    experts' predicted probabilities instead of routing."""
+    if mode not in ("routed", "ensemble"):
+        raise ValueError(f"evaluation mode {mode!r} is not 'routed' or 'ensemble'")
     x, y = torch.from_numpy(dom.x_test), torch.from_numpy(dom.y_test)
     out: dict[str, float] = {"n_test": float(len(y))}
     for layer in moe.moe_layers():
         layer.record, layer.route_counts = True, torch.zeros_like(layer.route_counts)
     moe.set_forced(None)
     out["acc_unified"] = accuracy(moe, x, y, dom.classes)
+    if mode == "ensemble":
+        out["acc_unified"] = ensemble_accuracy(moe, x, y, dom.classes)
     counts = sum(layer.route_counts for layer in moe.moe_layers())
     for layer in moe.moe_layers():
         layer.record = False

@@ -58,6 +58,7 @@ def build_metrics(cfg, fed: Federation, outcome: Outcome, wall_total: float,
         "route_share": {d: {n: float(np.mean([m.get(f"route_share/{n}", np.nan) for m in ms]))
                             for n in expert_names} for d, ms in by_domain.items() if ms},
         "missing": fed.missing,
+        "resumed_phases": fed.resumed,
         "rejected": fed.rejected,
         "seed_model": seed_info,
     }

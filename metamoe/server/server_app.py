@@ -11,13 +11,14 @@ import torch
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from metamoe.config import num_clients, resolve_config
+from metamoe.config import config_hash, num_clients, resolve_config
 from metamoe.data import load_benchmark
 from metamoe.logging_utils import setup_logging
 from metamoe.models.io import load_moe, save_moe
 from metamoe.server.report import accuracy_table, build_metrics, write_metrics, write_report
 from metamoe.server.seed import get_seed_model
 from metamoe.strategies import Federation, get_strategy
+from metamoe.strategies.base import Checkpoint
 
 app = ServerApp()
 log = logging.getLogger("metamoe")
@@ -41,7 +42,9 @@ def main(grid: Grid, context: Context) -> None:
     log.info("run %s: method=%s benchmark=%s seed=%d -> %s", run_dir.name, cfg.method,
              cfg.benchmark.name, cfg.run.seed, run_dir)
     strategy_cls = get_strategy(cfg.method)
-    fed = Federation(grid, cfg)
+    # Phase outputs are checkpointed: the same run-id resumes after the last finished phase.
+    ckpt = Checkpoint(run_dir / "checkpoints", config_hash(cfg))
+    fed = Federation(grid, cfg, checkpoint=ckpt)
     with fed.phase("seed"):
         bench = load_benchmark(cfg)
         seed_model, pool_feats, seed_info = get_seed_model(cfg, bench)

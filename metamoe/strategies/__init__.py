@@ -1,19 +1,14 @@
-"""Strategies: MetaMoE and the baselines, selected by ``method=`` in the run config."""
+"""Strategies: MetaMoE and the baselines, selected by ``method=`` in the run config.
+
+Each module registers its strategies with :func:`metamoe.strategies.base.register`; importing
+this package imports them all.
+"""
 
 from __future__ import annotations
 
-from metamoe.strategies.base import Federation, Outcome, PhaseError, Strategy
-from metamoe.strategies.metamoe import MetaMoE
+from metamoe.strategies import fl, metamoe, oneshot  # noqa: F401  (register strategies)
+from metamoe.strategies.base import (STRATEGIES, Federation, Outcome, PhaseError, Strategy,
+                                     get_strategy, register)
 
-STRATEGIES: dict[str, type[Strategy]] = {"metamoe": MetaMoE}
-
-
-def get_strategy(name: str) -> type[Strategy]:
-    try:
-        return STRATEGIES[name]
-    except KeyError:
-        raise ValueError(f"unknown method {name!r}; available: {sorted(STRATEGIES)}") from None
-
-
-__all__ = ["STRATEGIES", "Federation", "MetaMoE", "Outcome", "PhaseError", "Strategy",
-           "get_strategy"]
+__all__ = ["STRATEGIES", "Federation", "Outcome", "PhaseError", "Strategy", "get_strategy",
+           "register"]

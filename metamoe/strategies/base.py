@@ -10,6 +10,7 @@ recorded per phase; below ``federation.min_clients`` valid replies the run stops
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from abc import ABC, abstractmethod
@@ -19,10 +20,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from flwr.app import Message, RecordDict
+from pathlib import Path
+
+import numpy as np
+from flwr.app import ConfigRecord, Message, RecordDict
 from omegaconf import DictConfig
 
-from metamoe.protocol import UploadError, record_nbytes
+from metamoe.protocol import UploadError, get_record, record_nbytes
 
 log = logging.getLogger("metamoe")
 T = TypeVar("T")
@@ -41,6 +45,56 @@ class ClientInfo:
     n_private: int = 0
 
 
+class Checkpoint:
+    """Phase outputs under ``<run_dir>/checkpoints/``: ``<phase>.npz`` + ``<phase>.json``.
+
+    Re-running with the same run id resumes after the last finished phase; a run directory
+    written under a different resolved config is refused rather than mixed.
+    """
+
+    def __init__(self, directory: Path, config_hash: str):
+        self.dir = Path(directory)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        manifest = self.dir / "manifest.json"
+        if manifest.exists():
+            old = json.loads(manifest.read_text()).get("config_hash")
+            if old != config_hash:
+                raise RuntimeError(f"{self.dir} holds checkpoints of a run with another config "
+                                   f"(hash {old} != {config_hash}); use another run-id")
+        else:
+            manifest.write_text(json.dumps({"config_hash": config_hash}))
+
+    def save(self, phase: str, arrays: dict[str, np.ndarray], meta: dict) -> None:
+        tmp = self.dir / f".{phase}.npz"
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+        tmp.replace(self.dir / f"{phase}.npz")
+        (self.dir / f".{phase}.json").write_text(json.dumps(meta))
+        (self.dir / f".{phase}.json").replace(self.dir / f"{phase}.json")
+
+    def load(self, phase: str) -> tuple[dict[str, np.ndarray], dict] | None:
+        a, m = self.dir / f"{phase}.npz", self.dir / f"{phase}.json"
+        if not (a.exists() and m.exists()):
+            return None
+        with np.load(a) as z:
+            arrays = {k: z[k] for k in z.files}
+        log.info("phase %s: resumed from checkpoint %s", phase, a)
+        return arrays, json.loads(m.read_text())
+
+
+def pack(nested: dict[str, dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """{client: {key: array}} -> flat {"client|key": array} (for checkpoints)."""
+    return {f"{c}|{k}": v for c, arrs in nested.items() for k, v in arrs.items()}
+
+
+def unpack(flat: dict[str, np.ndarray]) -> dict[str, dict[str, np.ndarray]]:
+    out: dict[str, dict[str, np.ndarray]] = {}
+    for key, v in flat.items():
+        c, k = key.split("|", 1)
+        out.setdefault(c, {})[k] = v
+    return out
+
+
 @dataclass
 class Federation:
     grid: Any
@@ -51,6 +105,8 @@ class Federation:
     wall: dict[str, float] = field(default_factory=dict)
     rejected: list[dict] = field(default_factory=list)
     missing: dict[str, list[str]] = field(default_factory=dict)
+    checkpoint: Checkpoint | None = None
+    resumed: list[str] = field(default_factory=list)
 
     def client_name(self, node_id: int) -> str:
         info = self.clients.get(node_id)
@@ -80,6 +136,32 @@ class Federation:
                 log.info("waiting for nodes: %d of %d connected", len(ids), n)
                 last = len(ids)
             time.sleep(1.0)
+
+    def identify(self, node_ids: list[int]) -> None:
+        """Ask every node who it is (name, domain, partition): registers ``self.clients``."""
+        def validate(nid: int, content: RecordDict) -> ClientInfo:
+            info = get_record(content, "info", ConfigRecord, f"node-{nid}")
+            for key in ("name", "domain", "partition-id", "n_private"):
+                if key not in info:
+                    raise UploadError(f"node-{nid}: identity is missing {key!r}")
+            name = str(info["name"])
+            if any(c.name == name for c in self.clients.values()):
+                raise UploadError(f"node-{nid}: client name {name!r} is already taken by "
+                                  "another node (two SuperNodes with the same partition-id?)")
+            ci = ClientInfo(nid, name, str(info["domain"]), int(info["partition-id"]),
+                            int(info["n_private"]))
+            self.clients[nid] = ci
+            return ci
+
+        with self.phase("identify"):
+            self.exchange("identify", "query.identify", {n: RecordDict() for n in node_ids},
+                          validate)
+
+    def drop_missing(self, answered) -> None:
+        """Forget clients that gave no valid reply in a phase (they skip later phases)."""
+        for nid in list(self.clients):
+            if nid not in answered:
+                del self.clients[nid]
 
     # --- phases -----------------------------------------------------------------------
     @contextmanager
@@ -166,3 +248,23 @@ class Strategy(ABC):
 
     @abstractmethod
     def run(self, fed: Federation, node_ids: list[int]) -> Outcome: ...
+
+
+STRATEGIES: dict[str, type[Strategy]] = {}
+
+
+def register(name: str):
+    """Class decorator: make a strategy selectable as ``method=<name>``."""
+    def deco(cls: type[Strategy]) -> type[Strategy]:
+        if name in STRATEGIES:
+            raise ValueError(f"strategy {name!r} registered twice")
+        STRATEGIES[name] = cls
+        return cls
+    return deco
+
+
+def get_strategy(name: str) -> type[Strategy]:
+    try:
+        return STRATEGIES[name]
+    except KeyError:
+        raise ValueError(f"unknown method {name!r}; available: {sorted(STRATEGIES)}") from None

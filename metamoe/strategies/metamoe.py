@@ -16,17 +16,19 @@ from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from metamoe.clients.stages import optim
 from metamoe.models.lora import lora_shapes
+from metamoe.models.io import moe_from_state
 from metamoe.models.moe import MoEConfig, MoEViT, build_moe
 from metamoe.protocol import (UploadError, check_arrays, check_metrics, from_record,
                               get_record, to_record, torch_state_to_record)
 from metamoe.proxy import sketch as psk
 from metamoe.proxy.select import select_proxies
-from metamoe.strategies.base import ClientInfo, Federation, Outcome, Strategy
+from metamoe.strategies.base import Federation, Outcome, Strategy, pack, register, unpack
 from metamoe.training import train
 
 log = logging.getLogger("metamoe")
 
 
+@register("metamoe")
 class MetaMoE(Strategy):
     name = "metamoe"
 
@@ -37,14 +39,10 @@ class MetaMoE(Strategy):
         return {nid: RecordDict({"seed": seed_rec, "seed-config": seed_cfg}) for nid in node_ids}
 
     def aggregate_sketch(self, fed: Federation, nid: int, content: RecordDict):
-        info = get_record(content, "info", ConfigRecord, f"node-{nid}")
-        for key in ("name", "domain", "partition-id", "n_private"):
-            if key not in info:
-                raise UploadError(f"node-{nid}: sketch info is missing {key!r}")
-        name = str(info["name"])
-        if any(c.name == name for c in fed.clients.values() if c.node_id != nid):
-            raise UploadError(f"node-{nid}: client name {name!r} is already taken by another "
-                              "node (two SuperNodes with the same partition-id?)")
+        name = fed.client_name(nid)
+        info = get_record(content, "info", ConfigRecord, name)
+        if str(info.get("name", "")) != name:
+            raise UploadError(f"client {name}: sketch reply claims to be {info.get('name')!r}")
         arrays = from_record(get_record(content, "sketch", ArrayRecord, name))
         try:
             sketch = psk.sketch_from_arrays(arrays)
@@ -57,8 +55,6 @@ class MetaMoE(Strategy):
         if sketch.dim != self.pool_features.shape[1]:
             raise UploadError(f"client {name}: sketch dimension {sketch.dim} != embedding "
                               f"dimension {self.pool_features.shape[1]}")
-        fed.clients[nid] = ClientInfo(nid, name, str(info["domain"]), int(info["partition-id"]),
-                                      int(info["n_private"]))
         return sketch, {k: info[k] for k in info if k.startswith("dp_")}
 
     # ---------------------------------------------------------------- phase 2: select
@@ -81,13 +77,22 @@ class MetaMoE(Strategy):
         return out
 
     # ---------------------------------------------------------------- phase 3: expert
-    def configure_expert(self, fed: Federation, selections) -> dict[int, RecordDict]:
+    def configure_expert(self, fed: Federation, selections,
+                         with_seed: bool = False) -> dict[int, RecordDict]:
+        """Proxy indices per client (+ the other methods' picks for the coverage ablation);
+        M0 too when the clients have not received it in this run (resume, no sketch phase)."""
+        seed = self.configure_sketch([0])[0] if with_seed else None
         payloads = {}
         for nid, info in fed.clients.items():
+            if info.name not in selections:
+                continue  # no sketch from this client: it has no proxies and no expert
             sel = selections[info.name]
             arrays = {"selected": sel[self.cfg.select.method]}
             arrays.update({m: v for m, v in sel.items() if m != self.cfg.select.method})
-            payloads[nid] = RecordDict({"proxies": to_record(arrays)})
+            content = RecordDict({"proxies": to_record(arrays)})
+            if seed is not None:
+                content["seed"], content["seed-config"] = seed["seed"], seed["seed-config"]
+            payloads[nid] = content
         return payloads
 
     def aggregate_expert(self, fed: Federation, nid: int, content: RecordDict):
@@ -164,40 +169,75 @@ class MetaMoE(Strategy):
 
     # ---------------------------------------------------------------- driver
     def run(self, fed: Federation, node_ids: list[int]) -> Outcome:
+        ck = fed.checkpoint
         extra: dict = {}
-        with fed.phase("sketch"):
-            got = fed.exchange("sketch", "query.sketch", self.configure_sketch(node_ids),
-                               lambda nid, c: self.aggregate_sketch(fed, nid, c))
+        fed.identify(node_ids)
+        node_ids = list(fed.clients)
+        seed_sent = False
+
+        saved = ck.load("sketch") if ck else None
+        if saved:
+            arrays, meta = saved
+            sketches = {c: psk.sketch_from_arrays(a) for c, a in unpack(arrays).items()}
+            dp = meta["dp"]
+            fed.resumed.append("sketch")
+        else:
+            with fed.phase("sketch"):
+                got = fed.exchange("sketch", "query.sketch", self.configure_sketch(node_ids),
+                                   lambda nid, c: self.aggregate_sketch(fed, nid, c))
+            seed_sent = True
             sketches = {fed.client_name(nid): sk for nid, (sk, _) in got.items()}
             dp = {fed.client_name(nid): d for nid, (_, d) in got.items() if d}
-            if dp:
-                extra["sketch_dp"] = dp
-            # Drop clients whose sketch was rejected from the rest of the run.
-            for nid in list(fed.clients):
-                if nid not in got:
-                    del fed.clients[nid]
-        with fed.phase("select"):
-            selections = self.select(sketches)
-        with fed.phase("expert"):
-            got = fed.exchange("expert", "train.expert", self.configure_expert(fed, selections),
-                               lambda nid, c: self.aggregate_expert(fed, nid, c))
-        order = sorted(got, key=lambda n: fed.clients[n].partition_id)
-        experts = {fed.client_name(n): got[n] for n in order}
-        extra["expert_train"] = {name: {k: v for k, v in e[2].items()
-                                        if not k.startswith("coverage/")}
-                                 for name, e in experts.items()}
-        cov = {}
-        for name, e in experts.items():
-            c = {k.split("/", 1)[1]: v for k, v in e[2].items() if k.startswith("coverage/")}
-            if "selected" in c:
-                c[self.cfg.select.method] = c.pop("selected")
-            if c:
-                cov[name] = c
-        if cov:
-            extra["proxy_coverage"] = cov
-        used = {fed.client_name(n): selections[fed.client_name(n)] for n in order}
-        with fed.phase("unify"):
-            moe = self.unify(experts, self.unify_data(used))
+            if ck:
+                ck.save("sketch", pack({c: sk.to_arrays() for c, sk in sketches.items()}),
+                        {"dp": dp})
+        if dp:
+            extra["sketch_dp"] = dp
+
+        saved = ck.load("select") if ck else None
+        if saved:
+            selections = unpack(saved[0])
+            fed.resumed.append("select")
+        else:
+            with fed.phase("select"):
+                selections = self.select(sketches)
+            if ck:
+                ck.save("select", pack(selections), {})
+
+        saved = ck.load("expert") if ck else None
+        if saved:
+            flat, meta = saved
+            experts = {}
+            for c in meta["order"]:
+                arrs = unpack(flat)[c]
+                vec = arrs.pop("__router__")
+                experts[c] = (arrs, vec, meta["metrics"][c])
+            fed.resumed.append("expert")
+        else:
+            with fed.phase("expert"):
+                got = fed.exchange("expert", "train.expert",
+                                   self.configure_expert(fed, selections, with_seed=not seed_sent),
+                                   lambda nid, c: self.aggregate_expert(fed, nid, c))
+            order = sorted(got, key=lambda n: fed.clients[n].partition_id)
+            experts = {fed.client_name(n): got[n] for n in order}
+            if ck:
+                ck.save("expert", pack({c: {**e[0], "__router__": e[1]}
+                                        for c, e in experts.items()}),
+                        {"order": list(experts), "metrics": {c: e[2] for c, e in experts.items()}})
+        extra.update(self.expert_extras(experts))
+
+        used = {c: selections[c] for c in experts}
+        saved = ck.load("unify") if ck else None
+        if saved:
+            moe = moe_from_state({k: torch.from_numpy(v) for k, v in saved[0].items()},
+                                 saved[1])
+            fed.resumed.append("unify")
+        else:
+            with fed.phase("unify"):
+                moe = self.unify(experts, self.unify_data(used))
+            if ck:
+                ck.save("unify", {k: v.detach().numpy() for k, v in moe.state_dict().items()},
+                        {"vit": moe.cfg.to_dict(), "moe": moe.moe_cfg.to_dict()})
         extra["lambdas"] = moe.lambdas()
         domains = {d.name: list(map(int, d.classes)) for d in self.bench.domains}
         model_extra = {"class_names": list(self.bench.class_names), "domains": domains}
@@ -207,3 +247,19 @@ class MetaMoE(Strategy):
                                  lambda nid, c: self.aggregate_evaluate(fed, nid, c))
         evaluations = {fed.client_name(n): m for n, m in evals.items()}
         return Outcome(evaluations=evaluations, model=moe, model_extra=model_extra, extra=extra)
+
+    def expert_extras(self, experts: dict[str, tuple]) -> dict:
+        """Training metrics and the client-side proxy-coverage ablation, for metrics.json."""
+        extra: dict = {"expert_train": {
+            name: {k: v for k, v in e[2].items() if not k.startswith("coverage/")}
+            for name, e in experts.items()}}
+        cov = {}
+        for name, e in experts.items():
+            c = {k.split("/", 1)[1]: v for k, v in e[2].items() if k.startswith("coverage/")}
+            if "selected" in c:
+                c[self.cfg.select.method] = c.pop("selected")
+            if c:
+                cov[name] = c
+        if cov:
+            extra["proxy_coverage"] = cov
+        return extra
