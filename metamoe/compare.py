@@ -1,0 +1,336 @@
+"""Compare every method (+ the MetaMoE ablations) on a benchmark over N seeds.
+
+    python -m metamoe.compare --benchmark vision --seeds 3 [--methods btm,metamoe,fedavg]
+                              [--no-share] [--output-dir results/compare-vision]
+
+Writes ``results/compare-<bench>/``:
+
+* ``table.json`` — stable interface: {row: {``average``, ``std`` (over seeds),
+  ``per_domain`` {domain: mean}, ``per_domain_std``, ``private`` (false only for
+  ``unrestricted_moe``), ``upload_bytes`` (mean per client), ``rounds``, ``seeds``, ``runs``}};
+  rows whose strategy is not available have ``{"status": "unavailable", "reason": ...}``;
+* ``table.md`` — rows = methods, columns = domains + average (mean ± std over seeds, %),
+  upload bytes per client and rounds;
+* ``accuracy_per_domain.png`` and ``accuracy_vs_upload.png`` (matplotlib, Agg).
+
+Rows are the method names (``zero_shot``, ``btx``, ``fedavg``, ...) and ``metamoe[<exp>]`` for
+the ablations in ``conf/experiment/``.
+
+Design (the 45-minute budget for vision, 1 seed, on 2 cores): every ``flwr run`` pays ~15-20 s
+of start-up and the client phases dominate, so rows that can share client phases are produced
+by ONE run of a suite strategy (``metamoe/strategies/oneshot.py``):
+
+* ``oneshot_suite`` — the private-only experts are trained once; rows zero_shot,
+  separate_experts, btm, model_soup, btx, flexolmo and metamoe[no_pa] (MetaMoE without
+  proxy-aligned training has exactly these experts);
+* ``metamoe_suite`` — MetaMoE's sketch/select/expert phases once; rows metamoe,
+  metamoe[no_ca_router] and metamoe[authors_code] (they differ only in the unify phase).
+
+A suite is used when two or more of its rows are requested (``--no-share`` runs every row
+alone). Sharing is honest: each suite member is built with exactly the config it has alone,
+and the suite refuses to run if a member's expert/sketch/model/seed config differs (see
+``oneshot.make_members``); upload bytes count only what each row's method sends. Every other
+row (metamoe[no_rw_dpp], metamoe[random_proxies], unrestricted_moe and the iterative FL
+baselines) is its own run. Iterative methods that are not registered are listed as
+unavailable in the table instead of failing the comparison.
+
+Resume: a run's id is ``<method>[-<experiment>]-s<seed>-<hash>`` (hash of the resolved config
+and, for a suite, its members' configs) under ``<out>/runs/``; a run whose ``metrics.json``
+exists is reused, so an interrupted compare picks up where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from metamoe.config import ConfigError, conf_dir, config_hash, resolve_config, to_container
+
+ROOT = Path(__file__).resolve().parent.parent
+ONESHOT = ("zero_shot", "separate_experts", "btm", "model_soup", "btx", "flexolmo")
+FL = ("fedavg", "fedavg_moe", "fedalign_moe", "ddome")
+ABLATIONS = ("no_rw_dpp", "random_proxies", "no_pa", "no_ca_router", "authors_code")
+DEFAULT_ROWS = ("zero_shot", "separate_experts", "btm", "model_soup", "btx", "flexolmo",
+                "metamoe", *[f"metamoe[{a}]" for a in ABLATIONS], *FL, "unrestricted_moe")
+
+
+@dataclass
+class Job:
+    """One ``flwr run`` (per seed) producing one or more rows."""
+
+    method: str
+    experiment: str = ""
+    rows: list[str] = field(default_factory=list)  # row names read from this run
+    members: tuple = ()  # suite members (row, method, experiment)
+
+
+def parse_row(row: str) -> tuple[str, str]:
+    """'metamoe[no_pa]' -> ('metamoe', 'no_pa'); 'btx' -> ('btx', '')."""
+    if row.endswith("]") and "[" in row:
+        m, e = row[:-1].split("[", 1)
+        return m, e
+    return row, ""
+
+
+def plan(rows: list[str], share: bool = True) -> tuple[list[Job], dict[str, str]]:
+    """Jobs that produce ``rows``; rows that cannot run -> {row: reason}."""
+    from metamoe.strategies import STRATEGIES
+    from metamoe.strategies.oneshot import SUITES
+
+    unavailable: dict[str, str] = {}
+    jobs: list[Job] = []
+    left = []
+    for r in rows:
+        method, exp = parse_row(r)
+        if method not in STRATEGIES:
+            unavailable[r] = f"strategy {method!r} is not registered (not implemented yet?)"
+        elif not (conf_dir() / "method" / f"{method}.yaml").exists():
+            unavailable[r] = f"conf/method/{method}.yaml is missing"
+        elif exp and not (conf_dir() / "experiment" / f"{exp}.yaml").exists():
+            unavailable[r] = f"conf/experiment/{exp}.yaml is missing"
+        else:
+            left.append(r)
+    if share:
+        for suite, spec in SUITES.items():
+            names = [s[0] for s in spec]
+            want = [r for r in left if r in names]
+            if len(want) >= 2:
+                jobs.append(Job(suite, "", want, spec))
+                left = [r for r in left if r not in want]
+    for r in left:
+        method, exp = parse_row(r)
+        jobs.append(Job(method, exp, [r]))
+    return jobs, unavailable
+
+
+def run_id(job: Job, benchmark: str, seed: int, overrides: str) -> str:
+    cfg = resolve_config({"benchmark": benchmark, "method": job.method,
+                          "experiment": job.experiment, "overrides": overrides, "seed": seed})
+    key: dict = {"config": {k: v for k, v in to_container(cfg).items() if k != "run"},
+                 "seed": seed}
+    if job.members:
+        from metamoe.strategies.oneshot import member_config
+
+        key["members"] = {r: to_container(member_config(cfg, m, e))
+                          for r, m, e in job.members}
+        for v in key["members"].values():
+            v.pop("run", None)
+    tag = job.method + (f"-{job.experiment}" if job.experiment else "")
+    return f"{tag}-s{seed}-{config_hash(key)}"
+
+
+def rows_of(metrics: dict, job: Job) -> dict[str, dict]:
+    """The rows a finished run reports (its own ``rows``, or its top-level accuracy)."""
+    got = metrics.get("rows") or {}
+    out = {}
+    for r in job.rows:
+        if r in got:
+            row = got[r]
+        elif len(job.rows) == 1:
+            row = {"accuracy": metrics["accuracy"], "upload_bytes": metrics["upload_bytes"],
+                   "private": metrics.get("private", True),
+                   "rounds": int(metrics.get("rounds") or metrics.get("config", {})
+                                 .get("fl", {}).get("rounds") or 1)}
+        else:
+            raise RuntimeError(f"run of {job.method} has no row {r!r}")
+        out[r] = row
+    return out
+
+
+def aggregate(per_seed: dict[str, list[dict]], domains: list[str]) -> dict[str, dict]:
+    table = {}
+    for r, rs in per_seed.items():
+        avgs = [x["accuracy"]["average"] for x in rs]
+        per = {d: [x["accuracy"]["per_domain"].get(d, float("nan")) for x in rs] for d in domains}
+        ups = [float(np.mean(list(x["upload_bytes"].values()))) for x in rs if x["upload_bytes"]]
+        rounds = [x.get("rounds", 1) for x in rs]
+        table[r] = {
+            "average": float(np.mean(avgs)), "std": float(np.std(avgs)),
+            "per_domain": {d: float(np.mean(v)) for d, v in per.items()},
+            "per_domain_std": {d: float(np.std(v)) for d, v in per.items()},
+            "private": bool(all(x.get("private", True) for x in rs)),
+            "upload_bytes": int(round(np.mean(ups))) if ups else 0,
+            "rounds": int(max(rounds)) if rounds else 1,
+            "seeds": len(rs),
+            "runs": [x["_run"] for x in rs],
+        }
+    return table
+
+
+def _fmt_bytes(b: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if b < 1024 or unit == "GB":
+            return f"{b:.0f} {unit}" if unit == "B" else f"{b:.1f} {unit}"
+        b /= 1024
+    return str(b)
+
+
+def write_markdown(path: Path, table: dict, unavailable: dict, domains: list[str],
+                   benchmark: str, seeds: list[int]) -> None:
+    lines = [f"# Comparison on `{benchmark}` (seeds {seeds})", "",
+             "Test accuracy in % (mean ± std over seeds) on each client's own test split; "
+             "upload = mean bytes sent per client over the whole run.", "",
+             "| method | " + " | ".join(domains) + " | average | upload / client | rounds |",
+             "|---" * (len(domains) + 4) + "|"]
+    for r, t in table.items():
+        name = r if t["private"] else f"{r} (NOT PRIVATE)"
+        cells = [f"{100 * t['per_domain'][d]:.2f} ± {100 * t['per_domain_std'][d]:.2f}"
+                 for d in domains]
+        lines.append(f"| {name} | " + " | ".join(cells) +
+                     f" | **{100 * t['average']:.2f} ± {100 * t['std']:.2f}** | "
+                     f"{_fmt_bytes(t['upload_bytes'])} | {t['rounds']} |")
+    for r, why in unavailable.items():
+        lines.append(f"| {r} | " + " | ".join("—" for _ in domains) +
+                     f" | not run: {why} | — | — |")
+    if any(not t["private"] for t in table.values()):
+        lines += ["", "NOT PRIVATE rows read the clients' private data on the server "
+                      "(an upper bound, not a federated method)."]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def write_plots(out: Path, table: dict, domains: list[str]) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    names = list(table)
+    if not names:
+        return paths
+    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(names) * (len(domains) + 1) / 2), 4))
+    width = 0.8 / (len(domains) + 1)
+    xs = np.arange(len(names))
+    for i, d in enumerate([*domains, "average"]):
+        vals = [100 * (table[n]["per_domain"][d] if d != "average" else table[n]["average"])
+                for n in names]
+        errs = [100 * (table[n]["per_domain_std"][d] if d != "average" else table[n]["std"])
+                for n in names]
+        ax.bar(xs + i * width, vals, width, yerr=errs, label=d)
+    ax.set_xticks(xs + width * len(domains) / 2)
+    ax.set_xticklabels([n if table[n]["private"] else f"{n}\n(NOT PRIVATE)" for n in names],
+                       rotation=45, ha="right", fontsize=8)
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title("Accuracy per domain")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    p = out / "accuracy_per_domain.png"
+    fig.savefig(p, dpi=120)
+    plt.close(fig)
+    paths.append(p)
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for n in names:
+        t = table[n]
+        iterative = t["rounds"] > 1
+        ax.scatter(max(t["upload_bytes"], 1), 100 * t["average"],
+                   marker="s" if iterative else "o",
+                   c="tab:red" if not t["private"] else ("tab:orange" if iterative else "tab:blue"))
+        ax.annotate(n, (max(t["upload_bytes"], 1), 100 * t["average"]), fontsize=7,
+                    xytext=(3, 3), textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set_xlabel("bytes uploaded per client (log)")
+    ax.set_ylabel("average test accuracy (%)")
+    ax.set_title("Accuracy vs upload (o one-shot, ■ iterative, red = not private)")
+    fig.tight_layout()
+    p = out / "accuracy_vs_upload.png"
+    fig.savefig(p, dpi=120)
+    plt.close(fig)
+    paths.append(p)
+    return paths
+
+
+def compare(benchmark: str = "vision", seeds: int = 1, methods: list[str] | None = None,
+            output_dir: str | None = None, cache_dir: str | None = None, share: bool = True,
+            overrides: str = "", timeout: float = 3600.0, quiet: bool = False) -> Path:
+    from metamoe.launch import launch
+
+    rows = list(methods or DEFAULT_ROWS)
+    out = Path(output_dir or ROOT / "results" / f"compare-{benchmark}").resolve()
+    (out / "runs").mkdir(parents=True, exist_ok=True)
+    domains = list(resolve_config({"benchmark": benchmark}).benchmark.domains)
+    jobs, unavailable = plan(rows, share)
+    say = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
+    for r, why in unavailable.items():
+        say(f"[compare] skipping {r}: {why}")
+    per_seed: dict[str, list[dict]] = {}
+    timing: dict[str, float] = {}
+    failed: dict[str, str] = {}
+    for seed in range(seeds):
+        for job in jobs:
+            rid = run_id(job, benchmark, seed, overrides)
+            run_dir = out / "runs" / rid
+            if (run_dir / "metrics.json").exists():
+                say(f"[compare] reusing {rid}")
+            else:
+                say(f"[compare] running {rid} -> rows {job.rows}")
+                t0 = time.perf_counter()
+                try:
+                    launch(benchmark, job.method, job.experiment, overrides, seed, rid,
+                           str(out / "runs"), cache_dir, timeout, quiet=quiet)
+                except RuntimeError as e:
+                    say(f"[compare] FAILED {rid}: {e}")
+                    for r in job.rows:
+                        failed[r] = f"run {rid} failed: {str(e).splitlines()[0][:200]}"
+                    continue
+                timing[rid] = round(time.perf_counter() - t0, 1)
+            metrics = json.loads((run_dir / "metrics.json").read_text())
+            for r, row in rows_of(metrics, job).items():
+                per_seed.setdefault(r, []).append({**row, "_run": rid})
+    ordered = {r: per_seed[r] for r in rows if r in per_seed}
+    table = aggregate(ordered, domains)
+    for r, why in failed.items():
+        if r not in table:
+            unavailable[r] = why
+    blob = {**table, **{r: {"status": "unavailable", "reason": why}
+                        for r, why in unavailable.items()}}
+    (out / "table.json").write_text(json.dumps(blob, indent=2, allow_nan=True))
+    write_markdown(out / "table.md", table, unavailable, domains, benchmark, list(range(seeds)))
+    write_plots(out, table, domains)
+    (out / "compare.json").write_text(json.dumps(
+        {"benchmark": benchmark, "seeds": seeds, "rows": rows, "share": share,
+         "overrides": overrides, "jobs": [j.__dict__ | {"members": list(j.members)}
+                                          for j in jobs],
+         "launch_seconds": timing}, indent=2, default=str))
+    say((out / "table.md").read_text())
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m metamoe.compare", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--benchmark", default="vision")
+    ap.add_argument("--seeds", type=int, default=1, help="seeds 0..N-1")
+    ap.add_argument("--methods", default="", help="comma-separated rows, e.g. "
+                    "'btm,metamoe,metamoe[no_pa]' (default: all)")
+    ap.add_argument("--output-dir", default=None)
+    ap.add_argument("--cache-dir", default=None)
+    ap.add_argument("--overrides", default="", help="OmegaConf dotlist applied to every run")
+    ap.add_argument("--no-share", action="store_true",
+                    help="run every row alone (no suite runs sharing client phases)")
+    ap.add_argument("--timeout", type=float, default=3600.0)
+    a = ap.parse_args(argv)
+    if a.seeds < 1:
+        print("--seeds must be >= 1", file=sys.stderr)
+        return 2
+    methods = [m.strip() for m in a.methods.split(",") if m.strip()] if a.methods else None
+    try:
+        out = compare(a.benchmark, a.seeds, methods, a.output_dir,
+                      a.cache_dir or os.environ.get("METAMOE_CACHE_DIR"), not a.no_share,
+                      a.overrides, a.timeout)
+    except ConfigError as e:
+        print(f"configuration error: {e}", file=sys.stderr)
+        return 2
+    print(out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

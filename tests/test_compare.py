@@ -1,0 +1,68 @@
+"""The comparison command: planning (suite sharing), table schema, resume."""
+
+import json
+
+import pytest
+
+from metamoe.compare import DEFAULT_ROWS, compare, parse_row, plan, run_id
+
+
+def test_parse_row():
+    assert parse_row("metamoe[no_pa]") == ("metamoe", "no_pa")
+    assert parse_row("btx") == ("btx", "")
+
+
+def test_plan_shares_client_phases_only_when_asked():
+    jobs, missing = plan(["btm", "btx", "metamoe", "metamoe[no_ca_router]", "metamoe[no_rw_dpp]",
+                          "unrestricted_moe", "nosuch", "metamoe[nosuch]"])
+    assert set(missing) == {"nosuch", "metamoe[nosuch]"}
+    by = {j.method: j for j in jobs}
+    assert by["oneshot_suite"].rows == ["btm", "btx"]
+    assert by["metamoe_suite"].rows == ["metamoe", "metamoe[no_ca_router]"]
+    assert ("metamoe", "no_rw_dpp") in {(j.method, j.experiment) for j in jobs}
+    jobs, _ = plan(["btm", "btx"], share=False)
+    assert [(j.method, j.rows) for j in jobs] == [("btm", ["btm"]), ("btx", ["btx"])]
+    jobs, _ = plan(["btm"])  # a single row runs alone
+    assert [j.method for j in jobs] == ["btm"]
+    assert "unrestricted_moe" in DEFAULT_ROWS and "metamoe[authors_code]" in DEFAULT_ROWS
+
+
+def test_run_ids_are_keyed_by_config_and_seed():
+    job = plan(["btm", "btx"])[0][0]
+    a = run_id(job, "tiny", 0, "")
+    assert a == run_id(job, "tiny", 0, "") and a.startswith("oneshot_suite-s0-")
+    assert a != run_id(job, "tiny", 1, "")
+    assert a != run_id(job, "tiny", 0, "unify.epochs=2")
+
+
+@pytest.mark.slow
+def test_compare_tiny_table_and_resume(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("METAMOE_FLWR_HOME", str(tmp_path / "flwr-home"))
+    kw = dict(benchmark="tiny", seeds=1, methods=["zero_shot", "unrestricted_moe", "nosuch"],
+              output_dir=str(tmp_path / "cmp"), cache_dir=str(tmp_path / "cache"),
+              timeout=900)
+    out = compare(**kw)
+    table = json.loads((out / "table.json").read_text())
+    assert table["nosuch"]["status"] == "unavailable"
+    for r in ("zero_shot", "unrestricted_moe"):
+        t = table[r]
+        assert {"average", "std", "per_domain", "private", "upload_bytes"} <= set(t)
+        assert set(t["per_domain"]) == {"mnist", "uci"}
+        assert 0.0 <= t["average"] <= 1.0 and t["std"] == 0.0
+    assert table["zero_shot"]["private"] is True
+    assert table["unrestricted_moe"]["private"] is False
+    # the non-private bound "uploads" its private data: far more than zero-shot's scalars
+    assert table["unrestricted_moe"]["upload_bytes"] > 100 * table["zero_shot"]["upload_bytes"]
+    md = (out / "table.md").read_text()
+    assert "unrestricted_moe (NOT PRIVATE)" in md and "not run" in md
+    assert (out / "accuracy_per_domain.png").stat().st_size > 0
+    assert (out / "accuracy_vs_upload.png").stat().st_size > 0
+    runs = sorted(p.name for p in (out / "runs").iterdir())
+    mtimes = {p: (out / "runs" / p / "metrics.json").stat().st_mtime for p in runs}
+    capsys.readouterr()
+    compare(**kw)  # second invocation: everything is reused, nothing is launched
+    log = capsys.readouterr().out
+    assert log.count("[compare] reusing") == 2 and "[compare] running" not in log
+    assert sorted(p.name for p in (out / "runs").iterdir()) == runs
+    assert {p: (out / "runs" / p / "metrics.json").stat().st_mtime for p in runs} == mtimes
+    assert json.loads((out / "table.json").read_text()) == table
