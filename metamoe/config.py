@@ -137,6 +137,51 @@ class FederationConf:
 
 
 @dataclass
+class FLConf(OptimConf):
+    """Iterative federated baselines (fedavg, fedavg_moe, fedalign_moe, ddome); see
+    metamoe/strategies/fl.py. ``epochs`` = local epochs per round on Dp. Fair budget:
+    rounds x epochs = expert.epochs (8) passes over Dp, like MetaMoE's one expert training."""
+    rounds: int = 4
+    optimizer: str = "adam"
+    lr: float = 3e-3
+    weight_decay: float = 0.0
+    epochs: int = 2
+    train: str = "lora"  # fedavg (dense): what is trained, FFN-LoRA with expert.rank (only)
+    # MoE architecture of fedavg_moe / fedalign_moe (K experts = number of clients) [I]
+    top_k: int = 2  # capped at K
+    renormalize: bool = True  # Mixtral-style renormalised top-k: the initial MoE equals M0
+    context: str = "sample"  # the context-aware router of MetaMoE (sample | batch | none)
+    lambda_init: float = 0.3
+    lambda_lr: float = 1e-3
+    # FedAlign-MoE (baselines_detail.md §3.2, every knob [I])
+    align_gate: bool = True  # routing-consistency weighted gate rows (False: FedAvg gate)
+    align_score: str = "expert"  # s_i(e): expert | client | usage
+    align_kappa: float = 1.0
+    align_lambda_g: float = 0.1  # KL(P̄ || batch-mean gate distribution), 0: off
+    align_experts: bool = True  # semantic-aware expert aggregation (False: FedAvg experts)
+    align_descriptor: str = "output"  # h_i(e): gate-weighted mean expert output | delta | input
+    align_beta: float = 1.0  # τ_e = M(e) - β Σ(e)
+    align_threshold: str = "adaptive"  # adaptive | fixed
+    align_fixed_tau: float = 0.0
+    # DDOME (baselines_detail.md §4)
+    ddome_experts: int = -1  # M, size of the expert pool (-1: number of clients)
+    ddome_top_k: int = 2  # K experts per client (capped at M)
+    ddome_anchors: bool = True  # client p < M anchors expert p (one-to-one)
+    ddome_gate_hidden: int = 64
+    ddome_gate_lr: float = 1e-3
+
+
+@dataclass
+class PrivacyConf:
+    """Optional DP on the router vectors (metamoe/clients/privacy.py; the sketch's DP knobs are
+    sketch.dp_*). Gaussian mechanism on the clipped per-sample mean, replace-one adjacency:
+    noise std = router_dp_sigma * 2 * router_dp_clip / N."""
+    router_dp_sigma: float = 0.0  # noise multiplier z (0: off)
+    router_dp_clip: float = 12.0  # L2 clip C of one sample's [L, d] mean (~95th pct)
+    router_dp_delta: float = 1e-5
+
+
+@dataclass
 class RunConf:
     seed: int = 0
     run_id: str = ""
@@ -156,6 +201,8 @@ class Config:
     expert: ExpertConf = field(default_factory=ExpertConf)
     unify: UnifyConf = field(default_factory=UnifyConf)
     federation: FederationConf = field(default_factory=FederationConf)
+    fl: FLConf = field(default_factory=FLConf)
+    privacy: PrivacyConf = field(default_factory=PrivacyConf)
     run: RunConf = field(default_factory=RunConf)
 
 
@@ -171,6 +218,11 @@ CHOICES = {
     "unify.context": ("sample", "batch", "none"),
     "unify.router_init": ("vectors", "random"),
     "unify.data": ("proxies", "random_public"),
+    "fl.train": ("lora",),
+    "fl.context": ("sample", "batch", "none"),
+    "fl.align_score": ("expert", "client", "usage"),
+    "fl.align_threshold": ("adaptive", "fixed"),
+    "fl.align_descriptor": ("output", "delta", "input"),
 }
 
 

@@ -10,6 +10,15 @@ query.sketch        ``sketch`` relevance sketch      clients.stages.sketch_stage
 train.expert        ``expert`` FFN-LoRA A/B          clients.stages.expert_stage
                     ``router`` [L, d] mean vectors   models.lora.ffn_input_means
 evaluate            ``metrics`` accuracies, coverage clients.stages.evaluate_stage
+query.identify      ``info`` name/domain/sizes       clients.client_app.identify
+query.fl_seed       ``metrics`` acknowledgement      clients.fl_handlers (iterative baselines)
+train               ``arrays`` FFN-LoRA weights      clients.fl_handlers (FedAvg round)
+train.fl_moe        router rows, λ, experts' LoRA,   clients.fl_handlers (FedAvg-MoE,
+                    mean routing distribution and    FedAlign-MoE; means over the whole
+                    per-expert mean outputs          local set)
+query.ddome_select  summed gate scores over Dp       clients.fl_handlers (DDOME)
+train.ddome         gate MLP + selected experts      clients.fl_handlers (DDOME)
+evaluate.ddome      accuracies (scalars)             clients.fl_handlers (DDOME)
 ==================  ===============================  =========================================
 
 None of these is a sample, a per-sample embedding or a per-sample gradient: the sketch is a

@@ -64,14 +64,30 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAvg
 
-from metamoe.clients.fl_handlers import (GateMLP, expert_lora, fl_moe_config, init_loras,
-                                         load_moe_trainable, moe_trainable_shapes,
-                                         moe_trainable_state, set_expert_lora, state_arrays)
+from metamoe.clients.fl_handlers import (
+    GateMLP,
+    expert_lora,
+    fl_moe_config,
+    init_loras,
+    load_moe_trainable,
+    moe_trainable_shapes,
+    moe_trainable_state,
+    set_expert_lora,
+    state_arrays,
+)
 from metamoe.config import ConfigError, num_clients
 from metamoe.models.lora import lora_shapes
 from metamoe.models.moe import MoEConfig, MoEViT, build_moe
-from metamoe.protocol import (UploadError, check_arrays, check_metrics, from_record, get_record,
-                              record_nbytes, to_record, torch_state_to_record)
+from metamoe.protocol import (
+    UploadError,
+    check_arrays,
+    check_metrics,
+    from_record,
+    get_record,
+    record_nbytes,
+    to_record,
+    torch_state_to_record,
+)
 from metamoe.strategies.base import Federation, Outcome, PhaseError, Strategy, register
 
 log = logging.getLogger("metamoe")
@@ -84,7 +100,8 @@ def weighted_mean(arrays: Sequence[np.ndarray], weights: Sequence[float]) -> np.
     if len(arrays) == 0 or w.sum() <= 0:
         raise ValueError("weighted_mean needs at least one array with positive weight")
     w = w / w.sum()
-    return sum(wi * np.asarray(a, np.float64) for wi, a in zip(w, arrays)).astype(np.float32)
+    total = sum(wi * np.asarray(a, np.float64) for wi, a in zip(w, arrays, strict=True))
+    return total.astype(np.float32)
 
 
 def fedavg_states(states: Sequence[dict[str, np.ndarray]], n: Sequence[float]
@@ -189,7 +206,7 @@ def ddome_aggregate(gates: Sequence[dict[str, np.ndarray]], n: Sequence[float],
     gate = fedavg_states(gates, n)
     experts = []
     for e, prev in enumerate(prev_experts):
-        who = [(t[e], w) for t, w in zip(trained, n) if e in t]
+        who = [(t[e], w) for t, w in zip(trained, n, strict=False) if e in t]
         experts.append(fedavg_states([s for s, _ in who], [w for _, w in who]) if who
                        else prev)
     return gate, experts
@@ -360,7 +377,8 @@ class FedAvgMoE(_FLBase):
         history = []
         for r in range(1, int(f.rounds) + 1):
             conf = {"moe": moe.moe_cfg.to_dict(), "round": r, "method": self.name,
-                    "stats": self.align, "descriptor": str(f.align_descriptor), "lambda_g": float(f.align_lambda_g) if self.align
+                    "stats": self.align, "descriptor": str(f.align_descriptor),
+                    "lambda_g": float(f.align_lambda_g) if self.align
                     else 0.0}
             payload = RecordDict({"moe": to_record(state),
                                   "config": ConfigRecord({"fl": json.dumps(conf)})})
@@ -463,7 +481,7 @@ class DDOME(_FLBase):
                                           for k, v in experts[e].items()}),
                     "config": ConfigRecord({"ddome": json.dumps(c)})})
 
-            def val_train(nid, content):
+            def val_train(nid, content, subsets=subsets):
                 name = fed.client_name(nid)
                 g = check_arrays(from_record(get_record(content, "gate", ArrayRecord, name)),
                                  gshapes, name, "gate")

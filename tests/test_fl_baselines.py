@@ -1,0 +1,335 @@
+"""Iterative federated baselines: FedAvg (dense), FedAvg-MoE, FedAlign-MoE, DDOME.
+
+Client handlers are called on the real ClientApp with hand-made Messages (flower_guide §9);
+the server-side aggregation functions are tested on constructed cases; two end-to-end
+`flwr run`s (fedalign_moe, ddome) are marked slow.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ConfigRecord, Context, Message, Metadata, MetricRecord, RecordDict
+from omegaconf import OmegaConf
+
+from metamoe.clients.client_app import app
+from metamoe.clients.fl_handlers import (
+    GateMLP,
+    ddome_pick,
+    fl_moe_config,
+    init_loras,
+    moe_trainable_state,
+    state_arrays,
+)
+from metamoe.config import resolve_config
+from metamoe.data import load_benchmark
+from metamoe.models.lora import lora_shapes
+from metamoe.models.moe import build_moe
+from metamoe.models.vit import ViT
+from metamoe.protocol import from_record, to_record, torch_state_to_record
+from metamoe.server.seed import vit_config
+from metamoe.strategies import Federation
+from metamoe.strategies.base import ClientInfo
+from metamoe.strategies.fl import (
+    CountingFedAvg,
+    ddome_aggregate,
+    fedalign_aggregate,
+    fedavg_states,
+    routing_consistency_weights,
+    semantic_agreement,
+)
+
+OVR = "fl.rounds=2 fl.epochs=1"
+
+
+# ------------------------------------------------------------------ fixtures / helpers
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    cache = str(tmp_path_factory.mktemp("cache"))
+    rc = {"benchmark": "tiny", "method": "fedalign_moe", "overrides": OVR, "cache-dir": cache}
+    cfg = resolve_config(rc)
+    bench = load_benchmark(cfg)
+    # The handlers run on whatever M0 the server sends: a seeded random ViT keeps this fast.
+    torch.manual_seed(0)
+    seed = ViT(vit_config(cfg, bench.num_classes)).eval()
+    return rc, cfg, bench, seed
+
+
+def make_msg(content: RecordDict, message_type: str, dst: int) -> Message:
+    md = Metadata(run_id=1, message_id=f"m-{message_type}-{time.time_ns()}", src_node_id=1,
+                  dst_node_id=dst, reply_to_message_id="", group_id="", created_at=time.time(),
+                  ttl=3600.0, message_type=message_type)
+    return Message(content, metadata=md)
+
+
+def make_ctx(rc: dict, pid: int, method: str, overrides: str = OVR) -> Context:
+    run_config = {**rc, "method": method, "overrides": overrides}
+    return Context(run_id=1, node_id=10 + pid, node_config={"partition-id": pid},
+                   state=RecordDict(), run_config=run_config)
+
+
+def send_seed(ctx: Context, seed) -> None:
+    content = RecordDict({"seed": torch_state_to_record(seed.state_dict()),
+                          "seed-config": ConfigRecord({"vit": json.dumps(seed.cfg.to_dict())})})
+    reply = app(make_msg(content, "query.fl_seed", ctx.node_id), ctx)
+    assert not reply.has_error(), reply.error
+    assert reply.content["info"]["n_private"] == 300
+
+
+def call(ctx: Context, content: RecordDict, message_type: str) -> RecordDict:
+    reply = app(make_msg(content, message_type, ctx.node_id), ctx)
+    assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
+    return reply
+
+
+# ------------------------------------------------------------------ FedAvg (dense)
+def test_fedavg_handler_and_counting_fedavg(tiny):
+    rc, cfg, bench, seed = tiny
+    mc = seed.cfg
+    shapes = lora_shapes(mc.depth, mc.dim, mc.mlp_hidden, cfg.expert.rank)
+    init = {k: v.numpy() for k, v in init_loras(seed, 1, cfg.expert.rank, cfg.expert.alpha,
+                                                 0)[0].items()}
+    replies = []
+    for pid in (0, 1):
+        ctx = make_ctx(rc, pid, "fedavg")
+        send_seed(ctx, seed)
+        rep = call(ctx, RecordDict({"arrays": to_record(init),
+                                    "config": ConfigRecord({"server-round": 1})}), "train")
+        arrays = from_record(rep.content["arrays"])
+        assert {k: v.shape for k, v in arrays.items()} == shapes
+        assert int(rep.content["metrics"]["num-examples"]) == 300
+        assert not np.allclose(arrays["layers.0.fc1.lora_B"], 0)  # it trained
+        replies.append(rep)
+
+    fed = Federation(grid=None, cfg=cfg)
+    for pid, rep in enumerate(replies):
+        nid = rep.metadata.src_node_id
+        fed.clients[nid] = ClientInfo(nid, ["mnist", "uci"][pid], ["mnist", "uci"][pid], pid, 300)
+    # A third, malformed (NaN) reply from a registered node is rejected, not averaged.
+    bad = {k: v.copy() for k, v in from_record(replies[0].content["arrays"]).items()}
+    bad["layers.0.fc1.lora_A"][0, 0] = np.nan
+    bad_msg = make_msg(RecordDict(), "train", 12)
+    bad_rep = Message(RecordDict({"arrays": to_record(bad), "metrics": MetricRecord(
+        {"num-examples": 300})}), reply_to=bad_msg)
+    fed.clients[12] = ClientInfo(12, "evil", "mnist", 2, 300)
+    strat = CountingFedAvg(fed, shapes, min_train_nodes=2, min_available_nodes=3)
+    arrays, _ = strat.aggregate_train(1, replies + [bad_rep])
+    got = from_record(arrays)
+    a0, a1 = (from_record(r.content["arrays"]) for r in replies)
+    for k in shapes:
+        np.testing.assert_allclose(got[k], (a0[k] + a1[k]) / 2, rtol=1e-5, atol=1e-6)
+    assert fed.upload_bytes["mnist"] > 0 and fed.upload_bytes["uci"] > 0
+    assert "evil" not in fed.upload_bytes
+    assert fed.rejected and fed.rejected[0]["client"] == "evil"
+    assert "NaN" in fed.rejected[0]["reason"]
+
+
+# ------------------------------------------------------------------ FedAvg-MoE / FedAlign-MoE
+def test_fl_moe_handler_uploads_weights_and_whole_set_stats(tiny):
+    rc, cfg, bench, seed = tiny
+    moe = build_moe(seed, fl_moe_config(cfg, 2), init_loras(seed, 2, cfg.expert.rank,
+                                                           cfg.expert.alpha, 0), None)
+    state = moe_trainable_state(moe)
+    L, E, d = len(moe.blocks), 2, seed.cfg.dim
+    conf = {"moe": moe.moe_cfg.to_dict(), "round": 2, "method": "fedalign_moe", "stats": True,
+            "descriptor": "output", "lambda_g": 0.1}
+    ctx = make_ctx(rc, 1, "fedalign_moe")
+    send_seed(ctx, seed)
+    rep = call(ctx, RecordDict({"moe": to_record(state),
+                                "config": ConfigRecord({"fl": json.dumps(conf)}),
+                                "global_p": to_record({"p": np.full((L, E), 0.5, np.float32)})}),
+               "train.fl_moe")
+    new = from_record(rep.content["moe"])
+    assert set(new) == set(state)
+    assert not np.allclose(new["blocks.0.mlp.router"], state["blocks.0.mlp.router"])
+    assert not np.allclose(new["blocks.1.mlp.B2"], 0)
+    stats = from_record(rep.content["stats"])
+    assert stats["p"].shape == (L, E) and stats["h"].shape == (L, E, d)
+    np.testing.assert_allclose(stats["p"].sum(-1), 1.0, atol=1e-4)
+    assert np.isfinite(stats["h"]).all()
+    # FedAvg-MoE: no stats are uploaded.
+    conf.update(stats=False, lambda_g=0.0, method="fedavg_moe")
+    rep = call(ctx, RecordDict({"moe": to_record(state),
+                                "config": ConfigRecord({"fl": json.dumps(conf)})}), "train.fl_moe")
+    assert "stats" not in rep.content
+
+
+def test_fedavg_states_is_weighted_elementwise_mean():
+    s1 = {"w": np.array([1.0, 2.0], np.float32)}
+    s2 = {"w": np.array([3.0, 6.0], np.float32)}
+    np.testing.assert_allclose(fedavg_states([s1, s2], [1, 3])["w"], [2.5, 5.0])
+
+
+def _fl(**kw):
+    base = dict(align_kappa=1.0, align_score="expert", align_beta=1.0,
+                align_threshold="adaptive", align_fixed_tau=0.0, align_gate=True,
+                align_experts=True)
+    return OmegaConf.create({**base, **kw})
+
+
+def test_routing_consistency_downweights_disagreeing_client():
+    # 3 clients, 1 layer, 2 experts: clients 0 and 1 route alike, client 2 the opposite way.
+    p = np.array([[[0.8, 0.2]], [[0.75, 0.25]], [[0.1, 0.9]]])
+    n = [100, 100, 100]
+    omega, pbar = routing_consistency_weights(p, n, kappa=1.0, score="expert")
+    np.testing.assert_allclose(omega.sum(0), 1.0)
+    np.testing.assert_allclose(pbar, p.mean(0))
+    assert omega[2, 0, 0] < omega[0, 0, 0] and omega[2, 0, 0] < omega[1, 0, 0]
+    assert omega[2, 0, 0] < 1 / 3
+    for score in ("client", "usage"):
+        om, _ = routing_consistency_weights(p, n, kappa=1.0, score=score)
+        np.testing.assert_allclose(om.sum(0), 1.0)
+    # The aggregated gate row 0 lies closer to the agreeing clients' rows than FedAvg would.
+    d = 4
+    states, _prev = [], None
+    for _i, row in enumerate([1.0, 1.0, -1.0]):
+        st = {"blocks.0.mlp.router": np.full((2, d), row, np.float32),
+              "blocks.0.mlp.lambda_raw": np.array([0.3], np.float32)}
+        for a in ("A1", "B1", "A2", "B2"):
+            st[f"blocks.0.mlp.{a}"] = np.ones((2, 3, 3), np.float32)
+        states.append(st)
+    h = np.ones((3, 1, 2, d))
+    new, pbar2, _ = fedalign_aggregate(states, n, p, h, states[0], _fl())
+    assert new["blocks.0.mlp.router"][0, 0] > 1 / 3  # FedAvg would give exactly 1/3
+    new_avg, _, _ = fedalign_aggregate(states, n, p, h, states[0], _fl(align_gate=False))
+    np.testing.assert_allclose(new_avg["blocks.0.mlp.router"], 1 / 3, rtol=1e-5)
+
+
+def test_semantic_alignment_downweights_expert_with_other_role():
+    rng = np.random.default_rng(0)
+    d = 8
+    base0, base1 = rng.normal(size=d), rng.normal(size=d)
+    h = np.zeros((3, 1, 2, d))
+    h[0, 0, 0] = base0
+    h[1, 0, 0] = base0 + 0.05 * rng.normal(size=d)
+    h[2, 0, 0] = -base0 + 0.1 * rng.normal(size=d)  # client 2's expert 0 plays another role
+    h[:, 0, 1] = base1  # expert 1: the same role everywhere (all S_ij equal -> FedAvg)
+    a, tau = semantic_agreement(h, beta=1.0)
+    assert a[2, 0, 0] < a[0, 0, 0] and a[2, 0, 0] < a[1, 0, 0]
+    assert np.isfinite(tau[0, 0]) and np.isnan(tau[0, 1])
+    np.testing.assert_allclose(a[:, 0, 1], 1.0)
+    # In the aggregate, expert 0 follows clients 0 and 1; expert 1 is the plain FedAvg.
+    n = [100, 100, 100]
+    states = []
+    for i in range(3):
+        st = {"blocks.0.mlp.router": np.zeros((2, d), np.float32),
+              "blocks.0.mlp.lambda_raw": np.array([0.3], np.float32)}
+        for attr in ("A1", "B1", "A2", "B2"):
+            st[f"blocks.0.mlp.{attr}"] = np.full((2, 3, 3), float(i), np.float32)
+        states.append(st)
+    p = np.full((3, 1, 2), 0.5)
+    new, _, diag = fedalign_aggregate(states, n, p, h, states[0], _fl())
+    w2 = a[2, 0, 0] / a[:, 0, 0].sum()
+    np.testing.assert_allclose(new["blocks.0.mlp.A1"][0], 0 * 0 + 1 * a[1, 0, 0] /
+                               a[:, 0, 0].sum() + 2 * w2, rtol=1e-5)
+    assert new["blocks.0.mlp.A1"][0, 0, 0] < 1.0  # FedAvg would give 1.0
+    np.testing.assert_allclose(new["blocks.0.mlp.A1"][1], 1.0, rtol=1e-6)
+    # Nobody agrees (fixed threshold above every similarity): the expert keeps its weights.
+    prev = {k: v + 7 for k, v in states[0].items()}
+    new, _, diag = fedalign_aggregate(states, n, p, h, prev, _fl(align_threshold="fixed",
+                                                                 align_fixed_tau=1.5))
+    np.testing.assert_allclose(new["blocks.0.mlp.B2"], prev["blocks.0.mlp.B2"])
+    assert diag["experts_kept"] == 2
+
+
+# ------------------------------------------------------------------ DDOME
+def test_ddome_pick_constructed_gate():
+    gate = GateMLP(2, 2, 3)
+    with torch.no_grad():
+        gate.fc1.weight.copy_(torch.eye(2) * 5)
+        gate.fc1.bias.zero_()
+        gate.fc2.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.5, 0.5]]))
+        gate.fc2.bias.zero_()
+    a = torch.tensor([[1.0, 0.0]]).repeat(20, 1) + 0.01 * torch.randn(20, 2)
+    b = torch.tensor([[0.0, 1.0]]).repeat(20, 1) + 0.01 * torch.randn(20, 2)
+    assert ddome_pick(gate, a, 1) == [0] and ddome_pick(gate, b, 1) == [1]
+    assert ddome_pick(gate, a, 2) == [0, 2] and ddome_pick(gate, b, 2) == [1, 2]
+
+
+def test_ddome_handlers_gate_learns_distinct_subsets(tiny):
+    """Anchor rounds through the real handlers + server aggregation: afterwards the gate picks
+    a different expert for each client's data (selection and evaluation handlers too)."""
+    rc, cfg, bench, seed = tiny
+    ov = "fl.epochs=1 fl.ddome_gate_lr=0.05"
+    M, rank, alpha = 2, cfg.expert.rank, cfg.expert.alpha
+    torch.manual_seed(0)
+    gate = state_arrays(GateMLP(seed.cfg.dim, 16, M))
+    experts = [{k: v.numpy() for k, v in e.items()} for e in init_loras(seed, M, rank, alpha, 0)]
+    ctxs = [make_ctx(rc, pid, "ddome", ov) for pid in (0, 1)]
+    for ctx in ctxs:
+        send_seed(ctx, seed)
+    base = {"rank": rank, "alpha": alpha, "top_k": 1, "M": M}
+    for r in range(2):
+        gates, trained = [], []
+        for q, ctx in enumerate(ctxs):
+            rep = call(ctx, RecordDict({
+                "gate": to_record(gate),
+                "experts": to_record({f"e{q}/{k}": v for k, v in experts[q].items()}),
+                "config": ConfigRecord({"ddome": json.dumps({**base, "round": r,
+                                                             "anchor": q})})}), "train.ddome")
+            gates.append(from_record(rep.content["gate"]))
+            ex = from_record(rep.content["experts"])
+            assert set(k.split("/")[0] for k in ex) == {f"e{q}"}
+            trained.append({q: {k.split("/", 1)[1]: v for k, v in ex.items()}})
+        gate, new_experts = ddome_aggregate(gates, [300, 300], trained, experts)
+        assert not np.allclose(new_experts[0]["layers.0.fc1.lora_B"],
+                               experts[0]["layers.0.fc1.lora_B"])
+        experts = new_experts
+    picks = []
+    for ctx in ctxs:
+        rep = call(ctx, RecordDict({"gate": to_record(gate), "config": ConfigRecord(
+            {"ddome": json.dumps(base)})}), "query.ddome_select")
+        picks.append(from_record(rep.content["select"])["experts"].tolist())
+    assert picks[0] != picks[1], picks
+    # A normal (non-anchor) client trains its K experts and the gate jointly.
+    rep = call(ctxs[0], RecordDict({
+        "gate": to_record(gate),
+        "experts": to_record({f"e{e}/{k}": v for e in range(M) for k, v in experts[e].items()}),
+        "config": ConfigRecord({"ddome": json.dumps({**base, "top_k": 2, "anchor": None})})}),
+        "train.ddome")
+    assert not np.allclose(from_record(rep.content["gate"])["fc2.weight"], gate["fc2.weight"])
+    # Test-time evaluation: per-sample single expert among the client's top-K.
+    rep = call(ctxs[1], RecordDict({
+        "gate": to_record(gate),
+        "experts": to_record({f"e{e}/{k}": v for e in range(M) for k, v in experts[e].items()}),
+        "config": ConfigRecord({"ddome": json.dumps(base)})}), "evaluate.ddome")
+    m = dict(rep.content["metrics"])
+    assert 0.0 <= m["acc_unified"] <= 1.0 and "acc_zero_shot" in m
+    assert m[f"ddome_chosen/e{picks[1][0]}"] == 1.0
+
+
+# ------------------------------------------------------------------ end to end
+def _e2e(tmp_path, monkeypatch, method, overrides):
+    from metamoe.launch import launch
+
+    monkeypatch.setenv("METAMOE_FLWR_HOME", str(tmp_path / "flwr-home"))
+    run_dir = launch(benchmark="tiny", method=method, overrides=overrides,
+                     output_dir=str(tmp_path / "results"), cache_dir=str(tmp_path / "cache"),
+                     run_id=f"tiny-{method}", timeout=600, quiet=True)
+    m = json.loads((run_dir / "metrics.json").read_text())
+    assert m["method"] == method and m["config"]["fl"]["rounds"] == 2
+    assert set(m["accuracy"]["per_domain"]) == {"mnist", "uci"}
+    assert all(0.0 <= v <= 1.0 for v in m["accuracy"]["per_domain"].values())
+    assert set(m["upload_bytes"]) == {"mnist", "uci"}
+    assert all(b > 0 for b in m["upload_bytes"].values())
+    assert len(m["fl_rounds"]) == 2 and not m["rejected"]
+    return m, run_dir
+
+
+@pytest.mark.slow
+def test_e2e_fedalign_moe(tmp_path, monkeypatch):
+    m, run_dir = _e2e(tmp_path, monkeypatch, "fedalign_moe", OVR)
+    assert "omega_mean" in m["fl_rounds"][-1]
+    assert (run_dir / "moe.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_e2e_ddome(tmp_path, monkeypatch):
+    # No anchors: exercises the selection query and the joint gate + experts training.
+    m, _ = _e2e(tmp_path, monkeypatch, "ddome", OVR + " fl.ddome_anchors=false")
+    assert all(len(v) == 2 for v in m["fl_rounds"][0]["experts"].values())
+    assert set(m["ddome_test_experts"]) == {"mnist", "uci"}
