@@ -22,12 +22,15 @@ setup: $(STAMP) $(FASHION)
 $(FASHION):
 	$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq dataset-fashion-mnist
 
+# pip's "Location ... is ignored" notes (local find-links mirrors) are filtered out.
+PIP := set -o pipefail; $(BIN)/python -m pip install -q
+QUIET := 2>&1 | { grep -v "^WARNING: Location" || true; }
+
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
 	# CPU torch first: any other torch pulls GBs of CUDA wheels.
-	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(PIP) torch==2.13.0 $(QUIET)
+	$(PIP) -e ".[dev]" $(QUIET)
 	touch $(STAMP)
 
 demo: setup

@@ -55,5 +55,7 @@ def test_unknown_selectors_and_run_config_keys():
 
 def test_resolved_config_is_read_only():
     cfg = resolve_config({})
-    with pytest.raises(Exception):
+    from omegaconf.errors import ReadonlyConfigError
+
+    with pytest.raises(ReadonlyConfigError):
         cfg.expert.epochs = 100

@@ -63,3 +63,19 @@ def test_several_clients_per_domain_partition_the_train_split():
     assert not _hashes(parts[0].x_train) & _hashes(parts[1].x_train)
     with pytest.raises(ValueError, match="partition-id 6"):
         client_partition(cfg, bench, 6)
+
+
+def test_benchmark_disk_cache_roundtrips(tmp_path):
+    from metamoe.data import _load
+
+    cfg = resolve_config({"benchmark": "tiny", "cache-dir": str(tmp_path)})
+    built = load_benchmark(cfg)
+    assert len(list(tmp_path.glob("bench-*.npz"))) == 1
+    _load.cache_clear()
+    cached = load_benchmark(cfg)
+    assert cached is not built
+    for a, b in zip(built.domains, cached.domains):
+        assert a.name == b.name and a.classes == b.classes
+        assert np.array_equal(a.x_train, b.x_train) and np.array_equal(a.y_test, b.y_test)
+    assert np.array_equal(built.pool_x, cached.pool_x)
+    assert np.array_equal(built.pool_source, cached.pool_source)

@@ -6,8 +6,7 @@ import pytest
 import torch
 
 from metamoe.models.io import load_moe, save_moe
-from metamoe.models.lora import (ffn_input_means, inject_ffn_lora, load_lora_state_dict,
-                                 lora_state_dict)
+from metamoe.models.lora import ffn_input_means, inject_ffn_lora, load_lora_state_dict, lora_state_dict
 from metamoe.models.moe import MoEConfig, build_moe
 from metamoe.models.vit import ViT, ViTConfig
 

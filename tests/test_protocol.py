@@ -4,8 +4,7 @@ import numpy as np
 import pytest
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
-from metamoe.protocol import (UploadError, check_arrays, check_metrics, from_record, get_record,
-                              record_nbytes, to_record)
+from metamoe.protocol import UploadError, check_arrays, check_metrics, from_record, get_record, record_nbytes, to_record
 
 SPEC = {"w": (2, 3), "b": (3,)}
 

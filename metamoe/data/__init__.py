@@ -8,9 +8,12 @@ train split is divided IID (seeded) among its clients, and they share its test s
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 from dataclasses import replace
 from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
@@ -21,8 +24,48 @@ __all__ = ["Domain", "VisionBenchmark", "load_benchmark", "client_partition", "c
 
 
 @lru_cache(maxsize=4)
-def _load(bench_json: str) -> VisionBenchmark:
-    b = json.loads(bench_json)
+def _load(bench_json: str, cache_dir: str) -> VisionBenchmark:
+    """Build the benchmark, or read it from ``<cache_dir>/bench-<hash>.npz`` (a node-local
+    copy of what this node would build from its installed packages: deployed ClientApps are
+    fresh processes per message, and rebuilding costs seconds each time)."""
+    path = None
+    if cache_dir:
+        key = hashlib.sha256(bench_json.encode()).hexdigest()[:12]
+        path = Path(cache_dir) / f"bench-{key}.npz"
+        if path.exists():
+            try:
+                return _from_npz(path, json.loads(bench_json))
+            except (OSError, ValueError, KeyError):
+                pass  # a damaged cache file is rebuilt below
+    bench = _build(json.loads(bench_json))
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{os.getpid()}.{path.name}")
+        with open(tmp, "wb") as f:
+            np.savez(f, **_to_arrays(bench))
+        tmp.replace(path)
+    return bench
+
+
+def _to_arrays(bench: VisionBenchmark) -> dict[str, np.ndarray]:
+    out = {"pool_x": bench.pool_x, "pool_y": bench.pool_y, "pool_source": bench.pool_source}
+    for d in bench.domains:
+        for f in ("x_train", "y_train", "x_test", "y_test"):
+            out[f"{d.name}/{f}"] = getattr(d, f)
+        out[f"{d.name}/classes"] = np.asarray(d.classes)
+        out[f"{d.name}/description"] = np.asarray(d.description)
+    return out
+
+
+def _from_npz(path: Path, b: dict) -> VisionBenchmark:
+    with np.load(path) as z:
+        doms = [Domain(n, z[f"{n}/x_train"], z[f"{n}/y_train"], z[f"{n}/x_test"],
+                       z[f"{n}/y_test"], [int(c) for c in z[f"{n}/classes"]],
+                       str(z[f"{n}/description"])) for n in b["domains"]]
+        return VisionBenchmark(b["name"], doms, z["pool_x"], z["pool_y"], z["pool_source"])
+
+
+def _build(b: dict) -> VisionBenchmark:
     if b["kind"] != "vision":
         raise ValueError(f"benchmark kind {b['kind']!r} is not available in this build")
     bench = build_vision_benchmark(seed=b["data_seed"], max_train=b["max_train"],
@@ -37,7 +80,9 @@ def _load(bench_json: str) -> VisionBenchmark:
 
 
 def load_benchmark(cfg: DictConfig) -> VisionBenchmark:
-    return _load(json.dumps(OmegaConf.to_container(cfg.benchmark, resolve=True), sort_keys=True))
+    cache = cfg.run.cache_dir or os.environ.get("METAMOE_CACHE_DIR", "")
+    return _load(json.dumps(OmegaConf.to_container(cfg.benchmark, resolve=True), sort_keys=True),
+                 cache)
 
 
 def client_names(cfg: DictConfig) -> list[str]:

@@ -59,7 +59,6 @@ import math
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Union
 
 import numpy as np
 from scipy.optimize import minimize
@@ -232,7 +231,7 @@ class CentroidSketch:
         return sk
 
 
-Sketch = Union[LogisticSketch, CentroidSketch]
+Sketch = LogisticSketch | CentroidSketch
 
 
 def sketch_from_arrays(arrays: Mapping[str, np.ndarray]) -> Sketch:

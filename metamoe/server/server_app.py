@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
@@ -26,7 +26,7 @@ log = logging.getLogger("metamoe")
 
 def run_dir_for(cfg) -> Path:
     run_id = cfg.run.run_id or (f"{cfg.benchmark.name}-{cfg.method}-"
-                                f"{datetime.now(timezone.utc):%Y%m%d-%H%M%S}")
+                                f"{datetime.now(UTC):%Y%m%d-%H%M%S}")
     root = Path(cfg.run.output_dir) if cfg.run.output_dir else Path.cwd() / "results"
     return root.resolve() / run_id
 

@@ -7,8 +7,7 @@ this package imports them all.
 from __future__ import annotations
 
 from metamoe.strategies import fl, metamoe, oneshot  # noqa: F401  (register strategies)
-from metamoe.strategies.base import (STRATEGIES, Federation, Outcome, PhaseError, Strategy,
-                                     get_strategy, register)
+from metamoe.strategies.base import STRATEGIES, Federation, Outcome, PhaseError, Strategy, get_strategy, register
 
 __all__ = ["STRATEGIES", "Federation", "Outcome", "PhaseError", "Strategy", "get_strategy",
            "register"]

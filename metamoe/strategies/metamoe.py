@@ -15,11 +15,18 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from metamoe.clients.stages import optim
-from metamoe.models.lora import lora_shapes
 from metamoe.models.io import moe_from_state
+from metamoe.models.lora import lora_shapes
 from metamoe.models.moe import MoEConfig, MoEViT, build_moe
-from metamoe.protocol import (UploadError, check_arrays, check_metrics, from_record,
-                              get_record, to_record, torch_state_to_record)
+from metamoe.protocol import (
+    UploadError,
+    check_arrays,
+    check_metrics,
+    from_record,
+    get_record,
+    to_record,
+    torch_state_to_record,
+)
 from metamoe.proxy import sketch as psk
 from metamoe.proxy.select import select_proxies
 from metamoe.strategies.base import Federation, Outcome, Strategy, pack, register, unpack
