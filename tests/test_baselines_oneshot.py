@@ -203,12 +203,12 @@ def test_suite_members_have_their_standalone_config_and_mismatch_is_refused():
 
 
 @pytest.mark.slow
-def test_oneshot_suite_end_to_end(tmp_path, monkeypatch):
+def test_oneshot_suite_end_to_end(tmp_path, monkeypatch, cache_dir):
     from metamoe.launch import launch
 
     monkeypatch.setenv("METAMOE_FLWR_HOME", str(tmp_path / "flwr-home"))
     run_dir = launch(benchmark="tiny", method="oneshot_suite", output_dir=str(tmp_path / "res"),
-                     cache_dir=str(tmp_path / "cache"), run_id="suite", timeout=900)
+                     cache_dir=cache_dir, run_id="suite", timeout=900)
     m = json.loads((run_dir / "metrics.json").read_text())
     rows = m["rows"]
     assert set(rows) == {r for r, _, _ in ONESHOT_SUITE}

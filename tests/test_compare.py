@@ -36,10 +36,10 @@ def test_run_ids_are_keyed_by_config_and_seed():
 
 
 @pytest.mark.slow
-def test_compare_tiny_table_and_resume(tmp_path, monkeypatch, capsys):
+def test_compare_tiny_table_and_resume(tmp_path, monkeypatch, capsys, cache_dir):
     monkeypatch.setenv("METAMOE_FLWR_HOME", str(tmp_path / "flwr-home"))
     kw = dict(benchmark="tiny", seeds=1, methods=["zero_shot", "unrestricted_moe", "nosuch"],
-              output_dir=str(tmp_path / "cmp"), cache_dir=str(tmp_path / "cache"),
+              output_dir=str(tmp_path / "cmp"), cache_dir=cache_dir,
               timeout=900)
     out = compare(**kw)
     table = json.loads((out / "table.json").read_text())

@@ -21,11 +21,11 @@ def test_bad_config_fails_before_anything_starts(tmp_path):
 
 
 @pytest.mark.slow
-def test_tiny_flwr_run_completes_and_artifact_reproduces(tmp_path, monkeypatch):
+def test_tiny_flwr_run_completes_and_artifact_reproduces(tmp_path, monkeypatch, cache_dir):
     home = tmp_path / "flwr-home"
     monkeypatch.setenv("METAMOE_FLWR_HOME", str(home))
     run_dir = launch(benchmark="tiny", output_dir=str(tmp_path / "results"),
-                     cache_dir=str(tmp_path / "cache"), run_id="tiny-e2e", timeout=600)
+                     cache_dir=cache_dir, run_id="tiny-e2e", timeout=600)
     m = json.loads((run_dir / "metrics.json").read_text())
     for key in ("method", "benchmark", "config", "accuracy", "references", "upload_bytes",
                 "wall_seconds"):

@@ -94,11 +94,12 @@ def make_apps(run_config: dict, faults: dict[tuple[str, int], str], calls_dir: P
     return server, client
 
 
-def simulate(tmp: Path, run_id: str, nodes: int, faults: dict, overrides: str = "") -> Path:
+def simulate(tmp: Path, run_id: str, nodes: int, faults: dict, overrides: str = "",
+             cache: str = "") -> Path:
     calls = tmp / f"calls-{run_id}-{len(list(tmp.glob('calls-*')))}"
     calls.mkdir(parents=True)
     rc = {"benchmark": "tiny", "run-id": run_id, "output-dir": str(tmp / "results"),
-          "cache-dir": str(tmp / "cache"), "overrides": overrides}
+          "cache-dir": cache or str(tmp / "cache"), "overrides": overrides}
     server, client = make_apps(rc, faults, calls)
     run_simulation(server_app=server, client_app=client, num_supernodes=nodes,
                    backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}})
@@ -109,13 +110,13 @@ def _calls(calls_dir: Path) -> list[str]:
     return [line for f in calls_dir.glob("*.log") for line in f.read_text().splitlines()]
 
 
-def test_dropouts_and_every_malformed_upload_kind_are_survived(tmp_path):
+def test_dropouts_and_every_malformed_upload_kind_are_survived(tmp_path, cache_dir):
     kinds = ["shape", "dtype", "nan", "inf", "oversized", "missing", "wrong_phase"]
     faults = {("query.sketch", 2): "drop", ("train.expert", 3): "drop",
               ("evaluate", 11): "drop"}
     faults.update({("train.expert", 4 + i): k for i, k in enumerate(kinds)})
     simulate(tmp_path, "faults", 12, faults,
-             "benchmark.clients_per_domain=6 federation.max_upload_mb=1.0")
+             "benchmark.clients_per_domain=6 federation.max_upload_mb=1.0", cache_dir)
     m = json.loads((tmp_path / "results" / "faults" / "metrics.json").read_text())
     names = {c["partition_id"]: n for n, c in m["clients"].items()}
     assert m["missing"]["sketch"] == [names[2]]
@@ -135,11 +136,12 @@ def test_dropouts_and_every_malformed_upload_kind_are_survived(tmp_path):
         (tmp_path / "results" / "faults" / "report.md").read_text()
 
 
-def test_below_minimum_stops_clearly_then_resume_skips_client_training(tmp_path):
+def test_below_minimum_stops_clearly_then_resume_skips_client_training(tmp_path, cache_dir):
     # Both clients fail in the evaluate phase: below federation.min_clients=2 -> stop.
     with pytest.raises(PhaseError, match="phase evaluate: only 0 valid client replies, "
                                          "federation.min_clients=2"):
-        simulate(tmp_path, "resume", 2, {("evaluate", 0): "drop", ("evaluate", 1): "drop"})
+        simulate(tmp_path, "resume", 2, {("evaluate", 0): "drop", ("evaluate", 1): "drop"},
+                 cache=cache_dir)
     calls1 = sorted(tmp_path.glob("calls-resume-*"))[0]
     run_dir = tmp_path / "results" / "resume"
     assert not (run_dir / "metrics.json").exists()
@@ -148,7 +150,7 @@ def test_below_minimum_stops_clearly_then_resume_skips_client_training(tmp_path)
     assert sum(c.startswith("train.expert") for c in _calls(calls1)) == 2
 
     # Same run id again, no faults: resumes after the unify phase, no client training redone.
-    calls2 = simulate(tmp_path, "resume", 2, {})
+    calls2 = simulate(tmp_path, "resume", 2, {}, cache=cache_dir)
     m = json.loads((run_dir / "metrics.json").read_text())
     assert m["resumed_phases"] == ["sketch", "select", "expert", "unify"]
     done = _calls(calls2)

@@ -303,12 +303,12 @@ def test_ddome_handlers_gate_learns_distinct_subsets(tiny):
 
 
 # ------------------------------------------------------------------ end to end
-def _e2e(tmp_path, monkeypatch, method, overrides):
+def _e2e(tmp_path, monkeypatch, cache_dir, method, overrides):
     from metamoe.launch import launch
 
     monkeypatch.setenv("METAMOE_FLWR_HOME", str(tmp_path / "flwr-home"))
     run_dir = launch(benchmark="tiny", method=method, overrides=overrides,
-                     output_dir=str(tmp_path / "results"), cache_dir=str(tmp_path / "cache"),
+                     output_dir=str(tmp_path / "results"), cache_dir=cache_dir,
                      run_id=f"tiny-{method}", timeout=600, quiet=True)
     m = json.loads((run_dir / "metrics.json").read_text())
     assert m["method"] == method and m["config"]["fl"]["rounds"] == 2
@@ -321,15 +321,15 @@ def _e2e(tmp_path, monkeypatch, method, overrides):
 
 
 @pytest.mark.slow
-def test_e2e_fedalign_moe(tmp_path, monkeypatch):
-    m, run_dir = _e2e(tmp_path, monkeypatch, "fedalign_moe", OVR)
+def test_e2e_fedalign_moe(tmp_path, monkeypatch, cache_dir):
+    m, run_dir = _e2e(tmp_path, monkeypatch, cache_dir, "fedalign_moe", OVR)
     assert "omega_mean" in m["fl_rounds"][-1]
     assert (run_dir / "moe.safetensors").exists()
 
 
 @pytest.mark.slow
-def test_e2e_ddome(tmp_path, monkeypatch):
+def test_e2e_ddome(tmp_path, monkeypatch, cache_dir):
     # No anchors: exercises the selection query and the joint gate + experts training.
-    m, _ = _e2e(tmp_path, monkeypatch, "ddome", OVR + " fl.ddome_anchors=false")
+    m, _ = _e2e(tmp_path, monkeypatch, cache_dir, "ddome", OVR + " fl.ddome_anchors=false")
     assert all(len(v) == 2 for v in m["fl_rounds"][0]["experts"].values())
     assert set(m["ddome_test_experts"]) == {"mnist", "uci"}
