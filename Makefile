@@ -15,7 +15,7 @@ PYTEST_ARGS ?=
 
 SEEDS ?= 1
 
-.PHONY: setup demo test compare lint clean
+.PHONY: setup demo test compare deploy lint clean
 
 setup: $(STAMP) $(FASHION)
 
@@ -38,6 +38,10 @@ demo: setup
 
 compare: setup
 	$(BIN)/python -m metamoe.compare --benchmark vision --seeds $(SEEDS)
+
+# Real deployment on loopback: SuperLink + SuperNodes with TLS and node authentication.
+deploy: setup
+	PATH=$(CURDIR)/$(BIN):$$PATH scripts/deploy_local.sh $(ARGS)
 
 test: setup
 	$(BIN)/python -m pytest -q -rs $(PYTEST_ARGS)

@@ -315,6 +315,9 @@ def validate(cfg: DictConfig) -> None:
                           f"({num_clients(cfg)})")
     if not cfg.benchmark.domains:
         raise ConfigError("benchmark.domains is empty")
+    for key in ("privacy.router_dp_sigma", "sketch.dp_sigma"):
+        if OmegaConf.select(cfg, key) < 0:
+            raise ConfigError(f"{key} must be >= 0 (0 turns DP off), got {OmegaConf.select(cfg, key)}")
 
 
 def num_clients(cfg: DictConfig) -> int:

@@ -8,7 +8,11 @@ message type        client uploads (record key)      produced by
 query.sketch        ``sketch`` relevance sketch      clients.stages.sketch_stage (proxy.sketch)
                     ``info``  name/domain/sizes      clients.client_app.sketch
 train.expert        ``expert`` FFN-LoRA A/B          clients.stages.expert_stage
-                    ``router`` [L, d] mean vectors   models.lora.ffn_input_means
+                    ``router`` [L, d] mean vectors   models.lora.ffn_input_means (noisy clipped
+                                                     mean when privacy.router_dp_sigma > 0:
+                                                     clients.privacy)
+                    ``metrics`` scalars (n_train,    clients.stages.expert_stage,
+                    loss, coverage, router_dp_*)     clients.stages.coverage
 evaluate            ``metrics`` accuracies, coverage clients.stages.evaluate_stage
 query.identify      ``info`` name/domain/sizes       clients.client_app.identify
 query.fl_seed       ``metrics`` acknowledgement      clients.fl_handlers (iterative baselines)

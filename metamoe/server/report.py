@@ -121,6 +121,19 @@ def write_report(run_dir: Path, metrics: dict) -> None:
         for c, v in cov.items():
             lines.append(f"| {c} | " + " | ".join(f"{v.get(m, float('nan')):.4f}"
                                                   for m in methods) + " |")
+    dp_rows = []
+    for c in metrics.get("upload_bytes", {}):
+        sk = metrics.get("sketch_dp", {}).get(c, {})
+        rt = metrics.get("expert_train", {}).get(c, {})
+        if sk or "router_dp_epsilon" in rt:
+            dp_rows.append(f"| {c} | {sk.get('dp_epsilon', float('inf')):.3g} | "
+                           f"{sk.get('dp_delta', float('nan')):.1e} | "
+                           f"{rt.get('router_dp_epsilon', float('inf')):.3g} | "
+                           f"{rt.get('router_dp_delta', float('nan')):.1e} |")
+    if dp_rows:
+        lines += ["", "## Differential privacy (Gaussian mechanism, analytic accounting)", "",
+                  "| client | sketch ε | sketch δ | router vectors ε | router vectors δ |",
+                  "|---|---|---|---|---|", *dp_rows]
     if metrics.get("missing") or metrics.get("rejected"):
         lines += ["", "## Missing or rejected clients", ""]
         for phase, who in metrics.get("missing", {}).items():

@@ -1,0 +1,326 @@
+"""Privacy audit: record every message the clients upload in a real (in-process) Flower run and
+prove that none of it is a private sample, a per-sample embedding or a per-sample gradient.
+
+How the run is driven: ``flwr.simulation.run_simulation`` (real Flower runtime, Ray backend)
+with the project's ServerApp ``main`` and ClientApp handlers. run_simulation gives both sides an
+empty ``run_config``, so the tiny config is injected: on the server by a wrapper ``main`` that
+passes the project's ``main`` a copy of its ``Context`` carrying that run_config; on the clients
+by a Flower *mod* (a Context copy: same node, same state) on a wrapper ClientApp whose handlers
+call the project's ``app`` unchanged. The recorder wraps the ServerApp's ``Grid``: every reply
+any client sends reaches the server through it.
+
+Checks on every upload:
+1. whitelist: (message type, record key, record kind) is listed in metamoe/protocol.py's table;
+2. shapes: no array has a dimension equal to the client's private-set size (or its train/test
+   sizes) — nothing is indexed by sample;
+3. content: no uploaded vector (whole array flattened, or any row) equals or closely matches
+   (cosine >= 0.95) any per-sample candidate of the same length: raw private images (train and
+   test), M0 token/cls embeddings of each private sample, per-sample mean FFN inputs, per-sample
+   gradients of the expert loss at the uploaded expert (whole LoRA and per tensor);
+4. aggregates: the router vectors are *means* (cosine to single samples is high by nature, so
+   (3) does not apply to them): they must equal the mean over all n_train samples of the
+   per-sample FFN inputs under the uploaded expert, and be far from every single sample.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+COS_MAX = 0.95
+
+
+def _whitelist() -> set[tuple[str, str]]:
+    """(message type, record key) pairs of the table in metamoe/protocol.py's docstring."""
+    import metamoe.protocol as protocol
+
+    pairs, mtype = set(), None
+    for line in protocol.__doc__.splitlines():
+        m = re.match(r"^(\S+)?\s+``(\w[\w-]*)``", line)
+        if not m or line.startswith("="):
+            continue
+        mtype = m.group(1) or mtype
+        pairs.add((mtype, m.group(2)))
+    return pairs
+
+
+def _run(tmp_path: Path, run_config: dict, sent: dict) -> list[tuple[str, int, dict]]:
+    from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+    from flwr.clientapp import ClientApp
+    from flwr.serverapp import ServerApp
+    from flwr.simulation import run_simulation
+
+    from metamoe.clients.client_app import app as project_client_app
+    from metamoe.server.server_app import main as project_main
+
+    uploads: list[tuple[str, int, dict]] = []
+
+    def record(replies):
+        for rep in replies:
+            if rep.has_error():
+                uploads.append((rep.metadata.message_type, rep.metadata.src_node_id,
+                                {"__error__": rep.error.reason}))
+                continue
+            content = {}
+            for key, rec in rep.content.items():
+                if isinstance(rec, ArrayRecord):
+                    content[key] = ("ArrayRecord", {k: a.numpy() for k, a in rec.items()})
+                elif isinstance(rec, MetricRecord):
+                    content[key] = ("MetricRecord", dict(rec))
+                elif isinstance(rec, ConfigRecord):
+                    content[key] = ("ConfigRecord", dict(rec))
+                else:
+                    content[key] = (type(rec).__name__, rec)
+            uploads.append((rep.metadata.message_type, rep.metadata.src_node_id, content))
+        return replies
+
+    class RecordingGrid:
+        """The real Grid; every reply it hands to the ServerApp is recorded first."""
+
+        def __init__(self, grid):
+            self._grid = grid
+
+        def __getattr__(self, name):
+            return getattr(self._grid, name)
+
+        def send_and_receive(self, messages, *a, **kw):
+            messages = list(messages)
+            for m in messages:  # what the server sent (to recompute the router means)
+                sent[(m.metadata.message_type, m.metadata.dst_node_id)] = m.content
+            return record(list(self._grid.send_and_receive(messages, *a, **kw)))
+
+        def pull_messages(self, *a, **kw):
+            return record(list(self._grid.pull_messages(*a, **kw)))
+
+    server = ServerApp()
+
+    @server.main()
+    def _main(grid, context):
+        ctx = Context(run_id=context.run_id, node_id=context.node_id,
+                      node_config=context.node_config, state=context.state,
+                      run_config=dict(run_config))
+        project_main(RecordingGrid(grid), ctx)
+
+    def make_client_app():  # built in a closure: Ray pickles it by value
+        rc = dict(run_config)
+
+        def inject_config(msg, ctx, call_next):  # same node, same state, the tiny config
+            return call_next(msg, Context(run_id=ctx.run_id, node_id=ctx.node_id,
+                                          node_config=ctx.node_config, state=ctx.state,
+                                          run_config=dict(rc)))
+
+        capp = ClientApp(mods=[inject_config])
+
+        def forward(msg, ctx):
+            return project_client_app(msg, ctx)
+
+        capp.query("identify")(forward)
+        capp.query("sketch")(forward)
+        capp.train("expert")(forward)
+        capp.evaluate()(forward)
+        return capp
+
+    run_simulation(server_app=server, client_app=make_client_app(), num_supernodes=2,
+                   backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}})
+    return uploads
+
+
+def _unit(v: np.ndarray) -> np.ndarray:
+    v = v.reshape(len(v), -1).astype(np.float64)
+    return v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
+
+
+def _vectors(arrays: dict[str, np.ndarray]) -> list[tuple[str, np.ndarray]]:
+    """Every uploaded array flattened, plus every row of every >= 2-D array."""
+    out = []
+    for k, a in arrays.items():
+        a = np.asarray(a, dtype=np.float64)
+        if a.size > 1:
+            out.append((k, a.ravel()))
+        if a.ndim >= 2:
+            out += [(f"{k}[{i}]", r.ravel()) for i, r in enumerate(a.reshape(a.shape[0], -1))]
+    return out
+
+
+@pytest.mark.slow
+def test_uploads_contain_no_private_sample_embedding_or_gradient(tmp_path):
+    from metamoe.clients.privacy import per_sample_ffn_means
+    from metamoe.config import resolve_config
+    from metamoe.data import client_partition, load_benchmark
+    from metamoe.models.lora import inject_ffn_lora, load_lora_state_dict
+    from metamoe.server.seed import get_seed_model
+    from metamoe.training import cross_entropy_loss, features
+
+    cache = os.environ.get("METAMOE_CACHE_DIR") or str(tmp_path / "cache")
+    rc = {"benchmark": "tiny", "run-id": "privacy-audit", "output-dir": str(tmp_path / "out"),
+          "cache-dir": cache}
+    sent: dict = {}
+    uploads = _run(tmp_path, rc, sent)
+    assert (tmp_path / "out" / "privacy-audit" / "metrics.json").exists(), "run did not finish"
+
+    cfg = resolve_config(rc)
+    bench = load_benchmark(cfg)
+    seed, _, _ = get_seed_model(cfg, bench)
+    seed.eval()
+
+    # ---- 1. whitelist, and the recorder saw every phase of every client
+    allowed = _whitelist()
+    errors = [u for u in uploads if "__error__" in u[2]]
+    assert not errors, f"client errors: {errors}"
+    seen, off_list = {}, []
+    for mtype, nid, content in uploads:
+        seen.setdefault(mtype, set()).add(nid)
+        off_list += [f"{mtype}/{key}" for key in content if (mtype, key) not in allowed]
+    for mtype in ("query.sketch", "train.expert", "evaluate"):
+        assert len(seen.get(mtype, ())) == 2, f"recorded {mtype} replies: {seen.get(mtype)}"
+
+    # Which node is which client (its sketch/identity info names its partition).
+    part = {}
+    for _mtype, nid, content in uploads:
+        for _k, (kind, rec) in content.items():
+            if kind == "ConfigRecord" and "partition-id" in rec:
+                part[nid] = int(rec["partition-id"])
+    assert len(part) == 2
+
+    checked, worst = 0, {}
+    for nid, pid in part.items():
+        _name, dom = client_partition(cfg, bench, pid)
+        n_priv = len(dom.x_train)
+        mine = [(t, c) for t, n, c in uploads if n == nid]
+        arrays = {f"{t}/{k}/{a}": v for t, c in mine for k, (kind, rec) in c.items()
+                  if kind == "ArrayRecord" for a, v in rec.items()}
+        expert = next(c for t, c in mine if t == "train.expert")
+        lora = {k: torch.from_numpy(v) for k, v in expert["expert"][1].items()}
+        router = expert["router"][1]["vectors"]
+        n_train = int(expert["metrics"][1]["n_train"])
+        proxy_n = n_train - n_priv
+
+        # ---- 2. nothing is indexed by sample
+        bad_sizes = {n_priv, n_train, len(dom.x_test)}
+        for k, a in arrays.items():
+            assert not set(np.shape(a)) & bad_sizes, \
+                f"client {pid}: {k} has shape {np.shape(a)}, a dimension equals a private set " \
+                f"size {sorted(bad_sizes)}"
+        for t, c in mine:  # scalar records carry no per-sample lists either
+            for k, (kind, rec) in c.items():
+                if kind != "ArrayRecord":
+                    for mk, mv in rec.items():
+                        assert not (isinstance(mv, list) and len(mv) in bad_sizes), (t, k, mk)
+
+        # ---- 3. per-sample candidates, computed here from the private data
+        model = inject_ffn_lora(copy.deepcopy(seed), cfg.expert.rank,
+                                cfg.expert.alpha)
+        load_lora_state_dict(model, lora)
+        model.eval()
+        xp, yp = torch.from_numpy(dom.x_train), torch.from_numpy(dom.y_train)
+        params = [p for p in model.parameters() if p.requires_grad]
+        names = [n for n, p in model.named_parameters() if p.requires_grad]
+        grads = []
+        for i in range(n_priv):  # per-sample gradients of the expert loss at the upload
+            g = torch.autograd.grad(cross_entropy_loss(model, xp[i:i + 1], yp[i:i + 1]), params)
+            grads.append(torch.cat([t.reshape(-1) for t in g]).numpy())
+        grads = np.stack(grads)
+        cands = {"raw train image": dom.x_train, "raw test image": dom.x_test,
+                 "M0 token embedding": features(seed, dom.x_train, "tokens"),
+                 "M0 cls embedding": features(seed, dom.x_train, "cls"),
+                 "per-sample gradient (all LoRA)": grads}
+        off = 0
+        for n, p in zip(names, params, strict=True):  # per-sample gradient of each LoRA tensor
+            cands[f"per-sample gradient {n}"] = grads[:, off:off + p.numel()]
+            off += p.numel()
+        per_sample_ffn = per_sample_ffn_means(model, xp).numpy()  # [n, L, d]
+        cands["per-sample FFN input"] = per_sample_ffn.reshape(n_priv, -1)
+        for layer in range(per_sample_ffn.shape[1]):
+            cands[f"per-sample FFN input layer {layer}"] = per_sample_ffn[:, layer]
+        unit_cands = {k: _unit(np.asarray(v)) for k, v in cands.items()}
+        raw_cands = {k: np.asarray(v, np.float64).reshape(len(v), -1) for k, v in cands.items()}
+
+        vectors = _vectors(arrays)  # + the whole uploaded LoRA, in the gradient's order
+        vectors.append(("train.expert/expert/<all>",
+                        torch.cat([p.detach().reshape(-1) for p in params]).double().numpy()))
+        for key, vec in vectors:
+            if "/router/" in key:
+                continue  # an aggregate by construction: checked in 4.
+            for cname, U in unit_cands.items():
+                if U.shape[1] != vec.size:
+                    continue
+                exact = np.any(np.all(np.isclose(raw_cands[cname], vec, rtol=1e-5,
+                                                 atol=1e-7), axis=1))
+                assert not exact, f"client {pid}: {key} equals a {cname}"
+                cos = float(np.max(np.abs(U @ (vec / max(np.linalg.norm(vec), 1e-12)))))
+                assert cos < COS_MAX, f"client {pid}: {key} matches a {cname} (|cos|={cos:.3f})"
+                worst[cname] = max(worst.get(cname, 0.0), cos)
+                checked += 1
+
+        # ---- 4. the router vectors are the mean over all n_train samples (Dp ∪ proxies)
+        assert router.shape == per_sample_ffn.shape[1:]
+        assert proxy_n >= 0
+        proxies = sent[("train.expert", nid)]["proxies"]["selected"].numpy()
+        assert len(proxies) == proxy_n
+        xr = xp if cfg.expert.router_data == "private" else \
+            torch.cat([xp, torch.from_numpy(bench.pool_x[proxies])])
+        union = per_sample_ffn_means(model, xr).numpy()
+        assert np.allclose(router, union.mean(0), atol=1e-5), \
+            f"client {pid}: router vectors are not the mean over the {len(xr)} samples"
+        d_single = np.linalg.norm(per_sample_ffn - router[None], axis=(1, 2)).min()
+        spread = np.linalg.norm(union - union.mean(0)[None], axis=(1, 2)).mean()
+        # and far from every single private sample (a fifth of the typical spread at least)
+        assert d_single > 0.2 * spread, \
+            f"client {pid}: router vectors are within {d_single:.4f} of a single sample"
+        checked += 1
+    print("largest |cos| of an upload with a per-sample candidate:",
+          {k: round(v, 3) for k, v in sorted(worst.items())})
+    assert checked > 50, f"only {checked} comparisons were made"
+    assert not off_list, f"uploads not on the whitelist in metamoe/protocol.py: " \
+                         f"{sorted(set(off_list))} (whitelist: {sorted(allowed)})"
+
+
+def test_router_dp_mean_sensitivity_noise_and_epsilon():
+    from metamoe.clients.privacy import dp_mean
+    from metamoe.proxy.privacy import gaussian_epsilon
+
+    rng = np.random.default_rng(0)
+    n, clip, z, delta = 200, 1.5, 2.0, 1e-5
+    c = rng.normal(size=(n, 4, 8)) * rng.uniform(0.1, 1.0, size=(n, 1, 1))
+    c[0] *= 50.0  # one huge sample: clipped to norm `clip`
+    out, info = dp_mean(c, clip, z, delta, seed=1)
+    assert out.shape == (4, 8) and out.dtype == np.float32
+    assert np.isclose(info["router_dp_sensitivity"], 2 * clip / n)
+    assert np.isclose(info["router_dp_noise_std"], z * 2 * clip / n)
+    assert np.isclose(info["router_dp_epsilon"], gaussian_epsilon(z, 1.0, delta), rtol=1e-6)
+    assert info["router_dp_clipped_frac"] >= 1 / n
+
+    # Replace-one: swapping any one sample for an arbitrary one moves the clipped mean by
+    # at most the stated sensitivity (same noise seed -> the noise cancels).
+    d = c.copy()
+    d[5] = -d[0] * 100
+    out2, _ = dp_mean(d, clip, z, delta, seed=1)
+    assert np.linalg.norm(out2 - out) <= info["router_dp_sensitivity"] + 1e-6
+
+    # The noise really has std z * 2C/n per coordinate.
+    draws = np.stack([dp_mean(c, clip, z, delta, seed=s)[0] for s in range(400)])
+    assert np.isclose(draws.std(0).mean(), info["router_dp_noise_std"], rtol=0.1)
+
+    with pytest.raises(ValueError, match="router_dp_clip"):
+        dp_mean(c, 0.0, z, delta, seed=0)
+    with pytest.raises(ValueError, match="router_dp_sigma"):
+        dp_mean(c, clip, float("nan"), delta, seed=0)
+
+
+def test_per_sample_ffn_means_average_to_the_router_vectors():
+    from metamoe.clients.privacy import per_sample_ffn_means
+    from metamoe.models.lora import ffn_input_means
+    from metamoe.models.vit import ViT, ViTConfig
+
+    torch.manual_seed(0)
+    model = ViT(ViTConfig(stem_channels=4, dim=16, depth=2, heads=2, mlp_hidden=32))
+    x = torch.randn(37, 1, 28, 28)
+    per = per_sample_ffn_means(model, x, batch_size=10)
+    assert per.shape == (37, 2, 16)
+    assert torch.allclose(per.mean(0), ffn_input_means(model, x), atol=1e-5)
