@@ -36,6 +36,7 @@ class BenchmarkConf:
     kind: str = "vision"  # vision | text
     domains: list[str] = field(default_factory=lambda: ["mnist", "uci", "fashion"])
     clients_per_domain: int = 1
+    num_clients: int = -1  # total K, assigned round-robin to domains (-1: domains x per-domain)
     max_train: int = -1  # cap per domain (-1: all); tiny configs for tests
     max_test: int = -1
     max_pool: int = -1  # random subsample of the public pool (-1: all)
@@ -315,12 +316,20 @@ def validate(cfg: DictConfig) -> None:
                           f"({num_clients(cfg)})")
     if not cfg.benchmark.domains:
         raise ConfigError("benchmark.domains is empty")
+    nc = cfg.benchmark.num_clients
+    if nc > 0 and cfg.benchmark.clients_per_domain != 1:
+        raise ConfigError("set benchmark.num_clients or benchmark.clients_per_domain, not both")
+    if nc != -1 and nc < len(cfg.benchmark.domains):
+        raise ConfigError(f"benchmark.num_clients={nc} must be -1 or at least the number of "
+                          f"domains ({len(cfg.benchmark.domains)})")
     for key in ("privacy.router_dp_sigma", "sketch.dp_sigma"):
         if OmegaConf.select(cfg, key) < 0:
             raise ConfigError(f"{key} must be >= 0 (0 turns DP off), got {OmegaConf.select(cfg, key)}")
 
 
 def num_clients(cfg: DictConfig) -> int:
+    if cfg.benchmark.num_clients > 0:
+        return int(cfg.benchmark.num_clients)
     return len(cfg.benchmark.domains) * int(cfg.benchmark.clients_per_domain)
 
 

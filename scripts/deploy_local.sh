@@ -67,7 +67,7 @@ EOF
 ) || die "invalid configuration (see above)"
 K="${CLIENTS:-$K_CFG}"
 [[ "$K" == "$K_CFG" ]] || die "--clients $K but benchmark '$BENCHMARK' has $K_CFG clients \
-(len(benchmark.domains) x benchmark.clients_per_domain); the ServerApp waits for exactly that many"
+(benchmark.num_clients, or len(benchmark.domains) x benchmark.clients_per_domain); the ServerApp waits for exactly that many"
 RUN_ID="${RUN_ID:-$RUN_ID_DEFAULT}"
 
 if [[ -z "$WORKDIR" ]]; then WORKDIR="$(mktemp -d "${TMPDIR:-/tmp}/metamoe-deploy.XXXXXX")"; TMPWORK=1

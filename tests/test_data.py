@@ -65,6 +65,19 @@ def test_several_clients_per_domain_partition_the_train_split():
         client_partition(cfg, bench, 6)
 
 
+def test_num_clients_need_not_be_a_multiple_of_the_domains():
+    cfg = resolve_config({"benchmark": "tiny", "overrides": "benchmark.num_clients=5"})
+    bench = load_benchmark(cfg)
+    assert client_names(cfg) == ["mnist-0", "uci-0", "mnist-1", "uci-1", "mnist-2"]
+    mnist = [client_partition(cfg, bench, i)[1] for i in (0, 2, 4)]
+    uci = [client_partition(cfg, bench, i)[1] for i in (1, 3)]
+    assert sum(len(p.x_train) for p in mnist) == len(bench.domain("mnist").x_train)
+    assert sum(len(p.x_train) for p in uci) == len(bench.domain("uci").x_train)
+    with pytest.raises(Exception, match="not both"):
+        resolve_config({"benchmark": "tiny",
+                        "overrides": "benchmark.num_clients=5 benchmark.clients_per_domain=2"})
+
+
 def test_benchmark_disk_cache_roundtrips(tmp_path):
     from metamoe.data import _load
 

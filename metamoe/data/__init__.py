@@ -85,11 +85,19 @@ def load_benchmark(cfg: DictConfig) -> VisionBenchmark:
                  cache)
 
 
-def client_names(cfg: DictConfig) -> list[str]:
+def _clients_of(cfg: DictConfig) -> list[tuple[str, int, int]]:
+    """(domain, index within the domain, clients of that domain) for every client: client i
+    belongs to domain i % D (round-robin, so K need not be a multiple of D)."""
+    from metamoe.config import num_clients
+
     doms = list(cfg.benchmark.domains)
-    k = int(cfg.benchmark.clients_per_domain)
-    return [doms[i % len(doms)] if k == 1 else f"{doms[i % len(doms)]}-{i // len(doms)}"
-            for i in range(len(doms) * k)]
+    k = num_clients(cfg)
+    return [(doms[i % len(doms)], i // len(doms), len(range(i % len(doms), k, len(doms))))
+            for i in range(k)]
+
+
+def client_names(cfg: DictConfig) -> list[str]:
+    return [d if n == 1 else f"{d}-{j}" for d, j, n in _clients_of(cfg)]
 
 
 def client_partition(cfg: DictConfig, bench: VisionBenchmark, partition_id: int
@@ -98,12 +106,10 @@ def client_partition(cfg: DictConfig, bench: VisionBenchmark, partition_id: int
     if not 0 <= partition_id < len(names):
         raise ValueError(f"partition-id {partition_id} out of range: the benchmark "
                          f"{cfg.benchmark.name!r} has {len(names)} clients")
-    doms = list(cfg.benchmark.domains)
-    dom = bench.domain(doms[partition_id % len(doms)])
-    k = int(cfg.benchmark.clients_per_domain)
+    dname, sub, k = _clients_of(cfg)[partition_id]
+    dom = bench.domain(dname)
     if k == 1:
         return names[partition_id], dom
-    sub = partition_id // len(doms)
     perm = np.random.default_rng(cfg.benchmark.data_seed + 1).permutation(len(dom.x_train))
     part = np.array_split(perm, k)[sub]
     return names[partition_id], replace(dom, x_train=dom.x_train[part],
