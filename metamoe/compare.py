@@ -136,8 +136,11 @@ def rows_of(metrics: dict, job: Job) -> dict[str, dict]:
         elif len(job.rows) == 1:
             row = {"accuracy": metrics["accuracy"], "upload_bytes": metrics["upload_bytes"],
                    "private": metrics.get("private", True),
-                   "rounds": int(metrics.get("rounds") or metrics.get("config", {})
-                                 .get("fl", {}).get("rounds") or 1)}
+                   # one-shot methods (MetaMoE and its ablations) have one round;
+                   # the iterative ones report theirs or run fl.rounds
+                   "rounds": int(metrics.get("rounds")
+                                 or (metrics.get("config", {}).get("fl", {}).get("rounds")
+                                     if job.method in FL else 1) or 1)}
         else:
             raise RuntimeError(f"run of {job.method} has no row {r!r}")
         out[r] = row

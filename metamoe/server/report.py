@@ -68,8 +68,11 @@ def build_metrics(cfg, fed: Federation, outcome: Outcome, wall_total: float,
 
 def accuracy_table(metrics: dict) -> str:
     doms = list(metrics["accuracy"]["per_domain"])
-    rows = [("unified MoE (" + metrics["method"] + ")", metrics["accuracy"]),
-            ("zero-shot M0", metrics["references"]["zero_shot"])]
+    if metrics.get("rows"):  # a suite run: one row per method it evaluated
+        rows = [(name, r["accuracy"]) for name, r in metrics["rows"].items()]
+    else:
+        rows = [("unified MoE (" + metrics["method"] + ")", metrics["accuracy"])]
+    rows.append(("zero-shot M0", metrics["references"]["zero_shot"]))
     rows += [(f"expert {n}", b) for n, b in metrics["references"]["experts"].items()]
     w = max(len(r[0]) for r in rows) + 2
     head = "model".ljust(w) + "".join(f"{d:>10}" for d in doms) + f"{'average':>10}"
