@@ -381,12 +381,19 @@ def _experts_from_record(rec: ArrayRecord) -> dict[int, dict]:
     return out
 
 
-@app.query("ddome_select")
-def ddome_select(msg: Message, context: Context) -> Message:
-    cfg, pid, bench, name, dom = _ca._setup(context)
+def _ddome_inputs(msg: Message, context: Context):
+    """What every DDOME handler starts from: this node's config, partition and data, M0, the
+    round's DDOME settings and the current gate."""
+    cfg, pid, _bench, name, dom = _ca._setup(context)
     seed = _state_seed(context)
     conf = json.loads(str(get_record(msg.content, "config", ConfigRecord, "server")["ddome"]))
     gate = gate_from_arrays(from_record(get_record(msg.content, "gate", ArrayRecord, "server")))
+    return cfg, pid, name, dom, seed, conf, gate
+
+
+@app.query("ddome_select")
+def ddome_select(msg: Message, context: Context) -> Message:
+    cfg, pid, name, dom, seed, conf, gate = _ddome_inputs(msg, context)
     feats = torch.from_numpy(features(seed, dom.x_train, "cls"))
     chosen = ddome_pick(gate, feats, int(conf["top_k"]))
     # Uploaded: K expert indices from gate scores summed over all of Dp.
@@ -397,10 +404,7 @@ def ddome_select(msg: Message, context: Context) -> Message:
 
 @app.train("ddome")
 def ddome_train(msg: Message, context: Context) -> Message:
-    cfg, pid, bench, name, dom = _ca._setup(context)
-    seed = _state_seed(context)
-    conf = json.loads(str(get_record(msg.content, "config", ConfigRecord, "server")["ddome"]))
-    gate = gate_from_arrays(from_record(get_record(msg.content, "gate", ArrayRecord, "server")))
+    cfg, pid, name, dom, seed, conf, gate = _ddome_inputs(msg, context)
     loras = _experts_from_record(get_record(msg.content, "experts", ArrayRecord, "server"))
     anchor = conf.get("anchor")
     if anchor is not None and list(loras) != [int(anchor)]:
@@ -425,10 +429,7 @@ def ddome_train(msg: Message, context: Context) -> Message:
 
 @app.evaluate("ddome")
 def ddome_evaluate(msg: Message, context: Context) -> Message:
-    cfg, pid, bench, name, dom = _ca._setup(context)
-    seed = _state_seed(context)
-    conf = json.loads(str(get_record(msg.content, "config", ConfigRecord, "server")["ddome"]))
-    gate = gate_from_arrays(from_record(get_record(msg.content, "gate", ArrayRecord, "server")))
+    cfg, pid, name, dom, seed, conf, gate = _ddome_inputs(msg, context)
     loras = _experts_from_record(get_record(msg.content, "experts", ArrayRecord, "server"))
     moe, ids = _ddome_model(seed, conf, loras)
     if ids != list(range(len(ids))):

@@ -15,7 +15,7 @@ import logging
 import time
 from abc import ABC, abstractmethod
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -177,14 +177,22 @@ class Federation:
                  validate: Callable[[int, RecordDict], T]) -> dict[int, T]:
         """Send each node its payload; return {node_id: validate(node_id, content)} for the
         valid replies. Rejections and missing nodes are logged and recorded."""
-        limit = float(self.cfg.federation.max_upload_mb) * 2**20
         msgs = []
         for nid, content in payloads.items():
             self.download_bytes[self.client_name(nid)] += record_nbytes(content)
             msgs.append(Message(content, dst_node_id=nid, message_type=message_type,
                                 group_id=phase))
-        replies = list(self.grid.send_and_receive(
-            msgs, timeout=float(self.cfg.federation.phase_timeout_s)))
+        replies = self.grid.send_and_receive(
+            msgs, timeout=float(self.cfg.federation.phase_timeout_s))
+        return self.collect(phase, payloads, replies, validate)
+
+    def collect(self, phase: str, expected: Iterable[int], replies: Iterable[Message],
+                validate: Callable[[int, RecordDict], T]) -> dict[int, T]:
+        """Screen one phase's replies from the nodes in ``expected``: error replies, strays,
+        duplicates, oversized and invalid uploads are rejected and logged; the rest count
+        towards upload bytes. Raises :class:`PhaseError` below ``federation.min_clients``."""
+        expected = list(expected)
+        limit = float(self.cfg.federation.max_upload_mb) * 2**20
         out: dict[int, T] = {}
         for rep in replies:
             nid = rep.metadata.src_node_id
@@ -192,7 +200,7 @@ class Federation:
             if rep.has_error():
                 self._reject(phase, who, f"client error: {rep.error.reason}")
                 continue
-            if nid not in payloads or nid in out:
+            if nid not in expected or nid in out:
                 self._reject(phase, who, "unexpected or duplicate reply")
                 continue
             nbytes = record_nbytes(rep.content)
@@ -209,7 +217,7 @@ class Federation:
                 self._reject(phase, who, f"invalid upload: {type(e).__name__}: {e}")
                 continue
             self.upload_bytes[self.client_name(nid)] += nbytes
-        gone = [self.client_name(n) for n in payloads if n not in out]
+        gone = [self.client_name(n) for n in expected if n not in out]
         if gone:
             self.missing[phase] = gone
             log.warning("phase %s: no valid reply from %s", phase, ", ".join(gone))

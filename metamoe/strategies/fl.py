@@ -88,7 +88,7 @@ from metamoe.protocol import (
     to_record,
     torch_state_to_record,
 )
-from metamoe.strategies.base import Federation, Outcome, PhaseError, Strategy, register
+from metamoe.strategies.base import Federation, Outcome, Strategy, register
 
 log = logging.getLogger("metamoe")
 EPS = 1e-8
@@ -292,40 +292,24 @@ class CountingFedAvg(FedAvg):
         return msgs
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
-        fed, phase = self.fed, f"train-r{server_round}"
-        limit = float(fed.cfg.federation.max_upload_mb) * 2**20
-        valid, losses, seen = [], {}, set()
-        for rep in replies:
-            nid = rep.metadata.src_node_id
+        fed = self.fed
+        replies = list(replies)
+
+        def validate(nid: int, content: RecordDict) -> tuple[float, RecordDict]:
             who = fed.client_name(nid)
-            if rep.has_error():
-                fed._reject(phase, who, f"client error: {rep.error.reason}")
-                continue
-            if nid not in fed.clients or nid in seen:
-                fed._reject(phase, who, "unexpected or duplicate reply")
-                continue
-            nbytes = record_nbytes(rep.content)
-            try:
-                if nbytes > limit:
-                    raise UploadError(f"upload of {nbytes} bytes exceeds "
-                                      f"federation.max_upload_mb={fed.cfg.federation.max_upload_mb}")
-                check_arrays(from_record(get_record(rep.content, "arrays", ArrayRecord, who)),
-                             self.shapes, who, "LoRA")
-                m, _ = _n_examples(rep.content, who)
-                if set(rep.content) != {"arrays", "metrics"}:
-                    raise UploadError(f"client {who}: unexpected records "
-                                      f"{sorted(set(rep.content) - {'arrays', 'metrics'})}")
-            except UploadError as e:
-                fed._reject(phase, who, str(e))
-                continue
-            seen.add(nid)
-            fed.upload_bytes[who] += nbytes
-            losses[who] = float(m.get("train_loss", float("nan")))
-            valid.append(rep)
-        need = int(fed.cfg.federation.min_clients)
-        if len(valid) < need:
-            raise PhaseError(f"{phase}: only {len(valid)} valid client replies, "
-                             f"federation.min_clients={need}")
+            check_arrays(from_record(get_record(content, "arrays", ArrayRecord, who)),
+                         self.shapes, who, "LoRA")
+            m, _ = _n_examples(content, who)
+            if set(content) != {"arrays", "metrics"}:
+                raise UploadError(f"client {who}: unexpected records "
+                                  f"{sorted(set(content) - {'arrays', 'metrics'})}")
+            return float(m.get("train_loss", float("nan"))), content
+
+        # The same screening as every other phase (errors, strays, size, validation, bytes).
+        ok = fed.collect(f"train-r{server_round}", fed.clients, replies, validate)
+        accepted = {id(content) for _, content in ok.values()}
+        valid = [rep for rep in replies if id(rep.content) in accepted]
+        losses = {fed.client_name(nid): loss for nid, (loss, _) in ok.items()}
         self.history.append({"round": server_round, "train_loss": losses})
         return super().aggregate_train(server_round, valid)
 

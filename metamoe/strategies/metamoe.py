@@ -115,7 +115,9 @@ class MetaMoE(Strategy):
         return lora, router["vectors"], metrics
 
     # ---------------------------------------------------------------- phase 4: unify
-    def unify(self, experts: dict[str, tuple], union_idx: np.ndarray) -> MoEViT:
+    def expert_moe(self, experts: dict[str, tuple], vectors: bool) -> MoEViT:
+        """The clients' experts (name -> (LoRA, router vectors, metrics)) merged into a MoE
+        with the ``unify`` section's routing; router rows from the router vectors or random."""
         uc = self.cfg.unify
         names = list(experts)
         moe_cfg = MoEConfig(num_experts=len(names), rank=self.cfg.expert.rank,
@@ -124,9 +126,12 @@ class MetaMoE(Strategy):
                             renormalize=uc.renormalize, logit_scale=uc.logit_scale,
                             expert_names=names)
         loras = [{k: torch.from_numpy(v) for k, v in experts[n][0].items()} for n in names]
-        vectors = None if uc.router_init == "random" else \
-            [torch.from_numpy(experts[n][1]) for n in names]
-        moe = build_moe(self.seed_model, moe_cfg, loras, vectors)
+        vecs = [torch.from_numpy(experts[n][1]) for n in names] if vectors else None
+        return build_moe(self.seed_model, moe_cfg, loras, vecs)
+
+    def unify(self, experts: dict[str, tuple], union_idx: np.ndarray) -> MoEViT:
+        uc = self.cfg.unify
+        moe = self.expert_moe(experts, vectors=uc.router_init != "random")
         if uc.epochs == 0 or len(union_idx) == 0:
             return moe
         moe.freeze_base()

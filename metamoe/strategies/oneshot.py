@@ -219,7 +219,7 @@ class SeparateExperts(OneShot):
     notes = "each private-only expert on every domain; row = best single expert by average"
 
     def build(self, experts, selections):
-        return _expert_moe(self, experts, vectors=False)
+        return self.expert_moe(experts, vectors=False)
 
     def row(self, evals, fed):
         doms = list(self.cfg.benchmark.domains)
@@ -240,7 +240,7 @@ class BTM(OneShot):
     notes = "ensemble (uniform mean of class probabilities) of the private-only experts"
 
     def build(self, experts, selections):
-        return _expert_moe(self, experts, vectors=False)
+        return self.expert_moe(experts, vectors=False)
 
 
 @register("model_soup")
@@ -266,7 +266,7 @@ class BTX(OneShot):
 
     def build(self, experts, selections):
         uc = self.cfg.unify
-        moe = _expert_moe(self, experts, vectors=uc.router_init == "vectors")
+        moe = self.expert_moe(experts, vectors=uc.router_init == "vectors")
         idx = self.random_public(len(experts)) if uc.data == "random_public" else \
             self.unify_data(selections)
         loss_fn, install = load_balancing_loss(BTX_LB_ALPHA)
@@ -301,19 +301,6 @@ class MetaMoEMember(OneShot):
 
     def build(self, experts, selections):
         return self.unify(experts, self.unify_data(selections))
-
-
-def _expert_moe(strategy: OneShot, experts: dict[str, tuple], vectors: bool) -> MoEViT:
-    uc = strategy.cfg.unify
-    names = list(experts)
-    moe_cfg = MoEConfig(num_experts=len(names), rank=strategy.cfg.expert.rank,
-                        alpha=strategy.cfg.expert.alpha, top_k=min(uc.top_k, len(names)),
-                        lambda_init=uc.lambda_init, context=uc.context,
-                        renormalize=uc.renormalize, logit_scale=uc.logit_scale,
-                        expert_names=names)
-    loras = [{k: torch.from_numpy(v) for k, v in experts[n][0].items()} for n in names]
-    vecs = [torch.from_numpy(experts[n][1]) for n in names] if vectors else None
-    return build_moe(strategy.seed_model, moe_cfg, loras, vecs)
 
 
 # ============================================================================ the shared driver
