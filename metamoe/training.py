@@ -31,6 +31,9 @@ class OptimConfig:
     epochs: int = 1
     batch_size: int = 128
     shuffle: bool = True
+    # Token-id inputs: batches of similar length (HF Trainer's group_by_length, which the
+    # paper's NLP runs use), each trimmed to its longest text. No effect on images.
+    group_by_length: bool = True
 
 
 def seed_everything(seed: int) -> None:
@@ -96,11 +99,16 @@ def train(
     steps = math.ceil(n / cfg.batch_size)
     t0 = time.perf_counter()
     epoch_loss = float("nan")
+    lengths = None
+    if cfg.group_by_length and cfg.shuffle and _inference_order(model, x) is not None:
+        lengths = (x != getattr(getattr(model, "cfg", None), "pad_id", 0)).sum(1)
     for epoch in range(cfg.epochs):
         order = torch.randperm(n, generator=gen) if cfg.shuffle else torch.arange(n)
+        batches = [order[s * cfg.batch_size:(s + 1) * cfg.batch_size] for s in range(steps)]
+        if lengths is not None:
+            batches = _length_grouped(order, lengths, cfg.batch_size, gen)
         total, seen = 0.0, 0
-        for s in range(steps):
-            idx = order[s * cfg.batch_size:(s + 1) * cfg.batch_size]
+        for s, idx in enumerate(batches):
             loss = loss_fn(model, x[idx], y[idx])
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"{desc}: non-finite loss at epoch {epoch} step {s}")
@@ -117,12 +125,51 @@ def train(
     return {"loss": epoch_loss, "seconds": time.perf_counter() - t0, "examples": n}
 
 
+def _inference_order(model: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+    """For padded token ids (2-D integer input), the order that groups texts of similar
+    length, so that every batch is trimmed to a short length; None for other inputs."""
+    if x.ndim != 2 or x.dtype not in (torch.int64, torch.int32):
+        return None
+    pad = getattr(getattr(model, "cfg", None), "pad_id", 0)
+    return torch.argsort((x != pad).sum(1), stable=True)
+
+
+@torch.no_grad()
+def batched_apply(model: nn.Module, fn: Callable[[torch.Tensor], torch.Tensor],
+                  x: np.ndarray | torch.Tensor, batch_size: int) -> torch.Tensor:
+    """``fn`` over x in batches (texts grouped by length), outputs in the order of x."""
+    model.eval()
+    x = torch.as_tensor(x)
+    if len(x) == 0:
+        raise ValueError("no inputs to evaluate")
+    order = _inference_order(model, x)
+    xs = x if order is None else x[order]
+    out = torch.cat([fn(xs[i:i + batch_size]) for i in range(0, len(xs), batch_size)])
+    if order is None:
+        return out
+    res = torch.empty_like(out)
+    res[order] = out
+    return res
+
+
+def _length_grouped(order: torch.Tensor, lengths: torch.Tensor, batch_size: int,
+                    gen: torch.Generator) -> list[torch.Tensor]:
+    """HF's LengthGroupedSampler: mega-batches of 50 batches from the random ``order``, each
+    sorted by length (longest first), cut into batches; the batches then shuffled (seeded)."""
+    mega = 50 * batch_size
+    batches = []
+    for i in range(0, len(order), mega):
+        chunk = order[i:i + mega]
+        chunk = chunk[torch.argsort(lengths[chunk], descending=True, stable=True)]
+        batches += [chunk[j:j + batch_size] for j in range(0, len(chunk), batch_size)]
+    perm = torch.randperm(len(batches), generator=gen).tolist()
+    return [batches[p] for p in perm]
+
+
 @torch.no_grad()
 def predict_logits(model: nn.Module, x: np.ndarray | torch.Tensor,
                    batch_size: int = 512) -> torch.Tensor:
-    model.eval()
-    x = torch.as_tensor(x)
-    return torch.cat([model(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
+    return batched_apply(model, model, x, batch_size)
 
 
 @torch.no_grad()
@@ -144,8 +191,5 @@ def features(model: nn.Module, x: np.ndarray | torch.Tensor, kind: str = "tokens
              batch_size: int = 1024) -> np.ndarray:
     """Frozen-model embeddings of x in batches, float32 numpy: ``tokens`` (all last-layer
     tokens, ``forward_embedding``) or ``cls`` (the pooled feature, ``forward_features``)."""
-    model.eval()
     fn = model.forward_embedding if kind == "tokens" else model.forward_features
-    x = torch.as_tensor(x)
-    return torch.cat([fn(x[i:i + batch_size])
-                      for i in range(0, len(x), batch_size)]).numpy().astype(np.float32)
+    return batched_apply(model, fn, x, batch_size).numpy().astype(np.float32)

@@ -1,14 +1,16 @@
 """Iterative federated baselines: FedAvg (dense), FedAvg-MoE, FedAlign-MoE, DDOME.
 
 Client handlers are called on the real ClientApp with hand-made Messages (flower_guide §9);
-the server-side aggregation functions are tested on constructed cases; two end-to-end
-`flwr run`s (fedalign_moe, ddome) are marked slow.
+the server-side aggregation functions are tested on constructed cases; one end-to-end
+`flwr run` per strategy (fedavg, fedavg_moe, fedalign_moe, ddome; tiny benchmark, 2 clients)
+is marked slow.
 """
 
 from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -303,7 +305,7 @@ def test_ddome_handlers_gate_learns_distinct_subsets(tiny):
 
 
 # ------------------------------------------------------------------ end to end
-def _e2e(tmp_path, monkeypatch, cache_dir, method, overrides):
+def _e2e(tmp_path, monkeypatch, cache_dir, method, overrides, rounds=2):
     from metamoe.launch import launch
 
     monkeypatch.setenv("METAMOE_FLWR_HOME", str(tmp_path / "flwr-home"))
@@ -311,13 +313,58 @@ def _e2e(tmp_path, monkeypatch, cache_dir, method, overrides):
                      output_dir=str(tmp_path / "results"), cache_dir=cache_dir,
                      run_id=f"tiny-{method}", timeout=600, quiet=True)
     m = json.loads((run_dir / "metrics.json").read_text())
-    assert m["method"] == method and m["config"]["fl"]["rounds"] == 2
+    assert m["method"] == method and m["config"]["fl"]["rounds"] == rounds
     assert set(m["accuracy"]["per_domain"]) == {"mnist", "uci"}
     assert all(0.0 <= v <= 1.0 for v in m["accuracy"]["per_domain"].values())
     assert set(m["upload_bytes"]) == {"mnist", "uci"}
     assert all(b > 0 for b in m["upload_bytes"].values())
-    assert len(m["fl_rounds"]) == 2 and not m["rejected"]
+    assert len(m["fl_rounds"]) == rounds and not m["rejected"]
     return m, run_dir
+
+
+def _check_fl_run(m, run_dir, rounds, upload_per_round, download_per_round):
+    """Checks shared by the FedAvg / FedAvg-MoE end-to-end runs: every client took part in
+    every round (finite losses), was evaluated, and its upload bytes are exactly its
+    ``rounds`` model uploads plus a few hundred bytes of scalar records (identity, seed ack,
+    metrics) — one round more or less would be caught."""
+    from metamoe.models.io import load_vit
+    from metamoe.protocol import record_nbytes
+
+    names = {"mnist", "uci"}
+    assert not m["missing"] and (run_dir / "report.md").exists()
+    assert set(m["clients"]) == names
+    assert [r["round"] for r in m["fl_rounds"]] == list(range(1, rounds + 1))
+    for r in m["fl_rounds"]:
+        assert set(r["train_loss"]) == names, r
+        assert all(np.isfinite(v) and v >= 0 for v in r["train_loss"].values()), r
+    for block in (m["accuracy"], m["references"]["zero_shot"]):
+        assert set(block["per_domain"]) == names
+        assert all(np.isfinite(v) and 0.0 <= v <= 1.0 for v in block["per_domain"].values())
+        assert block["average"] == pytest.approx(np.mean(list(block["per_domain"].values())))
+    for c, up in m["upload_bytes"].items():
+        overhead = up - rounds * upload_per_round
+        assert 0 <= overhead < min(4096, upload_per_round), (c, up, upload_per_round)
+    seed = load_vit(Path(m["seed_model"]["checkpoint"]))
+    seed_bytes = record_nbytes(RecordDict({"seed": torch_state_to_record(seed.state_dict())}))
+    # (Federation.identify also leaves 0-byte "node-<id>" entries behind: ignored here.)
+    down = {c: b for c, b in m["download_bytes"].items() if b}
+    assert set(down) == names, m["download_bytes"]
+    for c, b in down.items():  # M0 once + the model every round
+        assert b >= seed_bytes + rounds * download_per_round, (c, b, download_per_round)
+    return seed
+
+
+def _assert_backbone_is_seed(moe, seed):
+    """Only LoRA / router / λ are trained: every other MoE tensor is M0's."""
+    seed_sd = seed.state_dict()
+    n = 0
+    for k, v in moe.state_dict().items():
+        if k.endswith((".A1", ".B1", ".A2", ".B2", ".router", ".lambda_raw")):
+            continue
+        if k in seed_sd:
+            torch.testing.assert_close(v, seed_sd[k], rtol=0, atol=0, msg=k)
+            n += 1
+    assert n > 0
 
 
 @pytest.mark.slow
@@ -333,3 +380,92 @@ def test_e2e_ddome(tmp_path, monkeypatch, cache_dir):
     m, _ = _e2e(tmp_path, monkeypatch, cache_dir, "ddome", OVR + " fl.ddome_anchors=false")
     assert all(len(v) == 2 for v in m["fl_rounds"][0]["experts"].values())
     assert set(m["ddome_test_experts"]) == {"mnist", "uci"}
+
+
+@pytest.mark.slow
+def test_e2e_fedavg(tmp_path, monkeypatch, cache_dir):
+    """Dense FedAvg through Flower's own FedAvg (CountingFedAvg), 3 rounds (neither
+    tiny.yaml's 2 nor fedavg.yaml's 4, so the override is what counts), then the emitted 1-expert MoE."""
+    import metamoe
+    from metamoe.protocol import record_nbytes
+
+    R = 3
+    m, run_dir = _e2e(tmp_path, monkeypatch, cache_dir, "fedavg", f"fl.rounds={R} fl.epochs=1",
+                      rounds=R)
+    cfg = OmegaConf.create(m["config"])
+    rank, alpha = int(cfg.expert.rank), float(cfg.expert.alpha)
+    mc = cfg.model
+    shapes = lora_shapes(mc.depth, mc.dim, mc.mlp_hidden, rank)
+    lora_bytes = record_nbytes(RecordDict({"arrays": to_record(
+        {k: np.zeros(s, np.float32) for k, s in shapes.items()})}))
+    seed = _check_fl_run(m, run_dir, R, lora_bytes, lora_bytes)
+    assert m["wall_seconds"]["train"] > 0
+
+    moe = metamoe.load_moe(run_dir)
+    assert moe.moe_cfg.num_experts == 1 and list(moe.moe_cfg.expert_names) == ["fedavg"]
+    assert moe.moe_cfg.context == "none" and moe.moe_cfg.top_k == 1
+    assert m["references"]["experts"].keys() == {"fedavg"}
+    _assert_backbone_is_seed(moe, seed)
+    # Training changed the LoRA: B starts at 0, A from the server's seeded init.
+    init = init_loras(seed, 1, rank, alpha, int(cfg.run.seed))[0]
+    for l, layer in enumerate(moe.moe_layers()):
+        for attr, key in (("B1", "fc1.lora_B"), ("B2", "fc2.lora_B")):
+            w = getattr(layer, attr)[0].detach()
+            assert torch.isfinite(w).all() and w.abs().max() > 0, (l, attr)
+            torch.testing.assert_close(torch.zeros_like(w), init[f"layers.{l}.{key}"])
+        for attr, key in (("A1", "fc1.lora_A"), ("A2", "fc2.lora_A")):
+            assert not torch.allclose(getattr(layer, attr)[0].detach(),
+                                      init[f"layers.{l}.{key}"]), (l, attr)
+    x = _test_images(m)
+    with torch.no_grad():
+        assert not torch.allclose(moe(x), seed(x)), "emitted model equals M0"
+
+
+@pytest.mark.slow
+def test_e2e_fedavg_moe(tmp_path, monkeypatch, cache_dir):
+    """FedAvg-MoE: K = 2 experts, plain element-wise averaging, no FedAlign statistics; the
+    emitted MoE loads with metamoe.load_moe and differs from its initialisation."""
+    import metamoe
+    from metamoe.models.io import load_vit
+    from metamoe.protocol import record_nbytes
+
+    m, run_dir = _e2e(tmp_path, monkeypatch, cache_dir, "fedavg_moe", OVR)
+    cfg = OmegaConf.create(m["config"])
+    assert all(set(r) == {"round", "clients", "train_loss"} for r in m["fl_rounds"])
+    assert all(sorted(r["clients"]) == ["mnist", "uci"] for r in m["fl_rounds"])
+    loaded = metamoe.load_moe(run_dir / "moe.safetensors")
+    assert moe_trainable_state(loaded).keys()  # the artifact is a full MoE
+    seed = load_vit(Path(m["seed_model"]["checkpoint"]))
+    init = build_moe(seed, fl_moe_config(cfg, 2), init_loras(
+        seed, 2, int(cfg.expert.rank), float(cfg.expert.alpha), int(cfg.run.seed)), None)
+    shapes = {k: tuple(v.shape) for k, v in moe_trainable_state(init).items()}
+    state_bytes = record_nbytes(RecordDict({"moe": to_record(
+        {k: np.zeros(s, np.float32) for k, s in shapes.items()})}))
+    _check_fl_run(m, run_dir, 2, state_bytes, state_bytes)
+
+    assert loaded.moe_cfg.num_experts == 2 and list(loaded.moe_cfg.expert_names) == ["e0", "e1"]
+    assert loaded.moe_cfg.top_k == 2 and loaded.moe_cfg.context == str(cfg.fl.context)
+    assert m["references"]["experts"].keys() == {"e0", "e1"}
+    assert len(m["lambdas"]) == len(loaded.blocks)
+    assert all(np.isfinite(v) for v in m["lambdas"])
+    assert set(m["route_share"]) == {"mnist", "uci"}
+    _assert_backbone_is_seed(loaded, seed)
+    new, old = moe_trainable_state(loaded), moe_trainable_state(init)
+    assert {k: v.shape for k, v in new.items()} == {k: v.shape for k, v in old.items()}
+    for k in new:
+        assert np.isfinite(new[k]).all(), k
+    for l in range(len(loaded.blocks)):
+        assert not np.allclose(new[f"blocks.{l}.mlp.router"], old[f"blocks.{l}.mlp.router"])
+        for e in range(2):  # top-2 of 2: every expert is routed to and trained
+            for attr in ("B1", "B2"):
+                assert np.abs(new[f"blocks.{l}.mlp.{attr}"][e]).max() > 0, (l, e, attr)
+                assert np.abs(old[f"blocks.{l}.mlp.{attr}"][e]).max() == 0
+    x = _test_images(m)
+    with torch.no_grad():
+        assert not torch.allclose(loaded(x), init(x)), "emitted MoE equals its initialisation"
+
+
+def _test_images(m, n: int = 32) -> torch.Tensor:
+    """The first ``n`` test images of the run's first domain (built benchmark is cached)."""
+    bench = load_benchmark(OmegaConf.create(m["config"]))
+    return torch.from_numpy(bench.domains[0].x_test[:n])

@@ -19,7 +19,7 @@ from metamoe.clients import stages
 from metamoe.config import resolve_config
 from metamoe.data import client_partition, load_benchmark
 from metamoe.logging_utils import setup_logging
-from metamoe.models.io import moe_from_state, vit_from_state
+from metamoe.models.io import moe_from_state, seed_from_state
 from metamoe.protocol import from_record, get_record, to_record
 
 app = ClientApp()
@@ -47,8 +47,9 @@ def _store_seed(msg: Message, context: Context) -> None:
 def _seed_model(context: Context):
     if "seed" not in context.state:
         raise RuntimeError("no seed model in this node's state: the sketch phase must run first")
-    cfg = json.loads(str(context.state["seed-config"]["vit"]))
-    return vit_from_state(context.state["seed"].to_torch_state_dict(), cfg)
+    rec = context.state["seed-config"]
+    cfg = json.loads(str(rec["model"] if "model" in rec else rec["vit"]))
+    return seed_from_state(context.state["seed"].to_torch_state_dict(), cfg)
 
 
 @app.query("identify")

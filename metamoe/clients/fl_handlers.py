@@ -38,7 +38,7 @@ from torch import nn
 from metamoe.clients import client_app as _ca
 from metamoe.clients.stages import optim
 from metamoe.models.lora import inject_ffn_lora, load_lora_state_dict, lora_state_dict
-from metamoe.models.moe import MoEConfig, MoEViT, _seed_state_for_moe, build_moe
+from metamoe.models.moe import MoEConfig, MoEFFN, MoEViT, _seed_state_for_moe, build_moe, moe_class
 from metamoe.models.vit import ViT
 from metamoe.protocol import check_arrays, from_record, get_record, to_record
 from metamoe.training import accuracy, features, train
@@ -64,7 +64,7 @@ def init_loras(seed: ViT, num: int, rank: int, alpha: float, rng_seed: int
 
 def moe_from_seed(seed: ViT, moe_cfg: MoEConfig) -> MoEViT:
     """A MoE on M0 whose router/λ/experts are still to be loaded (all zero)."""
-    moe = MoEViT(seed.cfg, moe_cfg)
+    moe = moe_class(seed.cfg)(seed.cfg, moe_cfg)
     missing, unexpected = moe.load_state_dict(_seed_state_for_moe(seed), strict=False)
     if unexpected or any(not k.endswith((".A1", ".B1", ".A2", ".B2", ".router", ".lambda_raw"))
                          for k in missing):
@@ -75,7 +75,7 @@ def moe_from_seed(seed: ViT, moe_cfg: MoEConfig) -> MoEViT:
 
 def moe_trainable_keys(moe: MoEViT) -> list[str]:
     """State keys of what FL-MoE clients train and exchange: per layer router, λ, A1/B1/A2/B2."""
-    return [f"blocks.{l}.mlp.{n}" for l in range(len(moe.blocks))
+    return [f"{prefix}.{n}" for prefix, mod in moe.named_modules() if isinstance(mod, MoEFFN)
             for n in ("router", "lambda_raw", "A1", "B1", "A2", "B2")]
 
 

@@ -48,7 +48,8 @@ def _load(bench_json: str, cache_dir: str) -> VisionBenchmark:
 
 
 def _to_arrays(bench: VisionBenchmark) -> dict[str, np.ndarray]:
-    out = {"pool_x": bench.pool_x, "pool_y": bench.pool_y, "pool_source": bench.pool_source}
+    out = {"pool_x": bench.pool_x, "pool_y": bench.pool_y, "pool_source": bench.pool_source,
+           "class_names": np.asarray(bench.class_names)}
     for d in bench.domains:
         for f in ("x_train", "y_train", "x_test", "y_test"):
             out[f"{d.name}/{f}"] = getattr(d, f)
@@ -62,14 +63,23 @@ def _from_npz(path: Path, b: dict) -> VisionBenchmark:
         doms = [Domain(n, z[f"{n}/x_train"], z[f"{n}/y_train"], z[f"{n}/x_test"],
                        z[f"{n}/y_test"], [int(c) for c in z[f"{n}/classes"]],
                        str(z[f"{n}/description"])) for n in b["domains"]]
-        return VisionBenchmark(b["name"], doms, z["pool_x"], z["pool_y"], z["pool_source"])
+        return VisionBenchmark(b["name"], doms, z["pool_x"], z["pool_y"], z["pool_source"],
+                               class_names=[str(c) for c in z["class_names"]])
 
 
 def _build(b: dict) -> VisionBenchmark:
-    if b["kind"] != "vision":
+    if b["kind"] == "text":
+        from metamoe.data.text import build_text_benchmark
+        from metamoe.models.text import load_tokenizer
+
+        bench = build_text_benchmark(load_tokenizer(b["tokenizer"]), int(b["max_len"]),
+                                     seed=b["data_seed"], max_train=b["max_train"],
+                                     max_test=b["max_test"], domains=tuple(b["domains"]))
+    elif b["kind"] == "vision":
+        bench = build_vision_benchmark(seed=b["data_seed"], max_train=b["max_train"],
+                                       max_test=b["max_test"], domains=tuple(b["domains"]))
+    else:
         raise ValueError(f"benchmark kind {b['kind']!r} is not available in this build")
-    bench = build_vision_benchmark(seed=b["data_seed"], max_train=b["max_train"],
-                                   max_test=b["max_test"], domains=tuple(b["domains"]))
     bench.name = b["name"]
     if b["max_pool"] >= 0 and b["max_pool"] < len(bench.pool_x):
         keep = np.sort(np.random.default_rng(b["data_seed"]).permutation(
@@ -81,8 +91,10 @@ def _build(b: dict) -> VisionBenchmark:
 
 def load_benchmark(cfg: DictConfig) -> VisionBenchmark:
     cache = cfg.run.cache_dir or os.environ.get("METAMOE_CACHE_DIR", "")
-    return _load(json.dumps(OmegaConf.to_container(cfg.benchmark, resolve=True), sort_keys=True),
-                 cache)
+    b = OmegaConf.to_container(cfg.benchmark, resolve=True)
+    if b["kind"] == "text":  # texts are tokenised when the benchmark is built
+        b.update(tokenizer=cfg.model.encoder, max_len=int(cfg.model.max_len))
+    return _load(json.dumps(b, sort_keys=True), cache)
 
 
 def _clients_of(cfg: DictConfig) -> list[tuple[str, int, int]]:

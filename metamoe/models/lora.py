@@ -102,11 +102,17 @@ def ffn_input_means(model: nn.Module, x: torch.Tensor, batch_size: int = 512) ->
     """
     layers = model.ffn_layers()
     sums = [None] * len(layers)
-    count = 0
+    counts = [0.0] * len(layers)
 
     def make_hook(i):
-        def hook(_module, inputs):
+        def hook(module, inputs):
             z = inputs[0].detach()
+            mask = getattr(module, "token_mask", None)  # text: padding is not a token
+            if mask is not None:
+                z = z * mask.unsqueeze(-1).to(z.dtype)
+                counts[i] += float(mask.sum())
+            else:
+                counts[i] += z.shape[0] * z.shape[1]
             s = z.reshape(-1, z.shape[-1]).sum(0)
             sums[i] = s if sums[i] is None else sums[i] + s
         return hook
@@ -115,11 +121,8 @@ def ffn_input_means(model: nn.Module, x: torch.Tensor, batch_size: int = 512) ->
     try:
         model.eval()
         for i in range(0, len(x), batch_size):
-            xb = x[i:i + batch_size]
-            model(xb)
-            count += xb.shape[0]
+            model(x[i:i + batch_size])
     finally:
         for h in handles:
             h.remove()
-    tokens_per_sample = model.cfg.num_tokens
-    return torch.stack(sums) / (count * tokens_per_sample)
+    return torch.stack(sums) / torch.tensor(counts).unsqueeze(1)

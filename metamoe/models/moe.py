@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from metamoe.models.text import TextClassifier, TextConfig
 from metamoe.models.vit import FFN, ViT, ViTConfig
 
 CONTEXT_MODES = ("sample", "batch", "none")
@@ -78,6 +79,7 @@ class MoEFFN(nn.Module):
             self.lambda_raw.requires_grad_(False)
             self.lambda_raw.data.zero_()
         self.forced: int | None = None  # None: routed; -1: M0's FFN; p: expert p only
+        self.token_mask: torch.Tensor | None = None  # [B, T] real tokens (text), set per forward
         self.record = False
         self.route_counts = torch.zeros(k)
 
@@ -98,11 +100,23 @@ class MoEFFN(nn.Module):
         a = F.gelu(h)
         return self.fc2(a) + torch.einsum("kbth,krh,kdr->kbtd", a, A2, B2) * self.scale
 
+    def _expert(self, z: torch.Tensor, p: int) -> torch.Tensor:
+        """Expert p's FFN on tokens z [..., d] (any leading shape)."""
+        h = self.fc1(z) + (z @ self.A1[p].t()) @ self.B1[p].t() * self.scale
+        a = F.gelu(h)
+        return self.fc2(a) + (a @ self.A2[p].t()) @ self.B2[p].t() * self.scale
+
     def gate_input(self, z: torch.Tensor) -> torch.Tensor:
         mode = self.cfg.context
         if mode == "none":
             return z
-        c = z.mean(dim=1, keepdim=True) if mode == "sample" else z.mean(dim=0, keepdim=True)
+        if mode == "batch":
+            c = z.mean(dim=0, keepdim=True)
+        elif self.token_mask is None:
+            c = z.mean(dim=1, keepdim=True)
+        else:  # per-sample mean over that sample's real tokens (padding excluded)
+            m = self.token_mask.unsqueeze(-1).to(z.dtype)
+            c = (z * m).sum(1, keepdim=True) / m.sum(1, keepdim=True).clamp(min=1.0)
         lam = self.lam
         return (1.0 - lam) * z + lam * c
 
@@ -114,30 +128,42 @@ class MoEFFN(nn.Module):
         if self.forced is not None:
             if self.forced < 0:
                 return self.fc2(F.gelu(self.fc1(z)))
-            return self._experts(z, [self.forced])[0]
+            return self._expert(z, self.forced)
         probs = self.gate_probs(z)  # [B, T, K]
         topv, topi = probs.topk(self.cfg.top_k, dim=-1)
         if self.cfg.renormalize:
             topv = topv / topv.sum(dim=-1, keepdim=True)
         gates = torch.zeros_like(probs).scatter(-1, topi, topv)
         if self.record:
-            self.route_counts += F.one_hot(topi[..., 0], self.cfg.num_experts).reshape(
-                -1, self.cfg.num_experts).sum(0).float()
-        out = self._experts(z, slice(None))  # [K, B, T, d]
-        return torch.einsum("btk,kbtd->btd", gates, out)
+            hits = F.one_hot(topi[..., 0], self.cfg.num_experts).float()
+            if self.token_mask is not None:
+                hits = hits * self.token_mask.unsqueeze(-1).to(hits.dtype)
+            self.route_counts += hits.reshape(-1, self.cfg.num_experts).sum(0)
+        # Sparse dispatch: each expert runs only on the tokens routed to it (padding skipped).
+        b, t, d = z.shape
+        zf = z.reshape(b * t, d)
+        weight = gates.reshape(b * t, -1)
+        active = None if self.token_mask is None else self.token_mask.reshape(-1)
+        out = torch.zeros_like(zf)
+        for p in range(self.cfg.num_experts):
+            hit = (topi == p).any(-1).reshape(-1)
+            if active is not None:
+                hit = hit & active
+            rows = hit.nonzero().squeeze(1)
+            if rows.numel() == 0:
+                continue
+            y = self._expert(zf.index_select(0, rows), p) * weight[rows, p:p + 1]
+            out = out.index_add(0, rows, y)
+        return out.reshape(b, t, d)
 
 
-class MoEViT(ViT):
-    """M0 with every FFN replaced by a :class:`MoEFFN`."""
+class MoEMixin:
+    """The MoE-model interface shared by every seed architecture (vision, text)."""
 
-    def __init__(self, vit_cfg: ViTConfig, moe_cfg: MoEConfig):
-        super().__init__(vit_cfg)
-        self.moe_cfg = moe_cfg
-        for blk in self.blocks:
-            blk.mlp = MoEFFN(blk.mlp, moe_cfg)
+    moe_cfg: MoEConfig
 
     def moe_layers(self) -> list[MoEFFN]:
-        return [blk.mlp for blk in self.blocks]
+        return self.ffn_layers()  # type: ignore[attr-defined]
 
     def set_forced(self, expert: int | None) -> None:
         """Route every token to ``expert`` (-1 = M0's own FFN, None = learned routing)."""
@@ -157,7 +183,7 @@ class MoEViT(ViT):
 
     def freeze_base(self) -> None:
         """Only router, λ and the experts' LoRA stay trainable."""
-        for p in self.parameters():
+        for p in self.parameters():  # type: ignore[attr-defined]
             p.requires_grad_(False)
         for p in self.router_parameters() + self.lambda_parameters() + self.expert_parameters():
             p.requires_grad_(True)
@@ -166,8 +192,33 @@ class MoEViT(ViT):
         return [float(m.lam.detach()) for m in self.moe_layers()]
 
 
-def build_moe(seed: ViT, moe_cfg: MoEConfig, experts: list[dict[str, torch.Tensor]],
-              router_vectors: list[torch.Tensor] | None) -> MoEViT:
+class MoEViT(MoEMixin, ViT):
+    """The vision M0 with every FFN replaced by a :class:`MoEFFN`."""
+
+    def __init__(self, vit_cfg: ViTConfig, moe_cfg: MoEConfig):
+        super().__init__(vit_cfg)
+        self.moe_cfg = moe_cfg
+        for blk in self.blocks:
+            blk.mlp = MoEFFN(blk.mlp, moe_cfg)
+
+
+class MoEText(MoEMixin, TextClassifier):
+    """The text M0 (pretrained encoder + head) with every FFN replaced by a :class:`MoEFFN`."""
+
+    def __init__(self, text_cfg: TextConfig, moe_cfg: MoEConfig):
+        super().__init__(text_cfg)
+        self.moe_cfg = moe_cfg
+        for layer in self.encoder.encoder.layer:
+            layer.intermediate.mlp = MoEFFN(layer.intermediate.mlp, moe_cfg)
+
+
+def moe_class(seed_cfg) -> type:
+    """The MoE model class for a seed model's config (ViTConfig / TextConfig)."""
+    return MoEText if getattr(seed_cfg, "arch", "vit") == "bert" else MoEViT
+
+
+def build_moe(seed: nn.Module, moe_cfg: MoEConfig, experts: list[dict[str, torch.Tensor]],
+              router_vectors: list[torch.Tensor] | None) -> MoEMixin:
     """Merge the clients' FFN-LoRA experts into one MoE on top of a copy of M0.
 
     ``experts[p]`` is client p's :func:`~metamoe.models.lora.lora_state_dict`;
@@ -176,7 +227,7 @@ def build_moe(seed: ViT, moe_cfg: MoEConfig, experts: list[dict[str, torch.Tenso
     """
     if len(experts) != moe_cfg.num_experts:
         raise ValueError(f"{len(experts)} experts for a MoE with {moe_cfg.num_experts} slots")
-    model = MoEViT(seed.cfg, moe_cfg)
+    model = moe_class(seed.cfg)(seed.cfg, moe_cfg)
     missing, unexpected = model.load_state_dict(_seed_state_for_moe(seed), strict=False)
     bad = [k for k in missing if not _is_moe_param(k)]
     if bad or unexpected:
@@ -202,7 +253,7 @@ def _is_moe_param(key: str) -> bool:
     return any(key.endswith(s) for s in (".A1", ".B1", ".A2", ".B2", ".router", ".lambda_raw"))
 
 
-def _seed_state_for_moe(seed: ViT) -> dict[str, torch.Tensor]:
+def _seed_state_for_moe(seed: nn.Module) -> dict[str, torch.Tensor]:
     """M0's state dict with plain FFN weights (LoRA wrappers, if any, are unwrapped)."""
     state = copy.deepcopy(seed.state_dict())
     out = {}

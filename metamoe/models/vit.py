@@ -18,6 +18,7 @@ from torch import nn
 
 @dataclass
 class ViTConfig:
+    arch: str = "vit"
     image_size: int = 28
     in_chans: int = 1
     stem_channels: int = 16
@@ -38,6 +39,8 @@ class ViTConfig:
 
 class FFN(nn.Module):
     """The FFN sublayer: fc2(gelu(fc1(x)))."""
+
+    token_mask = None  # [B, T] real tokens, set per forward by models with padding (text)
 
     def __init__(self, dim: int, hidden: int):
         super().__init__()

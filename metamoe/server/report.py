@@ -50,7 +50,8 @@ def build_metrics(cfg, fed: Federation, outcome: Outcome, wall_total: float,
         },
         "upload_bytes": {c.name: int(fed.upload_bytes.get(c.name, 0))
                          for c in sorted(fed.clients.values(), key=lambda c: c.partition_id)},
-        "download_bytes": {k: int(v) for k, v in fed.download_bytes.items()},
+        "download_bytes": {c.name: int(fed.download_bytes.get(c.name, 0))
+                           for c in sorted(fed.clients.values(), key=lambda c: c.partition_id)},
         "wall_seconds": {**{k: round(v, 3) for k, v in fed.wall.items()},
                          "total": round(wall_total, 3)},
         "clients": {c.name: {"domain": c.domain, "partition_id": c.partition_id,

@@ -1,7 +1,9 @@
 """The seed model M0 and the pool embeddings, built once on public data and cached.
 
-No pretrained vision weights for 28x28 images install offline, so the server pre-trains M0 on
-the public pool D0 (public data only) with the shared training loop. The checkpoint and the
+Vision: no pretrained vision weights for 28x28 images install offline, so the server pre-trains
+M0 on the public pool D0 (public data only) with the shared training loop. Text: M0 is the
+public pretrained encoder (frozen) with a linear head the server trains on D0's own labels,
+over the pool's sentence embeddings (which do not depend on the seed and are cached once). The checkpoint and the
 pool's M0 features are cached under ``run.cache_dir`` keyed by a hash of everything they
 depend on (benchmark, model, pre-training config, seed). Clients receive M0 through Flower
 messages, never through this cache.
@@ -20,7 +22,8 @@ from omegaconf import DictConfig
 from metamoe.clients.stages import optim
 from metamoe.config import config_hash
 from metamoe.data import VisionBenchmark
-from metamoe.models.io import load_vit, save_vit
+from metamoe.models.io import load_seed, save_seed
+from metamoe.models.text import TextClassifier, TextConfig, encoder_fingerprint
 from metamoe.models.vit import ViT, ViTConfig
 from metamoe.training import accuracy, features, seed_everything, train
 
@@ -47,12 +50,14 @@ def seed_key(cfg: DictConfig) -> str:
 
 def get_seed_model(cfg: DictConfig, bench: VisionBenchmark) -> tuple[ViT, np.ndarray, dict]:
     """(M0, L2-unnormalised pool features [N0, d], info) — from cache or built now."""
+    if cfg.model.arch == "bert":
+        return _text_seed(cfg, bench)
     key = seed_key(cfg)
     path = cache_dir(cfg) / f"seed-{key}.safetensors"
     feat_path = path.with_name(f"pool-{cfg.select.embedding}-{key}.npy")
     info: dict = {"cache_key": key, "checkpoint": str(path)}
     if path.exists():
-        model = load_vit(path)
+        model = load_seed(path)
         log.info("seed model M0 loaded from cache %s", path)
         info["cached"] = True
         if feat_path.exists():
@@ -70,10 +75,43 @@ def get_seed_model(cfg: DictConfig, bench: VisionBenchmark) -> tuple[ViT, np.nda
                  optim(cfg.pretrain), seed=int(cfg.run.seed), desc="pretrain M0", log_every=1)
     info.update(cached=False, pretrain_loss=hist["loss"], pretrain_seconds=hist["seconds"])
     feats = features(model, bench.pool_x, cfg.select.embedding)
-    _atomic_save(path, lambda p: save_vit(model, p))
+    _atomic_save(path, lambda p: save_seed(model, p))
     _atomic_save(feat_path, lambda p: np.save(p, feats))
     info["zero_shot_public"] = accuracy(model, bench.pool_x[:5000], bench.pool_y[:5000])
     log.info("M0 cached at %s", path)
+    return model, feats, info
+
+
+def _text_seed(cfg: DictConfig, bench: VisionBenchmark) -> tuple[TextClassifier, np.ndarray, dict]:
+    """Text M0: the public encoder + a head trained on the pool's sentence embeddings."""
+    m = cfg.model
+    model = TextClassifier(TextConfig(encoder=m.encoder, layers=int(m.layers),
+                                      max_len=int(m.max_len), num_classes=bench.num_classes))
+    # Pool embeddings depend on the encoder and the pool only (not on the seed or the head).
+    feat_key = config_hash({"encoder": encoder_fingerprint(m.encoder), "layers": int(m.layers),
+                            "benchmark": config_hash(cfg.benchmark), "max_len": int(m.max_len),
+                            "n": len(bench.pool_x)})
+    feat_path = cache_dir(cfg) / f"pool-text-{feat_key}.npy"
+    info: dict = {"cache_key": feat_key, "encoder": m.encoder,
+                  "encoder_fingerprint": model.cfg.fingerprint}
+    if feat_path.exists():
+        feats = np.load(feat_path)
+        info["pool_features_cached"] = True
+    else:
+        import time
+
+        t0 = time.perf_counter()
+        log.info("embedding the public pool (%d texts) with %s", len(bench.pool_x), m.encoder)
+        feats = features(model, bench.pool_x, "cls", batch_size=256)
+        _atomic_save(feat_path, lambda p: np.save(p, feats))
+        info.update(pool_features_cached=False, pool_embed_seconds=time.perf_counter() - t0)
+    seed_everything(int(cfg.run.seed))
+    torch.nn.init.zeros_(model.head.bias)
+    hist = train(model.head, torch.from_numpy(feats), torch.from_numpy(bench.pool_y),
+                 optim(cfg.pretrain), seed=int(cfg.run.seed), desc="M0 head")
+    info.update(pretrain_loss=hist["loss"], pretrain_seconds=hist["seconds"],
+                zero_shot_public=accuracy(model.head, feats, bench.pool_y))
+    model.eval()
     return model, feats, info
 
 

@@ -76,6 +76,7 @@ from metamoe.clients.fl_handlers import (
     state_arrays,
 )
 from metamoe.config import ConfigError, num_clients
+from metamoe.models.io import seed_payload, shipped_state
 from metamoe.models.lora import lora_shapes
 from metamoe.models.moe import MoEConfig, MoEViT, build_moe
 from metamoe.protocol import (
@@ -226,8 +227,7 @@ class _FLBase(Strategy):
     def start(self, fed: Federation, node_ids: list[int]) -> None:
         """Register the clients (query.identify) and send M0 once (query.fl_seed)."""
         fed.identify(node_ids)
-        seed_rec = torch_state_to_record(self.seed_model.state_dict())
-        seed_cfg = ConfigRecord({"vit": json.dumps(self.seed_model.cfg.to_dict())})
+        seed_rec, seed_cfg = seed_payload(self.seed_model)
 
         def ack(nid, content):
             info = get_record(content, "info", ConfigRecord, fed.client_name(nid))
@@ -248,8 +248,8 @@ class _FLBase(Strategy):
 
     def evaluate_moe(self, fed: Federation, moe: MoEViT) -> dict[str, dict]:
         """The common ``evaluate`` handler (routed MoE; acc_unified, acc_zero_shot, ...)."""
-        state = torch_state_to_record(moe.state_dict())
-        conf = ConfigRecord({"moe": json.dumps({"vit": moe.cfg.to_dict(),
+        state = torch_state_to_record(shipped_state(moe))
+        conf = ConfigRecord({"moe": json.dumps({"model": moe.cfg.to_dict(),
                                                 "moe": moe.moe_cfg.to_dict(),
                                                 **self.model_extra()})})
 
@@ -356,7 +356,7 @@ class FedAvgMoE(_FLBase):
                                    self.cfg.run.seed), None)
         state = moe_trainable_state(moe)
         shapes = moe_trainable_shapes(moe)
-        L, E, d = len(moe.blocks), k, moe.cfg.dim
+        L, E, d = moe.cfg.depth, k, moe.cfg.dim
         global_p: np.ndarray | None = None
         history = []
         for r in range(1, int(f.rounds) + 1):

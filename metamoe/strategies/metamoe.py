@@ -15,7 +15,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from metamoe.clients.stages import optim
-from metamoe.models.io import moe_from_state
+from metamoe.models.io import moe_from_state, seed_payload, shipped_state
 from metamoe.models.lora import lora_shapes
 from metamoe.models.moe import MoEConfig, MoEViT, build_moe
 from metamoe.protocol import (
@@ -41,8 +41,7 @@ class MetaMoE(Strategy):
 
     # ---------------------------------------------------------------- phase 1: sketch
     def configure_sketch(self, node_ids: list[int]) -> dict[int, RecordDict]:
-        seed_rec = torch_state_to_record(self.seed_model.state_dict())
-        seed_cfg = ConfigRecord({"vit": json.dumps(self.seed_model.cfg.to_dict())})
+        seed_rec, seed_cfg = seed_payload(self.seed_model)
         return {nid: RecordDict({"seed": seed_rec, "seed-config": seed_cfg}) for nid in node_ids}
 
     def aggregate_sketch(self, fed: Federation, nid: int, content: RecordDict):
@@ -169,8 +168,8 @@ class MetaMoE(Strategy):
 
     # ---------------------------------------------------------------- phase 5: evaluate
     def configure_evaluate(self, fed: Federation, moe: MoEViT, extra: dict) -> dict:
-        state = torch_state_to_record(moe.state_dict())
-        conf = ConfigRecord({"moe": json.dumps({"vit": moe.cfg.to_dict(),
+        state = torch_state_to_record(shipped_state(moe))
+        conf = ConfigRecord({"moe": json.dumps({"model": moe.cfg.to_dict(),
                                                 "moe": moe.moe_cfg.to_dict(), **extra})})
         return {nid: RecordDict({"moe": state, "config": conf}) for nid in fed.clients}
 
@@ -248,8 +247,8 @@ class MetaMoE(Strategy):
             with fed.phase("unify"):
                 moe = self.unify(experts, self.unify_data(used))
             if ck:
-                ck.save("unify", {k: v.detach().numpy() for k, v in moe.state_dict().items()},
-                        {"vit": moe.cfg.to_dict(), "moe": moe.moe_cfg.to_dict()})
+                ck.save("unify", {k: v.detach().numpy() for k, v in shipped_state(moe).items()},
+                        {"model": moe.cfg.to_dict(), "moe": moe.moe_cfg.to_dict()})
         extra["lambdas"] = moe.lambdas()
         domains = {d.name: list(map(int, d.classes)) for d in self.bench.domains}
         model_extra = {"class_names": list(self.bench.class_names), "domains": domains}
