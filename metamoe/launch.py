@@ -123,6 +123,8 @@ def launch(benchmark: str = "vision", method: str = "metamoe", experiment: str =
     env = _env(flwr_home, _free_port(), launch_id)
     say = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
     say(f"[launch] flwr run {app_dir} ({k} simulated clients) run-id {run_id}")
+    log_tail = ""
+    log_file = flwr_home / "run.log"
     try:
         res = subprocess.run(["flwr", "run", str(app_dir), "--format", "json",
                               "--federation-config", fed_cfg, "--run-config", str(rc_file)],
@@ -132,15 +134,19 @@ def launch(benchmark: str = "vision", method: str = "metamoe", experiment: str =
         except (ValueError, KeyError):
             raise RuntimeError(f"flwr run failed (exit {res.returncode}):\n{res.stdout}\n"
                                f"{res.stderr}") from None
-        log_proc = subprocess.Popen(["flwr", "log", str(flwr_run_id)], env=env,
-                                    stdout=None if not quiet else subprocess.DEVNULL,
-                                    stderr=subprocess.STDOUT)
-        try:
-            log_proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            log_proc.kill()
-            raise RuntimeError(f"run {flwr_run_id} did not finish within {timeout:.0f}s") from None
+        with open(log_file, "w") as sink:  # quiet: the log is kept for the error message
+            log_proc = subprocess.Popen(["flwr", "log", str(flwr_run_id)], env=env,
+                                        stdout=None if not quiet else sink,
+                                        stderr=subprocess.STDOUT)
+            try:
+                log_proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                log_proc.kill()
+                raise RuntimeError(f"run {flwr_run_id} did not finish within {timeout:.0f}s") \
+                    from None
         status = _status(flwr_run_id, env)
+        if quiet and status != "finished:completed":
+            log_tail = "\n".join(log_file.read_text(errors="replace").splitlines()[-40:])
     finally:
         left = stop_processes(launch_id)
         if left:
@@ -149,8 +155,9 @@ def launch(benchmark: str = "vision", method: str = "metamoe", experiment: str =
             shutil.rmtree(flwr_home, ignore_errors=True)
     run_dir = out / run_id
     if status != "finished:completed":
+        where = f"last lines of its log:\n{log_tail}" if quiet else "see the log above"
         raise RuntimeError(f"run {flwr_run_id} ended as {status!r}, not finished:completed "
-                           f"(see the log above)")
+                           f"({where})")
     if not (run_dir / "metrics.json").exists():
         raise RuntimeError(f"run {flwr_run_id} completed but wrote no {run_dir}/metrics.json")
     return run_dir

@@ -75,6 +75,15 @@ def _build(b: dict) -> VisionBenchmark:
         bench = build_text_benchmark(load_tokenizer(b["tokenizer"]), int(b["max_len"]),
                                      seed=b["data_seed"], max_train=b["max_train"],
                                      max_test=b["max_test"], domains=tuple(b["domains"]))
+    elif b["kind"] == "hf_qa":
+        from metamoe.data.hf_text import build_hf_qa_benchmark
+        from metamoe.models.causal import load_lm_tokenizer
+
+        bench = build_hf_qa_benchmark(load_lm_tokenizer(b["tokenizer"]), int(b["max_len"]),
+                                      domains=tuple(b["domains"]), max_train=b["max_train"],
+                                      max_test=b["max_test"], max_pool=b["max_pool"],
+                                      data_dir=b["data_dir"])
+        return bench  # max_pool is Alpaca's row limit (its first rows, as the paper's order)
     elif b["kind"] == "vision":
         bench = build_vision_benchmark(seed=b["data_seed"], max_train=b["max_train"],
                                        max_test=b["max_test"], domains=tuple(b["domains"]))
@@ -92,7 +101,7 @@ def _build(b: dict) -> VisionBenchmark:
 def load_benchmark(cfg: DictConfig) -> VisionBenchmark:
     cache = cfg.run.cache_dir or os.environ.get("METAMOE_CACHE_DIR", "")
     b = OmegaConf.to_container(cfg.benchmark, resolve=True)
-    if b["kind"] == "text":  # texts are tokenised when the benchmark is built
+    if b["kind"] in ("text", "hf_qa"):  # texts are tokenised when the benchmark is built
         b.update(tokenizer=cfg.model.encoder, max_len=int(cfg.model.max_len))
     return _load(json.dumps(b, sort_keys=True), cache)
 

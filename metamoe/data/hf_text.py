@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 __all__ = [
@@ -546,3 +547,44 @@ def choice_predictions(logits: torch.Tensor, choice_ids: torch.Tensor) -> torch.
     """Argmax over the valid letters only: ``logits`` [N, V] (last position) -> [N] letter index
     (compare with ``NextTokenEncoding.label_choice``)."""
     return logits[:, choice_ids.to(logits.device)].argmax(dim=-1)
+
+
+# ----------------------------------------------------------------------------- benchmark
+
+
+def build_hf_qa_benchmark(tokenizer, max_len: int, domains: Sequence[str] = DOMAINS,
+                          max_train: int = 10_000, max_test: int = -1, max_pool: int = -1,
+                          data_dir: str = ""):
+    """The paper's NLP benchmark: QA client domains (train: the first ``max_train`` rows of the
+    train split; test: the validation split) and Alpaca as the public pool, tokenised for
+    next-token classification with a causal LM (:func:`encode_next_token`).
+
+    ``data_dir`` holds local files in the hub schemas (``<domain>/{train,validation}.*`` and
+    ``alpaca/train.*``); empty: the HF hub. Labels are vocabulary ids (answer letters; the first
+    response token for Alpaca), each domain evaluated over its own letters.
+    """
+    from metamoe.data.vision import Domain, VisionBenchmark
+
+    def src(name: str) -> str | None:
+        return str(Path(data_dir) / name) if data_dir else None
+
+    def lim(n: int) -> int | None:
+        return None if n < 0 else n
+
+    doms = []
+    for name in domains:
+        dom = canonical_domain(name)
+        tr = load_qa_domain(dom, "train", lim(max_train), src(dom))
+        te = load_qa_domain(dom, "validation", lim(max_test), src(dom))
+        k = NUM_CHOICES[dom]
+        etr = encode_next_token(tokenizer, tr.prompts, tr.answers, max_len, num_choices=k)
+        ete = encode_next_token(tokenizer, te.prompts, te.answers, max_len, num_choices=k)
+        doms.append(Domain(dom, etr.input_ids.numpy(), etr.labels.numpy(), ete.input_ids.numpy(),
+                           ete.labels.numpy(), [int(c) for c in etr.choice_ids],
+                           f"{dom} ({tr.source}), {k} choices"))
+    pool = load_alpaca(lim(max_pool), src("alpaca"))
+    enc = encode_next_token(tokenizer, pool.prompts, [r if r.strip() else "." for r in
+                                                      pool.responses], max_len)
+    names = [str(t) for t in tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))]
+    return VisionBenchmark("hf_qa", doms, enc.input_ids.numpy(), enc.labels.numpy(),
+                           np.asarray(["alpaca"] * len(pool)), class_names=names)

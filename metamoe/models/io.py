@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from metamoe.models.causal import CausalConfig, CausalLMChoice
 from metamoe.models.moe import MoEConfig, moe_class
 from metamoe.models.text import TextClassifier, TextConfig
 from metamoe.models.vit import ViT, ViTConfig
@@ -27,8 +28,9 @@ MOE_FORMAT = "metamoe-moe/1"
 
 
 def seed_config(d: dict):
-    """ViTConfig or TextConfig from its dict."""
-    return TextConfig(**d) if d.get("arch", "vit") == "bert" else ViTConfig(**d)
+    """ViTConfig, TextConfig or CausalConfig from its dict."""
+    arch = d.get("arch", "vit")
+    return {"bert": TextConfig, "causal": CausalConfig}.get(arch, ViTConfig)(**d)
 
 
 def model_config(conf: dict) -> dict:
@@ -93,7 +95,8 @@ def moe_from_state(state: dict[str, torch.Tensor], config: dict) -> nn.Module:
 def seed_from_state(state: dict[str, torch.Tensor], config: dict) -> nn.Module:
     """Rebuild M0 from a (shipped) state dict + its architecture dict."""
     arch = seed_config(config)
-    model = TextClassifier(arch) if isinstance(arch, TextConfig) else ViT(arch)
+    cls = {TextConfig: TextClassifier, CausalConfig: CausalLMChoice}.get(type(arch), ViT)
+    model = cls(arch)
     return _load(model, state, "seed model")
 
 

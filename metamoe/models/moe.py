@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from metamoe.models.causal import CausalConfig, CausalLMChoice
 from metamoe.models.text import TextClassifier, TextConfig
 from metamoe.models.vit import FFN, ViT, ViTConfig
 
@@ -64,7 +65,9 @@ class MoEFFN(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.fc1, self.fc2 = base.fc1, base.fc2
-        for p in list(self.fc1.parameters()) + list(self.fc2.parameters()):
+        self.gate = getattr(base, "gate", None)  # gated FFN (LLaMA family): M0's gate_proj
+        self.act = getattr(base, "act", F.gelu)
+        for p in self.parameters():
             p.requires_grad_(False)
         k, r = cfg.num_experts, cfg.rank
         d, h = self.fc1.in_features, self.fc1.out_features
@@ -97,13 +100,16 @@ class MoEFFN(nn.Module):
         A1, B1, A2, B2 = self.A1[idx], self.B1[idx], self.A2[idx], self.B2[idx]
         h = self.fc1(z).unsqueeze(0) + torch.einsum(
             "btd,krd,khr->kbth", z, A1, B1) * self.scale
-        a = F.gelu(h)
+        a = self._act(z, h)
         return self.fc2(a) + torch.einsum("kbth,krh,kdr->kbtd", a, A2, B2) * self.scale
+
+    def _act(self, z: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        return self.act(self.gate(z)) * h if self.gate is not None else self.act(h)
 
     def _expert(self, z: torch.Tensor, p: int) -> torch.Tensor:
         """Expert p's FFN on tokens z [..., d] (any leading shape)."""
         h = self.fc1(z) + (z @ self.A1[p].t()) @ self.B1[p].t() * self.scale
-        a = F.gelu(h)
+        a = self._act(z, h)
         return self.fc2(a) + (a @ self.A2[p].t()) @ self.B2[p].t() * self.scale
 
     def gate_input(self, z: torch.Tensor) -> torch.Tensor:
@@ -127,7 +133,7 @@ class MoEFFN(nn.Module):
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         if self.forced is not None:
             if self.forced < 0:
-                return self.fc2(F.gelu(self.fc1(z)))
+                return self.fc2(self._act(z, self.fc1(z)))
             return self._expert(z, self.forced)
         probs = self.gate_probs(z)  # [B, T, K]
         topv, topi = probs.topk(self.cfg.top_k, dim=-1)
@@ -212,9 +218,19 @@ class MoEText(MoEMixin, TextClassifier):
             layer.intermediate.mlp = MoEFFN(layer.intermediate.mlp, moe_cfg)
 
 
+class MoECausal(MoEMixin, CausalLMChoice):
+    """The causal-LM M0 with every (gated) MLP replaced by a :class:`MoEFFN`."""
+
+    def __init__(self, lm_cfg: CausalConfig, moe_cfg: MoEConfig):
+        super().__init__(lm_cfg)
+        self.moe_cfg = moe_cfg
+        for layer in self.lm.model.layers:
+            layer.mlp = MoEFFN(layer.mlp, moe_cfg)
+
+
 def moe_class(seed_cfg) -> type:
-    """The MoE model class for a seed model's config (ViTConfig / TextConfig)."""
-    return MoEText if getattr(seed_cfg, "arch", "vit") == "bert" else MoEViT
+    """The MoE model class for a seed model's config (ViT / Text / CausalConfig)."""
+    return {"bert": MoEText, "causal": MoECausal}.get(getattr(seed_cfg, "arch", "vit"), MoEViT)
 
 
 def build_moe(seed: nn.Module, moe_cfg: MoEConfig, experts: list[dict[str, torch.Tensor]],

@@ -37,18 +37,36 @@ class ViTConfig:
         return (self.image_size // self.patch_size) ** 2 + 1
 
 
+def activation(name: str):
+    """The FFN nonlinearity by name (exact GELU by default, as BERT and this ViT use)."""
+    if name == "gelu":
+        return F.gelu
+    if name == "silu":
+        return F.silu
+    from transformers.activations import ACT2FN  # e.g. "gelu_pytorch_tanh" (Gemma)
+
+    return ACT2FN[name]
+
+
 class FFN(nn.Module):
-    """The FFN sublayer: fc2(gelu(fc1(x)))."""
+    """The FFN sublayer: ``fc2(act(fc1(x)))``, or gated (LLaMA-style SwiGLU) when ``gate`` is
+    set: ``fc2(act(gate(x)) * fc1(x))`` with fc1 = up_proj, gate = gate_proj, fc2 = down_proj.
+    LoRA experts adapt ``fc1`` and ``fc2``; a gate projection stays M0's."""
 
     token_mask = None  # [B, T] real tokens, set per forward by models with padding (text)
 
-    def __init__(self, dim: int, hidden: int):
+    def __init__(self, dim: int, hidden: int, act: str = "gelu", gated: bool = False):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden)
         self.fc2 = nn.Linear(hidden, dim)
+        self.gate = nn.Linear(dim, hidden, bias=False) if gated else None
+        self.act_name = act
+        self.act = activation(act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x)))
+        h = self.fc1(x)
+        a = self.act(self.gate(x)) * h if self.gate is not None else self.act(h)
+        return self.fc2(a)
 
 
 class Attention(nn.Module):

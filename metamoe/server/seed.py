@@ -50,7 +50,7 @@ def seed_key(cfg: DictConfig) -> str:
 
 def get_seed_model(cfg: DictConfig, bench: VisionBenchmark) -> tuple[ViT, np.ndarray, dict]:
     """(M0, L2-unnormalised pool features [N0, d], info) — from cache or built now."""
-    if cfg.model.arch == "bert":
+    if cfg.model.arch in ("bert", "causal"):
         return _text_seed(cfg, bench)
     key = seed_key(cfg)
     path = cache_dir(cfg) / f"seed-{key}.safetensors"
@@ -83,15 +83,22 @@ def get_seed_model(cfg: DictConfig, bench: VisionBenchmark) -> tuple[ViT, np.nda
 
 
 def _text_seed(cfg: DictConfig, bench: VisionBenchmark) -> tuple[TextClassifier, np.ndarray, dict]:
-    """Text M0: the public encoder + a head trained on the pool's sentence embeddings."""
+    """Text M0: the public encoder + a head trained on the pool's sentence embeddings; or a
+    public causal LM as it is (no part of it is trained: its output is the next token)."""
     m = cfg.model
-    model = TextClassifier(TextConfig(encoder=m.encoder, layers=int(m.layers),
-                                      max_len=int(m.max_len), num_classes=bench.num_classes))
+    if m.arch == "causal":
+        from metamoe.models.causal import CausalConfig, CausalLMChoice
+
+        model = CausalLMChoice(CausalConfig(encoder=m.encoder, layers=int(m.layers),
+                                            max_len=int(m.max_len)))
+    else:
+        model = TextClassifier(TextConfig(encoder=m.encoder, layers=int(m.layers),
+                                          max_len=int(m.max_len), num_classes=bench.num_classes))
     # Pool embeddings depend on the encoder and the pool only (not on the seed or the head).
     feat_key = config_hash({"encoder": encoder_fingerprint(m.encoder), "layers": int(m.layers),
                             "benchmark": config_hash(cfg.benchmark), "max_len": int(m.max_len),
                             "n": len(bench.pool_x)})
-    feat_path = cache_dir(cfg) / f"pool-text-{feat_key}.npy"
+    feat_path = cache_dir(cfg) / f"pool-{m.arch}-{feat_key}.npy"
     info: dict = {"cache_key": feat_key, "encoder": m.encoder,
                   "encoder_fingerprint": model.cfg.fingerprint}
     if feat_path.exists():
@@ -105,6 +112,9 @@ def _text_seed(cfg: DictConfig, bench: VisionBenchmark) -> tuple[TextClassifier,
         feats = features(model, bench.pool_x, "cls", batch_size=256)
         _atomic_save(feat_path, lambda p: np.save(p, feats))
         info.update(pool_features_cached=False, pool_embed_seconds=time.perf_counter() - t0)
+    if m.arch == "causal":
+        model.eval()
+        return model, feats, info
     seed_everything(int(cfg.run.seed))
     torch.nn.init.zeros_(model.head.bias)
     hist = train(model.head, torch.from_numpy(feats), torch.from_numpy(bench.pool_y),
