@@ -14,7 +14,9 @@ Writes ``results/compare-<bench>/``:
 * ``accuracy_per_domain.png`` and ``accuracy_vs_upload.png`` (matplotlib, Agg).
 
 Rows are the method names (``zero_shot``, ``btx``, ``fedavg``, ...) and ``metamoe[<exp>]`` for
-the ablations in ``conf/experiment/``.
+the ablations in ``conf/experiment/``. With ``--references`` a plain ``metamoe`` row also brings
+its run's own seed model and single experts (``metamoe/zero_shot``, ``metamoe/expert[<name>]``),
+e.g. ``python -m metamoe.compare --benchmark text --seeds 3 --methods metamoe --references``.
 
 Design (the 45-minute budget for vision, 1 seed, on 2 cores): every ``flwr run`` pays ~15-20 s
 of start-up and the client phases dominate, so rows that can share client phases are produced
@@ -126,10 +128,26 @@ def run_id(job: Job, benchmark: str, seed: int, overrides: str) -> str:
     return f"{tag}-s{seed}-{config_hash(key)}"
 
 
-def rows_of(metrics: dict, job: Job) -> dict[str, dict]:
-    """The rows a finished run reports (its own ``rows``, or its top-level accuracy)."""
+def reference_rows(metrics: dict, prefix: str) -> dict[str, dict]:
+    """A run's own references as rows: its seed model M0 and each single expert, evaluated on
+    every domain in the same run (``<prefix>/zero_shot``, ``<prefix>/expert[<name>]``)."""
+    refs = metrics.get("references") or {}
+    out = {}
+    if "zero_shot" in refs:
+        out[f"{prefix}/zero_shot"] = refs["zero_shot"]
+    for name, acc in (refs.get("experts") or {}).items():
+        out[f"{prefix}/expert[{name}]"] = acc
+    return {r: {"accuracy": acc, "upload_bytes": {}, "private": True, "rounds": 1}
+            for r, acc in out.items()}
+
+
+def rows_of(metrics: dict, job: Job, references: bool = False) -> dict[str, dict]:
+    """The rows a finished run reports (its own ``rows``, or its top-level accuracy); with
+    ``references`` also the seed model and single experts of a plain ``metamoe`` run."""
     got = metrics.get("rows") or {}
     out = {}
+    if references and job.rows == ["metamoe"] and job.method == "metamoe":
+        out.update(reference_rows(metrics, "metamoe"))
     for r in job.rows:
         if r in got:
             row = got[r]
@@ -144,7 +162,7 @@ def rows_of(metrics: dict, job: Job) -> dict[str, dict]:
         else:
             raise RuntimeError(f"run of {job.method} has no row {r!r}")
         out[r] = row
-    return out
+    return dict(sorted(out.items(), key=lambda kv: "/" in kv[0]))  # the method's row first
 
 
 def aggregate(per_seed: dict[str, list[dict]], domains: list[str]) -> dict[str, dict]:
@@ -252,7 +270,8 @@ def write_plots(out: Path, table: dict, domains: list[str]) -> list[Path]:
 
 def compare(benchmark: str = "vision", seeds: int = 1, methods: list[str] | None = None,
             output_dir: str | None = None, cache_dir: str | None = None, share: bool = True,
-            overrides: str = "", timeout: float = 3600.0, quiet: bool = False) -> Path:
+            overrides: str = "", timeout: float = 3600.0, quiet: bool = False,
+            references: bool = False) -> Path:
     from metamoe.launch import launch
 
     rows = list(methods or DEFAULT_ROWS)
@@ -285,9 +304,10 @@ def compare(benchmark: str = "vision", seeds: int = 1, methods: list[str] | None
                     continue
                 timing[rid] = round(time.perf_counter() - t0, 1)
             metrics = json.loads((run_dir / "metrics.json").read_text())
-            for r, row in rows_of(metrics, job).items():
+            for r, row in rows_of(metrics, job, references).items():
                 per_seed.setdefault(r, []).append({**row, "_run": rid})
     ordered = {r: per_seed[r] for r in rows if r in per_seed}
+    ordered.update({r: v for r, v in per_seed.items() if r not in ordered})  # reference rows
     table = aggregate(ordered, domains)
     for r, why in failed.items():
         if r not in table:
@@ -319,6 +339,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-share", action="store_true",
                     help="run every row alone (no suite runs sharing client phases)")
     ap.add_argument("--timeout", type=float, default=3600.0)
+    ap.add_argument("--references", action="store_true",
+                    help="also tabulate the metamoe run's own seed model and single experts "
+                         "(rows metamoe/zero_shot, metamoe/expert[<name>])")
     a = ap.parse_args(argv)
     if a.seeds < 1:
         print("--seeds must be >= 1", file=sys.stderr)
@@ -327,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         out = compare(a.benchmark, a.seeds, methods, a.output_dir,
                       a.cache_dir or os.environ.get("METAMOE_CACHE_DIR"), not a.no_share,
-                      a.overrides, a.timeout)
+                      a.overrides, a.timeout, references=a.references)
     except ConfigError as e:
         print(f"configuration error: {e}", file=sys.stderr)
         return 2

@@ -4,12 +4,29 @@ import json
 
 import pytest
 
-from metamoe.compare import DEFAULT_ROWS, compare, parse_row, plan, run_id
+from metamoe.compare import DEFAULT_ROWS, Job, aggregate, compare, parse_row, plan, rows_of, run_id
 
 
 def test_parse_row():
     assert parse_row("metamoe[no_pa]") == ("metamoe", "no_pa")
     assert parse_row("btx") == ("btx", "")
+
+
+def test_reference_rows_come_only_with_a_plain_metamoe_run():
+    acc = {"average": 0.5, "per_domain": {"a": 0.4, "b": 0.6}}
+    metrics = {"accuracy": acc, "upload_bytes": {"a": 10, "b": 20},
+               "references": {"zero_shot": {"average": 0.3, "per_domain": {"a": 0.2, "b": 0.4}},
+                              "experts": {"a": {"average": 0.45,
+                                                "per_domain": {"a": 0.5, "b": 0.4}}}}}
+    rows = rows_of(metrics, Job("metamoe", "", ["metamoe"]), references=True)
+    assert list(rows) == ["metamoe", "metamoe/zero_shot", "metamoe/expert[a]"]
+    assert rows["metamoe/expert[a]"]["accuracy"]["per_domain"] == {"a": 0.5, "b": 0.4}
+    assert list(rows_of(metrics, Job("metamoe", "", ["metamoe"]))) == ["metamoe"]
+    assert list(rows_of(metrics, Job("metamoe", "no_pa", ["metamoe[no_pa]"]),
+                        references=True)) == ["metamoe[no_pa]"]
+    table = aggregate({r: [{**v, "_run": "x"}] for r, v in rows.items()}, ["a", "b"])
+    assert table["metamoe/zero_shot"]["average"] == 0.3
+    assert table["metamoe/zero_shot"]["upload_bytes"] == 0 and table["metamoe"]["upload_bytes"] == 15
 
 
 def test_plan_shares_client_phases_only_when_asked():
