@@ -102,25 +102,29 @@ def train(
     lengths = None
     if cfg.group_by_length and cfg.shuffle and _inference_order(model, x) is not None:
         lengths = (x != getattr(getattr(model, "cfg", None), "pad_id", 0)).sum(1)
-    for epoch in range(cfg.epochs):
-        order = torch.randperm(n, generator=gen) if cfg.shuffle else torch.arange(n)
-        batches = [order[s * cfg.batch_size:(s + 1) * cfg.batch_size] for s in range(steps)]
-        if lengths is not None:
-            batches = _length_grouped(order, lengths, cfg.batch_size, gen)
-        total, seen = 0.0, 0
-        for s, idx in enumerate(batches):
-            loss = loss_fn(model, x[idx], y[idx])
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"{desc}: non-finite loss at epoch {epoch} step {s}")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total += float(loss.detach()) * len(idx)
-            seen += len(idx)
-        epoch_loss = total / seen
-        if log_every and (epoch + 1) % log_every == 0:
-            log.info("%s epoch %d/%d loss %.4f (%.1fs)", desc, epoch + 1, cfg.epochs,
-                     epoch_loss, time.perf_counter() - t0)
+    # Dropout (text encoders) draws from torch's global RNG: seed it too, inside a fork, so a
+    # run depends only on (config, data, seed), not on what ran before in this process.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for epoch in range(cfg.epochs):
+            order = torch.randperm(n, generator=gen) if cfg.shuffle else torch.arange(n)
+            batches = [order[s * cfg.batch_size:(s + 1) * cfg.batch_size] for s in range(steps)]
+            if lengths is not None:
+                batches = _length_grouped(order, lengths, cfg.batch_size, gen)
+            total, seen = 0.0, 0
+            for s, idx in enumerate(batches):
+                loss = loss_fn(model, x[idx], y[idx])
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"{desc}: non-finite loss at epoch {epoch} step {s}")
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                total += float(loss.detach()) * len(idx)
+                seen += len(idx)
+            epoch_loss = total / seen
+            if log_every and (epoch + 1) % log_every == 0:
+                log.info("%s epoch %d/%d loss %.4f (%.1fs)", desc, epoch + 1, cfg.epochs,
+                         epoch_loss, time.perf_counter() - t0)
     model.eval()
     return {"loss": epoch_loss, "seconds": time.perf_counter() - t0, "examples": n}
 

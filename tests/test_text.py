@@ -211,3 +211,19 @@ def test_paper_qa_setting_with_a_causal_lm_end_to_end(tmp_path, cache_dir, tiny_
     assert m["config"]["model"]["arch"] == "causal" and not m["missing"]
     assert all(0.0 <= v <= 1.0 for v in m["accuracy"]["per_domain"].values())
     assert json.loads((run_dir / "config.json").read_text())["model"]["arch"] == "causal"
+
+
+def test_training_with_dropout_depends_only_on_the_seed(minilm, ids):
+    """BERT's dropout draws from torch's global RNG; train() seeds it, so an expert does not
+    depend on what ran before in the (long-lived) client process."""
+    losses, states = [], []
+    for noise in (1, 7):
+        torch.manual_seed(0)
+        ex = inject_ffn_lora(copy.deepcopy(minilm), rank=4, alpha=8.0)
+        torch.rand(noise)  # a different global RNG state before training
+        h = train(ex, ids, torch.tensor([0, 1, 2, 3]),
+                  OptimConfig(optimizer="adam", lr=1e-2, epochs=2, batch_size=2), seed=5)
+        losses.append(h["loss"])
+        states.append(lora_state_dict(ex))
+    assert losses[0] == losses[1]
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])

@@ -1,11 +1,11 @@
 """The seed model M0 and the pool embeddings, built once on public data and cached.
 
 Vision: no pretrained vision weights for 28x28 images install offline, so the server pre-trains
-M0 on the public pool D0 (public data only) with the shared training loop. Text: M0 is the
-public pretrained encoder (frozen) with a linear head the server trains on D0's own labels,
-over the pool's sentence embeddings (which do not depend on the seed and are cached once). The checkpoint and the
-pool's M0 features are cached under ``run.cache_dir`` keyed by a hash of everything they
-depend on (benchmark, model, pre-training config, seed). Clients receive M0 through Flower
+M0 on the public pool D0 (public data only) with the shared training loop; the checkpoint and
+the pool's M0 features are cached under ``run.cache_dir`` keyed by a hash of everything they
+depend on (benchmark, model, pre-training config, seed). Text: M0 is the public pretrained
+encoder (frozen) with a linear head the server trains on D0's own labels over the pool's
+sentence embeddings, which depend on the encoder and the pool only and are cached once. Clients receive M0 through Flower
 messages, never through this cache.
 """
 
