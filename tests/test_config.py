@@ -59,3 +59,13 @@ def test_resolved_config_is_read_only():
 
     with pytest.raises(ReadonlyConfigError):
         cfg.expert.epochs = 100
+
+
+@pytest.mark.parametrize("method", ["fedavg", "fedavg_moe", "fedalign_moe", "ddome"])
+def test_benchmark_sets_the_fl_budget_methods_do_not_override_it(method):
+    """Method files describe the method; the benchmark file's fl budget (rounds, epochs, lr)
+    applies, and without one the schema default (4 x 2) does."""
+    tiny = resolve_config({"benchmark": "tiny", "method": method})
+    assert (tiny.fl.rounds, tiny.fl.epochs) == (2, 1)
+    vision = resolve_config({"benchmark": "vision", "method": method})
+    assert (vision.fl.rounds, vision.fl.epochs, vision.fl.lr) == (4, 2, 3e-3)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from metamoe.proxy import dpp
 from metamoe.proxy.dpp import greedy_dpp, greedy_dpp_batch, logdet
 from metamoe.proxy.embeddings import l2_normalize
 
@@ -112,3 +113,137 @@ def test_invalid_inputs() -> None:
         greedy_dpp(np.full((3, 2), np.nan), None, 1)
     with pytest.raises(ValueError, match="r must"):
         greedy_dpp(z, r[:3], 2)
+
+
+# --- blocked lazy greedy (the default loop) against the plain loop (block=1) and brute force ---
+
+# (block, list_rows): tiny lists and blocks force every path (list growth, full lists,
+# activation of dormant rows, early block ends, deflation); (64, 256) is the default
+BLOCKINGS = [(2, 1), (3, 2), (5, 4), (64, 256)]
+
+
+def _blocked(z, r, m: int, block: int, list_rows: int, eps: float = 1e-6, dtype: type = np.float64):
+    z = np.asarray(z, dtype=dtype)
+    r = np.ones(len(z), dtype=dtype) if r is None else np.asarray(r, dtype=dtype)
+    with dpp._one_blas_thread():
+        return dpp._greedy_blocked(z, r, m, eps, block, list_rows)
+
+
+def _spread_problem(seed: int, n: int, d: int) -> tuple[np.ndarray, np.ndarray]:
+    """Clustered rows with relevance spread over decades (most rows start dormant) and a few r = 0."""
+    z, _ = _problem(seed, n, d)
+    rng = np.random.default_rng(seed + 100)
+    r = np.exp(-6.0 * rng.random(n))
+    r[rng.random(n) < 0.05] = 0.0
+    return z, r
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("blocking", BLOCKINGS)
+def test_blocked_matches_brute_force(seed: int, blocking: tuple[int, int]) -> None:
+    z, r = _problem(seed, n=40, d=12)
+    for m in (10, 20):  # 20 > d: deflation down to rank exhaustion
+        assert _blocked(z, r, m, *blocking).indices.tolist() == _brute_force_greedy(z, r, m)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("blocking", BLOCKINGS)
+def test_blocked_equals_plain(dtype: type, blocking: tuple[int, int]) -> None:
+    """Same picks as the one-GEMV-per-pick loop, below and past the rank, with spread relevance."""
+    cases = [
+        (_problem(1, n=500, d=24), 15),  # m < d: no deflation
+        (_problem(2, n=500, d=24), 60),  # m > d: stops at the rank
+        (_spread_problem(3, n=600, d=20), 40),  # dormant rows activated late, r = 0 rows
+        ((_spread_problem(4, n=300, d=16)[0], None), 16),  # plain DPP: all rows active at once
+    ]
+    for (z, r), m in cases:
+        plain = greedy_dpp(z, r, m, dtype=dtype, block=1)
+        got = _blocked(z, r, m, *blocking, dtype=dtype)
+        assert got.indices.tolist() == plain.indices.tolist()
+        tol = 1e-9 if dtype == np.float64 else 2e-5
+        np.testing.assert_allclose(got.gains, plain.gains, rtol=tol, atol=tol)
+
+
+def test_default_is_blocked_and_matches_plain_float32_large() -> None:
+    """A benchmark-like float32 problem (n >> list, m > d) through the public API."""
+    rng = np.random.default_rng(5)
+    centres = rng.normal(size=(16, 48))
+    z = l2_normalize(centres[rng.integers(16, size=4000)] + 0.7 * rng.normal(size=(4000, 48)))
+    r = (1.0 / (1.0 + np.exp(-(z @ rng.normal(size=48)) * 4.0))).astype(np.float32)
+    got = greedy_dpp(z, r, 100)
+    plain = greedy_dpp(z, r, 100, block=1)
+    assert len(got.indices) == 48  # rank exhausted
+    assert np.array_equal(got.indices, plain.indices)
+
+
+@pytest.mark.parametrize("blocking", BLOCKINGS)
+def test_blocked_exact_ties_go_to_smaller_index(blocking: tuple[int, int]) -> None:
+    """Orthogonal unit rows (shuffled, each repeated) all tie at d2 = 1 at every step."""
+    rng = np.random.default_rng(0)
+    d = 12
+    labels = rng.permutation(np.repeat(np.arange(d), 7))
+    z = np.eye(d)[labels]
+    first = sorted(int(np.flatnonzero(labels == k)[0]) for k in range(d))
+    for dtype in (np.float64, np.float32):
+        assert _blocked(z, None, 30, *blocking, dtype=dtype).indices.tolist() == first
+        assert greedy_dpp(z, None, 30, dtype=dtype, block=1).indices.tolist() == first
+
+
+@pytest.mark.parametrize("blocking", BLOCKINGS)
+def test_blocked_duplicates_pick_first_copy(blocking: tuple[int, int]) -> None:
+    """Many exact copies (more than the list holds): the greedy over the distinct rows, first copies."""
+    rng = np.random.default_rng(1)
+    base = l2_normalize(rng.normal(size=(9, 16)))
+    base_r = rng.uniform(0.2, 1.0, size=9)
+    labels = rng.integers(9, size=400)
+    z, r = base[labels], base_r[labels]
+    first = np.array([np.flatnonzero(labels == k)[0] for k in range(9)])
+    expected = first[greedy_dpp(base, base_r, 20, dtype=np.float64, block=1).indices].tolist()
+    for dtype in (np.float64, np.float32):
+        assert _blocked(z, r, 20, *blocking, dtype=dtype).indices.tolist() == expected
+        assert greedy_dpp(z, r, 20, dtype=dtype, block=1).indices.tolist() == expected
+
+
+@pytest.mark.parametrize("blocking", BLOCKINGS)
+def test_blocked_early_stop(blocking: tuple[int, int]) -> None:
+    """A large eps stops the greedy once the best conditional variance drops below it."""
+    z, r = _problem(9, n=60, d=10)
+    for eps in (0.05, 0.2):
+        got = _blocked(z, r, 30, *blocking, eps=eps)
+        assert got.indices.tolist() == _brute_force_greedy(z, r, 30, eps=eps)
+        assert 0 < len(got.indices) < 10 and (got.gains >= eps).all()
+        assert got.indices.tolist() == greedy_dpp(z, r, 30, eps=eps, dtype=np.float64, block=1).indices.tolist()
+
+
+@pytest.mark.parametrize("blocking", BLOCKINGS)
+def test_blocked_edge_cases(blocking: tuple[int, int]) -> None:
+    zeros = np.zeros((5, 4))
+    assert _blocked(zeros, None, 3, *blocking).indices.size == 0
+    assert _blocked(np.ones((1, 3)), None, 4, *blocking).indices.tolist() == [0]
+    z, r = _problem(2, n=12, d=20)  # n < d: every row picked, m clamped to n
+    got = _blocked(z, r, 50, *blocking)
+    assert sorted(got.indices.tolist()) == list(range(12))
+    assert got.indices.tolist() == greedy_dpp(z, r, 50, dtype=np.float64, block=1).indices.tolist()
+    assert _blocked(z, np.zeros(12), 3, *blocking).indices.size == 0
+
+
+def test_batch_blocked_and_plain() -> None:
+    """Batched over clients, either loop gives each client's standalone result."""
+    problems = [_spread_problem(s, n=300 + 50 * s, d=16) for s in range(4)]
+    problems.append((problems[0][0], None))
+    for block in (1, 4, 64):
+        for workers in (1, 2):
+            batched = greedy_dpp_batch(problems, 20, workers=workers, block=block)
+            for (z, r), got in zip(problems, batched):
+                single = greedy_dpp(z, r, 20, block=block)
+                assert np.array_equal(got.indices, single.indices)
+                assert np.array_equal(got.gains, single.gains)
+    plain = greedy_dpp_batch(problems, 20, block=1, dtype=np.float64)
+    blocked = greedy_dpp_batch(problems, 20, dtype=np.float64)
+    assert all(np.array_equal(a.indices, b.indices) for a, b in zip(plain, blocked))
+
+
+def test_invalid_block() -> None:
+    z, r = _problem(0, n=10, d=4)
+    with pytest.raises(ValueError, match="block"):
+        greedy_dpp(z, r, 2, block=0)

@@ -198,9 +198,12 @@ def retrieve_candidates(
             for i, ids_i in zip(rest, found):
                 supersets[i] = ids_i
     out = []
+    # No pre-filter (n + slack >= N): every client's superset is the whole pool, so the pool is
+    # normalised once and shared instead of gathered and normalised per client.
+    shared = l2_normalize(pool_emb, dtype=dtype) if p == n_rows else None
     for sk, sup in zip(sketches, supersets):
         sup = np.sort(np.asarray(sup, dtype=np.int64))
-        u = l2_normalize(pool_emb[sup], dtype=dtype)
+        u = shared if shared is not None else l2_normalize(pool_emb[sup], dtype=dtype)
         keys = sketch_keys(u, sk)
         order = np.lexsort((sup, -keys))[:n]
         out.append(
