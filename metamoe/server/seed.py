@@ -5,8 +5,8 @@ M0 on the public pool D0 (public data only) with the shared training loop; the c
 the pool's M0 features are cached under ``run.cache_dir`` keyed by a hash of everything they
 depend on (benchmark, model, pre-training config, seed). Text: M0 is the public pretrained
 encoder (frozen) with a linear head the server trains on D0's own labels over the pool's
-sentence embeddings, which depend on the encoder and the pool only and are cached once. Clients receive M0 through Flower
-messages, never through this cache.
+sentence embeddings, which depend on the encoder and the pool only and are cached once.
+Clients receive M0 through Flower messages, never through this cache.
 """
 
 from __future__ import annotations
