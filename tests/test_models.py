@@ -144,3 +144,34 @@ def test_bad_moe_config_is_rejected():
         MoEConfig(num_experts=2, rank=2, alpha=4, context="global")
     with pytest.raises(ValueError, match="top_k"):
         MoEConfig(num_experts=2, rank=2, alpha=4, top_k=3)
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_sparse_dispatch_equals_dense_mixture(top_k):
+    """Each expert runs only on its routed tokens (and never on padding); the result equals the
+    dense Σ_p gate_p · FFN_p(z) on every real token, and the router gets the same gradient."""
+    from metamoe.models.moe import MoEFFN
+    from metamoe.models.vit import FFN
+
+    torch.manual_seed(0)
+    layer = MoEFFN(FFN(16, 32), MoEConfig(num_experts=3, rank=4, alpha=8.0, top_k=top_k))
+    for p in layer.expert_parameters() + [layer.router]:
+        torch.nn.init.normal_(p, std=0.3)
+    z = torch.randn(5, 7, 16)
+    mask = torch.ones(5, 7, dtype=torch.bool)
+    mask[:, 5:] = False
+    for m in (None, mask):
+        layer.token_mask = m
+        out = layer(z)
+        probs = layer.gate_probs(z)
+        topv, topi = probs.topk(top_k, -1)
+        gates = torch.zeros_like(probs).scatter(-1, topi, topv)
+        dense = torch.einsum("btk,kbtd->btd", gates, layer._experts(z, slice(None)))
+        real = slice(None) if m is None else (slice(None), slice(0, 5))
+        assert torch.allclose(out[real], dense[real], atol=1e-6)
+        if m is not None:
+            assert torch.all(out[:, 5:] == 0)  # padding is not computed
+        g_sparse = torch.autograd.grad(out[real].sum(), layer.router)[0]
+        g_dense = torch.autograd.grad(dense[real].sum(), layer.router)[0]
+        assert torch.allclose(g_sparse, g_dense, atol=1e-5)
+    layer.token_mask = None
