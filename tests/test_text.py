@@ -227,3 +227,30 @@ def test_training_with_dropout_depends_only_on_the_seed(minilm, ids):
         states.append(lora_state_dict(ex))
     assert losses[0] == losses[1]
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+
+
+def test_gpt2_style_causal_lm_seed(tmp_path):
+    """GPT-2's Conv1D MLP is converted to our FFN with the same function; LoRA and the MoE apply."""
+    from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
+
+    from metamoe.models.causal import CausalConfig, CausalLMChoice
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=300, n_positions=64, n_embd=32, n_layer=2, n_head=4,
+                     bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    GPT2LMHeadModel(cfg).save_pretrained(tmp_path)
+    m = CausalLMChoice(CausalConfig(encoder=str(tmp_path))).eval()
+    ref = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    ids = torch.tensor([[0, 0, 5, 17, 42, 9], [3, 8, 99, 150, 7, 11]])
+    mask = (ids != 0).long()
+    pos = (mask.cumsum(1) - 1).clamp(min=0)
+    with torch.no_grad():
+        want = ref(input_ids=ids, attention_mask=mask, position_ids=pos).logits[:, -1]
+        assert torch.allclose(m(ids), want, atol=1e-5)
+    assert (m.cfg.depth, m.cfg.dim, m.cfg.mlp_hidden) == (2, 32, 128)
+    ex = inject_ffn_lora(copy.deepcopy(m), rank=2, alpha=4.0)
+    moe = build_moe(m, MoEConfig(num_experts=1, rank=2, alpha=4.0, expert_names=["a"]),
+                    [lora_state_dict(ex)], None)
+    moe.set_forced(0)
+    with torch.no_grad():
+        assert torch.allclose(moe(ids), ex(ids), atol=1e-5)

@@ -11,10 +11,11 @@ these labels is the causal-LM loss on the answer token; the paper's loss also co
 tokens (and, at the unify stage, the whole Alpaca response): a stated simplification.
 
 Any ``AutoModelForCausalLM`` whose decoder layers have a LLaMA-style gated MLP
-(``gate_proj``/``up_proj``/``down_proj``: Llama, Mistral, Qwen2, Gemma, ...) works: each MLP is
-re-expressed as :class:`~metamoe.models.vit.FFN` (fc1 = up_proj, gate = gate_proj, fc2 =
-down_proj, the same ``nn.Linear`` objects), so FFN-LoRA experts and the context-aware MoE apply
-unchanged. The whole pretrained LM is public: nodes load it themselves (local directory or hub
+(``gate_proj``/``up_proj``/``down_proj``: Llama, Mistral, Qwen2, Gemma, ...) or GPT-2's
+``c_fc``/``c_proj`` MLP works: each MLP is re-expressed as :class:`~metamoe.models.vit.FFN`
+(gated: fc1 = up_proj, gate = gate_proj, fc2 = down_proj, the same ``nn.Linear`` objects;
+GPT-2: its Conv1D weights transposed into ``nn.Linear``), so FFN-LoRA experts and the
+context-aware MoE apply unchanged. The whole pretrained LM is public: nodes load it themselves (local directory or hub
 id) and only a fingerprint travels; M0 has no trained part of its own.
 """
 
@@ -64,6 +65,28 @@ class CausalConfig:
         return asdict(self)
 
 
+def _as_ffn(mlp: nn.Module, hf_cfg, name: str) -> FFN:
+    """An LM's MLP as our FFN, with the same weights: a gated gate/up/down MLP (Llama, Mistral,
+    Qwen2, Gemma, ...) or GPT-2's Conv1D c_fc/c_proj (converted to nn.Linear; GPT-2's dropout
+    after c_proj is not kept)."""
+    if all(hasattr(mlp, a) for a in ("gate_proj", "up_proj", "down_proj")):
+        ffn = FFN(mlp.up_proj.in_features, mlp.up_proj.out_features, act=hf_cfg.hidden_act,
+                  gated=True)
+        ffn.fc1, ffn.gate, ffn.fc2 = mlp.up_proj, mlp.gate_proj, mlp.down_proj
+        return ffn
+    if hasattr(mlp, "c_fc") and hasattr(mlp, "c_proj"):  # GPT-2 family: Conv1D, weight [in, out]
+        d_in, d_hid = mlp.c_fc.weight.shape
+        ffn = FFN(d_in, d_hid, act=hf_cfg.activation_function)
+        with torch.no_grad():
+            ffn.fc1.weight.copy_(mlp.c_fc.weight.t())
+            ffn.fc1.bias.copy_(mlp.c_fc.bias)
+            ffn.fc2.weight.copy_(mlp.c_proj.weight.t())
+            ffn.fc2.bias.copy_(mlp.c_proj.bias)
+        return ffn
+    raise ValueError(f"causal LM {name!r}: its MLP {type(mlp).__name__} is neither a gated "
+                     "gate_proj/up_proj/down_proj MLP nor GPT-2's c_fc/c_proj")
+
+
 class CausalLMChoice(nn.Module):
     """A causal LM whose output is the next-token logits at the last prompt position."""
 
@@ -87,31 +110,31 @@ class CausalLMChoice(nn.Module):
         if cfg.fingerprint and cfg.fingerprint != fp:
             raise ValueError(f"causal LM {cfg.encoder!r} on this node has fingerprint {fp}, the "
                              f"model was built with {cfg.fingerprint}")
-        layers = lm.model.layers
-        mlp0 = layers[0].mlp
-        if not all(hasattr(mlp0, a) for a in ("gate_proj", "up_proj", "down_proj")):
-            raise ValueError(f"causal LM {cfg.encoder!r}: its MLP {type(mlp0).__name__} is not a "
-                             "gated gate_proj/up_proj/down_proj MLP (Llama, Mistral, Qwen2, ...)")
-        act = hf_cfg.hidden_act
-        for layer in layers:
-            mlp = layer.mlp
-            ffn = FFN(hf_cfg.hidden_size, hf_cfg.intermediate_size, act=act, gated=True)
-            ffn.fc1, ffn.gate, ffn.fc2 = mlp.up_proj, mlp.gate_proj, mlp.down_proj
-            layer.mlp = ffn
+        self.lm = lm
+        dim = hf_cfg.hidden_size
+        for layer in self._layers():
+            layer.mlp = _as_ffn(layer.mlp, hf_cfg, cfg.encoder)
+        hidden = self._layers()[0].mlp.fc1.out_features
         pad = hf_cfg.pad_token_id if hf_cfg.pad_token_id is not None else hf_cfg.eos_token_id
         if isinstance(pad, list):
             pad = pad[0]
         self.cfg = CausalConfig(**{**cfg.to_dict(), "fingerprint": fp,
-                                   "depth": hf_cfg.num_hidden_layers,
-                                   "dim": hf_cfg.hidden_size,
-                                   "mlp_hidden": hf_cfg.intermediate_size,
+                                   "depth": len(self._layers()), "dim": dim,
+                                   "mlp_hidden": hidden,
                                    "num_classes": hf_cfg.vocab_size,
                                    "pad_id": int(cfg.pad_id if cfg.pad_id else (pad or 0))})
-        self.lm = lm
         self._public = frozenset(self.state_dict())
 
+    def _layers(self) -> nn.ModuleList:
+        base = self.lm.base_model
+        layers = getattr(base, "layers", None) or getattr(base, "h", None)
+        if layers is None:
+            raise ValueError(f"causal LM {self.cfg.encoder if hasattr(self, 'cfg') else ''!r}: "
+                             "no decoder layers at base_model.layers or base_model.h")
+        return layers
+
     def ffn_layers(self) -> list[nn.Module]:
-        return [layer.mlp for layer in self.lm.model.layers]
+        return [layer.mlp for layer in self._layers()]
 
     def public_keys(self) -> frozenset[str]:
         return self._public
@@ -135,7 +158,7 @@ class CausalLMChoice(nn.Module):
                 out = self.lm(input_ids=ids, attention_mask=mask.long(), position_ids=pos,
                               use_cache=False, logits_to_keep=1)
                 return out.logits[:, -1, :], mask
-            h = self.lm.model(input_ids=ids, attention_mask=mask.long(), position_ids=pos,
+            h = self.lm.base_model(input_ids=ids, attention_mask=mask.long(), position_ids=pos,
                               use_cache=False).last_hidden_state
             return h, mask
         finally:

@@ -224,7 +224,7 @@ class MoECausal(MoEMixin, CausalLMChoice):
     def __init__(self, lm_cfg: CausalConfig, moe_cfg: MoEConfig):
         super().__init__(lm_cfg)
         self.moe_cfg = moe_cfg
-        for layer in self.lm.model.layers:
+        for layer in self._layers():
             layer.mlp = MoEFFN(layer.mlp, moe_cfg)
 
 
