@@ -199,6 +199,12 @@ def test_routing_consistency_downweights_disagreeing_client():
     assert new["blocks.0.mlp.router"][0, 0] > 1 / 3  # FedAvg would give exactly 1/3
     new_avg, _, _ = fedalign_aggregate(states, n, p, h, states[0], _fl(align_gate=False))
     np.testing.assert_allclose(new_avg["blocks.0.mlp.router"], 1 / 3, rtol=1e-5)
+    # Any architecture's MoE layer names work (text: encoder.encoder.layer.{l}.intermediate.mlp).
+    renamed = [{k.replace("blocks.0.mlp", "encoder.encoder.layer.0.intermediate.mlp"): v
+                for k, v in st.items()} for st in states]
+    new_txt, _, _ = fedalign_aggregate(renamed, n, p, h, renamed[0], _fl())
+    np.testing.assert_array_equal(new_txt["encoder.encoder.layer.0.intermediate.mlp.router"],
+                                  new["blocks.0.mlp.router"])
 
 
 def test_semantic_alignment_downweights_expert_with_other_role():

@@ -167,17 +167,20 @@ def fedalign_aggregate(states: Sequence[dict[str, np.ndarray]], n: Sequence[floa
                        p: np.ndarray, h: np.ndarray, prev: dict[str, np.ndarray], fl
                        ) -> tuple[dict[str, np.ndarray], np.ndarray, dict]:
     """One FedAlign-MoE server step over the clients' trainable MoE states (keys
-    ``blocks.{l}.mlp.{router|lambda_raw|A1|B1|A2|B2}``). Returns (new state, P̄ [L, E],
-    diagnostics)."""
+    ``<layer l's MoE module>.{router|lambda_raw|A1|B1|A2|B2}``, layers in model order, e.g.
+    ``blocks.{l}.mlp`` for the ViT). Returns (new state, P̄ [L, E], diagnostics)."""
     out = fedavg_states(states, n)  # λ (shared) and the FedAvg fallbacks
     omega, pbar = routing_consistency_weights(p, n, fl.align_kappa, fl.align_score)
     a, tau = semantic_agreement(h, fl.align_beta, fl.align_threshold, fl.align_fixed_tau)
     N, L, E = omega.shape
     nv = np.asarray(n, np.float64)
     kept = 0
-    for l in range(L):
+    prefixes = [k[: -len(".router")] for k in prev if k.endswith(".router")]  # model order
+    if len(prefixes) != L:
+        raise ValueError(f"{len(prefixes)} MoE layers in the uploaded states, {L} in the stats")
+    for l, prefix in enumerate(prefixes):
         if fl.align_gate:
-            key = f"blocks.{l}.mlp.router"
+            key = f"{prefix}.router"
             W = np.stack([s[key] for s in states]).astype(np.float64)  # [N, E, d]
             out[key] = np.einsum("ne,ned->ed", omega[:, l], W).astype(np.float32)
         if not fl.align_experts:
@@ -185,7 +188,7 @@ def fedalign_aggregate(states: Sequence[dict[str, np.ndarray]], n: Sequence[floa
         for e in range(E):
             w = a[:, l, e] * nv
             for attr in ("A1", "B1", "A2", "B2"):
-                key = f"blocks.{l}.mlp.{attr}"
+                key = f"{prefix}.{attr}"
                 if w.sum() <= 0:
                     out[key][e] = prev[key][e]
                 else:
