@@ -77,9 +77,9 @@ def _build(b: dict) -> VisionBenchmark:
                                      max_test=b["max_test"], domains=tuple(b["domains"]))
     elif b["kind"] == "hf_qa":
         from metamoe.data.hf_text import build_hf_qa_benchmark
-        from metamoe.models.causal import load_lm_tokenizer
+        from metamoe.models.text import load_tokenizer
 
-        bench = build_hf_qa_benchmark(load_lm_tokenizer(b["tokenizer"]), int(b["max_len"]),
+        bench = build_hf_qa_benchmark(load_tokenizer(b["tokenizer"]), int(b["max_len"]),
                                       domains=tuple(b["domains"]), max_train=b["max_train"],
                                       max_test=b["max_test"], max_pool=b["max_pool"],
                                       data_dir=b["data_dir"])

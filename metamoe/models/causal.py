@@ -22,30 +22,12 @@ id) and only a fingerprint travels; M0 has no trained part of its own.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from functools import lru_cache
 
 import torch
 from torch import nn
 
-from metamoe.models.text import encoder_fingerprint, resolve_encoder
+from metamoe.models.text import build_pretrained, masked_mean, token_mask
 from metamoe.models.vit import FFN
-
-
-@lru_cache(maxsize=2)
-def _load_lm_state(name: str) -> tuple[dict, dict]:
-    from transformers import AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    model = AutoModelForCausalLM.from_pretrained(resolve_encoder(name), dtype=torch.float32)
-    return model.config.to_dict(), {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-def load_lm_tokenizer(name: str):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(resolve_encoder(name))
 
 
 @dataclass
@@ -92,25 +74,10 @@ class CausalLMChoice(nn.Module):
 
     def __init__(self, cfg: CausalConfig):
         super().__init__()
-        from transformers import AutoConfig, AutoModelForCausalLM
-
         if not cfg.encoder:
             raise ValueError("model.encoder must name a causal LM (a local directory or hub id)")
-        hf_dict, state = _load_lm_state(cfg.encoder)
-        hf_cfg = AutoConfig.for_model(**{k: v for k, v in hf_dict.items()
-                                         if k != "transformers_version"})
-        if cfg.layers > 0:
-            hf_cfg.num_hidden_layers = min(cfg.layers, hf_cfg.num_hidden_layers)
-        lm = AutoModelForCausalLM.from_config(hf_cfg, dtype=torch.float32)
-        missing, _ = lm.load_state_dict(state, strict=False)
-        missing = [k for k in missing if "rotary" not in k]
-        if missing:
-            raise RuntimeError(f"causal LM {cfg.encoder!r}: weights missing for {missing[:3]}")
-        fp = encoder_fingerprint(cfg.encoder)
-        if cfg.fingerprint and cfg.fingerprint != fp:
-            raise ValueError(f"causal LM {cfg.encoder!r} on this node has fingerprint {fp}, the "
-                             f"model was built with {cfg.fingerprint}")
-        self.lm = lm
+        hf_cfg, self.lm, fp = build_pretrained(cfg.encoder, cfg.layers, True, cfg.fingerprint,
+                                               "causal LM")
         dim = hf_cfg.hidden_size
         for layer in self._layers():
             layer.mlp = _as_ffn(layer.mlp, hf_cfg, cfg.encoder)
@@ -151,27 +118,20 @@ class CausalLMChoice(nn.Module):
 
     def _run(self, ids: torch.Tensor, logits: bool):
         ids, mask, pos = self._inputs(ids)
-        for f in self.ffn_layers():
-            f.token_mask = mask
-        try:
+        with token_mask(self.ffn_layers(), mask):
             if logits:
                 out = self.lm(input_ids=ids, attention_mask=mask.long(), position_ids=pos,
                               use_cache=False, logits_to_keep=1)
                 return out.logits[:, -1, :], mask
             h = self.lm.base_model(input_ids=ids, attention_mask=mask.long(), position_ids=pos,
-                              use_cache=False).last_hidden_state
+                                   use_cache=False).last_hidden_state
             return h, mask
-        finally:
-            for f in self.ffn_layers():
-                f.token_mask = None
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return self._run(ids, logits=True)[0]
 
     def forward_features(self, ids: torch.Tensor) -> torch.Tensor:
         """Mean of the last hidden state over real tokens (relevance / DPP embedding)."""
-        h, mask = self._run(ids, logits=False)
-        m = mask.unsqueeze(-1).to(h.dtype)
-        return (h * m).sum(1) / m.sum(1).clamp(min=1.0)
+        return masked_mean(*self._run(ids, logits=False))
 
     forward_embedding = forward_features

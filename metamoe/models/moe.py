@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from metamoe.models.causal import CausalConfig, CausalLMChoice
-from metamoe.models.text import TextClassifier, TextConfig
+from metamoe.models.text import TextClassifier, TextConfig, masked_mean
 from metamoe.models.vit import FFN, ViT, ViTConfig
 
 CONTEXT_MODES = ("sample", "batch", "none")
@@ -121,8 +121,7 @@ class MoEFFN(nn.Module):
         elif self.token_mask is None:
             c = z.mean(dim=1, keepdim=True)
         else:  # per-sample mean over that sample's real tokens (padding excluded)
-            m = self.token_mask.unsqueeze(-1).to(z.dtype)
-            c = (z * m).sum(1, keepdim=True) / m.sum(1, keepdim=True).clamp(min=1.0)
+            c = masked_mean(z, self.token_mask, keepdim=True)
         lam = self.lam
         return (1.0 - lam) * z + lam * c
 

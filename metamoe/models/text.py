@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -74,20 +75,65 @@ def encoder_fingerprint(name: str) -> str:
 
 
 @lru_cache(maxsize=4)
-def _load_encoder_state(name: str) -> tuple[dict, dict]:
-    """(HF config dict, state dict) of the pretrained encoder, read once per process."""
+def _pretrained_state(name: str, causal: bool) -> tuple[dict, dict]:
+    """(HF config dict, state dict) of a pretrained encoder or causal LM, read once per process."""
     if name == DEFAULT_ENCODER:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from transformers import AutoModel
+    from transformers import AutoModel, AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-    model = AutoModel.from_pretrained(resolve_encoder(name), add_pooling_layer=False)
-    if getattr(model.config, "model_type", "") not in ("bert",):
-        raise ValueError(f"text encoder {name!r} is a {model.config.model_type!r} model; the "
-                         "text benchmark needs a BERT-style encoder (intermediate/output FFN)")
+    if causal:
+        model = AutoModelForCausalLM.from_pretrained(resolve_encoder(name), dtype=torch.float32)
+    else:
+        model = AutoModel.from_pretrained(resolve_encoder(name), add_pooling_layer=False)
     return model.config.to_dict(), {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def build_pretrained(name: str, layers: int, causal: bool, fingerprint: str, what: str):
+    """(HF config, model with the pretrained weights, fingerprint) of the public model ``name``,
+    cut to its first ``layers`` layers (> 0). ``fingerprint``, when set, must match this node's
+    copy (the model a shipped state was built on)."""
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+    hf_dict, state = _pretrained_state(name, causal)
+    hf_cfg = AutoConfig.for_model(**{k: v for k, v in hf_dict.items()
+                                     if k != "transformers_version"})
+    if layers > 0:
+        hf_cfg.num_hidden_layers = min(layers, hf_cfg.num_hidden_layers)
+    if causal:
+        model = AutoModelForCausalLM.from_config(hf_cfg, dtype=torch.float32)
+    else:
+        hf_cfg._attn_implementation = "sdpa"
+        model = AutoModel.from_config(hf_cfg, add_pooling_layer=False)
+    missing = [k for k in model.load_state_dict(state, strict=False)[0] if "rotary" not in k]
+    if missing:
+        raise RuntimeError(f"{what} {name!r}: weights missing for {missing[:3]}")
+    fp = encoder_fingerprint(name)
+    if fingerprint and fingerprint != fp:
+        raise ValueError(f"{what} {name!r} on this node has fingerprint {fp}, the model was "
+                         f"built with {fingerprint}: install the same version on every node")
+    return hf_cfg, model, fp
+
+
+def masked_mean(h: torch.Tensor, mask: torch.Tensor, keepdim: bool = False) -> torch.Tensor:
+    """Mean of h [B, T, d] over the tokens where mask [B, T] is true (padding excluded)."""
+    m = mask.unsqueeze(-1).to(h.dtype)
+    return (h * m).sum(1, keepdim=keepdim) / m.sum(1, keepdim=keepdim).clamp(min=1.0)
+
+
+@contextmanager
+def token_mask(ffns: list[nn.Module], mask: torch.Tensor):
+    """Tell the FFNs (LoRA router means, MoE context and route counts) which tokens are real
+    for the duration of one forward pass."""
+    for f in ffns:
+        f.token_mask = mask
+    try:
+        yield
+    finally:
+        for f in ffns:
+            f.token_mask = None
 
 
 def load_tokenizer(name: str):
@@ -132,26 +178,15 @@ class TextClassifier(nn.Module):
 
     def __init__(self, cfg: TextConfig):
         super().__init__()
-        from transformers import AutoConfig, AutoModel
-
-        hf_dict, state = _load_encoder_state(cfg.encoder)
-        hf_cfg = AutoConfig.for_model(**{k: v for k, v in hf_dict.items()
-                                         if k not in ("transformers_version",)})
-        if cfg.layers > 0:
-            hf_cfg.num_hidden_layers = min(cfg.layers, hf_cfg.num_hidden_layers)
+        hf_cfg, enc, fp = build_pretrained(cfg.encoder, cfg.layers, False, cfg.fingerprint,
+                                           "text encoder")
+        if hf_cfg.model_type != "bert":
+            raise ValueError(f"text encoder {cfg.encoder!r} is a {hf_cfg.model_type!r} model; "
+                             "the text benchmark needs a BERT-style encoder (intermediate/output "
+                             "FFN)")
         if hf_cfg.hidden_act != "gelu":
             raise ValueError(f"encoder {cfg.encoder!r} uses {hf_cfg.hidden_act!r}; FFN experts "
                              "assume BERT's exact GELU")
-        hf_cfg._attn_implementation = "sdpa"
-        enc = AutoModel.from_config(hf_cfg, add_pooling_layer=False)
-        missing, _ = enc.load_state_dict(state, strict=False)
-        if missing:
-            raise RuntimeError(f"encoder {cfg.encoder!r}: weights missing for {missing[:3]}")
-        fp = encoder_fingerprint(cfg.encoder)
-        if cfg.fingerprint and cfg.fingerprint != fp:
-            raise ValueError(f"text encoder {cfg.encoder!r} on this node has fingerprint {fp}, "
-                             f"the model was built with {cfg.fingerprint}: install the same "
-                             "encoder version on every node")
         self.cfg = TextConfig(**{**cfg.to_dict(), "fingerprint": fp,
                                  "depth": hf_cfg.num_hidden_layers, "dim": hf_cfg.hidden_size,
                                  "mlp_hidden": hf_cfg.intermediate_size,
@@ -178,20 +213,13 @@ class TextClassifier(nn.Module):
         mask = ids != self.cfg.pad_id
         length = int(mask.sum(1).max().clamp(min=1))
         ids, mask = ids[:, :length], mask[:, :length]
-        for f in self.ffn_layers():  # the MoE's per-sample context and the router means
-            f.token_mask = mask  # exclude padding
-        try:
+        with token_mask(self.ffn_layers(), mask):
             h = self.encoder(input_ids=ids, attention_mask=mask.long()).last_hidden_state
-        finally:
-            for f in self.ffn_layers():
-                f.token_mask = None
         return h, mask
 
     def forward_features(self, ids: torch.Tensor) -> torch.Tensor:
         """Mean of the last hidden state over real tokens: the sentence embedding."""
-        h, mask = self._hidden(ids)
-        m = mask.unsqueeze(-1).to(h.dtype)
-        return (h * m).sum(1) / m.sum(1).clamp(min=1.0)
+        return masked_mean(*self._hidden(ids))
 
     # The relevance/DPP embedding of a text is its sentence embedding (d = 384): per-token
     # states of texts of different lengths do not line up position by position.
