@@ -224,6 +224,16 @@ def _later_copies(z: np.ndarray, r: np.ndarray, key: np.ndarray, eps: float) -> 
     return cand[later]
 
 
+def _residual(b_j: np.ndarray, q: np.ndarray) -> tuple[np.ndarray, float]:
+    """The pick's residual ``p = b_j - Q^T Q b_j`` against the orthonormal rows ``q``,
+    re-orthogonalised once (CGS2), and its gain ``g = |p|^2``."""
+    p = b_j.copy()
+    if len(q):
+        p -= (q @ p) @ q
+        p -= (q @ p) @ q
+    return p, float(p @ p)
+
+
 def _greedy_plain(z: np.ndarray, r: np.ndarray, m: int, eps: float) -> DPPResult:
     """Reference loop: one GEMV ``B q_k`` over all rows per pick."""
     dtype = z.dtype
@@ -240,11 +250,7 @@ def _greedy_plain(z: np.ndarray, r: np.ndarray, m: int, eps: float) -> DPPResult
         j = int(np.argmax(d2))
         if not d2[j] >= eps:
             break
-        p = b[j].copy()
-        if k:
-            p -= (q[:k] @ p) @ q[:k]
-            p -= (q[:k] @ p) @ q[:k]
-        g = float(p @ p)
+        p, g = _residual(b[j], q[:k])
         if not g >= eps:
             break
         q[k] = p / math.sqrt(g)
@@ -411,11 +417,7 @@ def _greedy_blocked(
             ties = np.flatnonzero(vals == best)
             pos = int(ties[0]) if ties.size == 1 else int(ties[np.argmin(ia[rows[ties]])])
             j = int(rows[pos])
-            p = ya[j].copy()
-            if kk:
-                p -= (q[:kk] @ p) @ q[:kk]
-                p -= (q[:kk] @ p) @ q[:kk]
-            g = float(p @ p)
+            p, g = _residual(ya[j], q[:kk])
             if not g >= eps:
                 stop = True
                 break
