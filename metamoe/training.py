@@ -100,8 +100,8 @@ def train(
     t0 = time.perf_counter()
     epoch_loss = float("nan")
     lengths = None
-    if cfg.group_by_length and cfg.shuffle and _inference_order(model, x) is not None:
-        lengths = (x != getattr(getattr(model, "cfg", None), "pad_id", 0)).sum(1)
+    if cfg.group_by_length and cfg.shuffle:
+        lengths = _token_lengths(model, x)
     # Dropout (text encoders) draws from torch's global RNG: seed it too, inside a fork, so a
     # run depends only on (config, data, seed), not on what ran before in this process.
     with torch.random.fork_rng(devices=[]):
@@ -129,13 +129,18 @@ def train(
     return {"loss": epoch_loss, "seconds": time.perf_counter() - t0, "examples": n}
 
 
-def _inference_order(model: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
-    """For padded token ids (2-D integer input), the order that groups texts of similar
-    length, so that every batch is trimmed to a short length; None for other inputs."""
+def _token_lengths(model: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+    """Real tokens per row of padded token ids (2-D integer input); None for other inputs."""
     if x.ndim != 2 or x.dtype not in (torch.int64, torch.int32):
         return None
-    pad = getattr(getattr(model, "cfg", None), "pad_id", 0)
-    return torch.argsort((x != pad).sum(1), stable=True)
+    return (x != getattr(getattr(model, "cfg", None), "pad_id", 0)).sum(1)
+
+
+def _inference_order(model: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+    """For padded token ids, the order that groups texts of similar length, so that every
+    batch is trimmed to a short length; None for other inputs."""
+    lengths = _token_lengths(model, x)
+    return None if lengths is None else torch.argsort(lengths, stable=True)
 
 
 @torch.no_grad()
