@@ -333,7 +333,7 @@ def _check_fl_run(m, run_dir, rounds, upload_per_round, download_per_round):
     every round (finite losses), was evaluated, and its upload bytes are exactly its
     ``rounds`` model uploads plus a few hundred bytes of scalar records (identity, seed ack,
     metrics) — one round more or less would be caught."""
-    from metamoe.models.io import load_vit
+    from metamoe.models.io import load_seed
     from metamoe.protocol import record_nbytes
 
     names = {"mnist", "uci"}
@@ -350,7 +350,7 @@ def _check_fl_run(m, run_dir, rounds, upload_per_round, download_per_round):
     for c, up in m["upload_bytes"].items():
         overhead = up - rounds * upload_per_round
         assert 0 <= overhead < min(4096, upload_per_round), (c, up, upload_per_round)
-    seed = load_vit(Path(m["seed_model"]["checkpoint"]))
+    seed = load_seed(Path(m["seed_model"]["checkpoint"]))
     seed_bytes = record_nbytes(RecordDict({"seed": torch_state_to_record(seed.state_dict())}))
     # (Federation.identify also leaves 0-byte "node-<id>" entries behind: ignored here.)
     down = {c: b for c, b in m["download_bytes"].items() if b}
@@ -432,7 +432,7 @@ def test_e2e_fedavg_moe(tmp_path, monkeypatch, cache_dir):
     """FedAvg-MoE: K = 2 experts, plain element-wise averaging, no FedAlign statistics; the
     emitted MoE loads with metamoe.load_moe and differs from its initialisation."""
     import metamoe
-    from metamoe.models.io import load_vit
+    from metamoe.models.io import load_seed
     from metamoe.protocol import record_nbytes
 
     m, run_dir = _e2e(tmp_path, monkeypatch, cache_dir, "fedavg_moe", OVR)
@@ -441,7 +441,7 @@ def test_e2e_fedavg_moe(tmp_path, monkeypatch, cache_dir):
     assert all(sorted(r["clients"]) == ["mnist", "uci"] for r in m["fl_rounds"])
     loaded = metamoe.load_moe(run_dir / "moe.safetensors")
     assert moe_trainable_state(loaded).keys()  # the artifact is a full MoE
-    seed = load_vit(Path(m["seed_model"]["checkpoint"]))
+    seed = load_seed(Path(m["seed_model"]["checkpoint"]))
     init = build_moe(seed, fl_moe_config(cfg, 2), init_loras(
         seed, 2, int(cfg.expert.rank), float(cfg.expert.alpha), int(cfg.run.seed)), None)
     shapes = {k: tuple(v.shape) for k, v in moe_trainable_state(init).items()}

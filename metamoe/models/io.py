@@ -100,9 +100,6 @@ def seed_from_state(state: dict[str, torch.Tensor], config: dict) -> nn.Module:
     return _load(model, state, "seed model")
 
 
-vit_from_state = seed_from_state  # older name
-
-
 def save_seed(model: nn.Module, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in shipped_state(model).items()}, str(path))
@@ -112,9 +109,6 @@ def save_seed(model: nn.Module, path: Path) -> None:
 def load_seed(path: Path) -> nn.Module:
     cfg = json.loads(path.with_suffix(".json").read_text())
     return seed_from_state(load_file(str(path)), cfg)
-
-
-save_vit, load_vit = save_seed, load_seed  # older names
 
 
 def seed_payload(model: nn.Module):
