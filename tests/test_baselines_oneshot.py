@@ -230,3 +230,31 @@ def test_oneshot_suite_end_to_end(tmp_path, monkeypatch, cache_dir):
         assert up["flexolmo"] > up["btx"] and up["metamoe[no_pa]"] > up["btx"]
     assert m["expert_train"]["mnist"]["n_proxies"] == 0  # private-only experts
     assert {"sketch", "select", "expert"} <= set(m["wall_seconds"])
+
+
+@pytest.mark.slow
+def test_each_oneshot_method_alone_matches_its_suite_row(tmp_path, monkeypatch, cache_dir):
+    """Every one-shot baseline also runs as its own ``flwr run``, and sharing client phases in
+    the suite changes nothing: same accuracies, same upload bytes, same client training."""
+    from metamoe.compare import compare
+    from metamoe.models.io import load_moe
+
+    monkeypatch.setenv("METAMOE_FLWR_HOME", str(tmp_path / "flwr-home"))
+    rows = ["separate_experts", "btm", "model_soup", "btx", "flexolmo"]
+    kw = dict(benchmark="tiny", seeds=1, methods=rows, cache_dir=cache_dir, timeout=900)
+    shared = compare(output_dir=str(tmp_path / "shared"), share=True, **kw)
+    alone = compare(output_dir=str(tmp_path / "alone"), share=False, **kw)
+    ts, ta = (json.loads((d / "table.json").read_text()) for d in (shared, alone))
+    (suite_dir,) = (shared / "runs").iterdir()
+    suite = json.loads((suite_dir / "metrics.json").read_text())
+    for r in rows:
+        assert ta[r]["per_domain"] == ts[r]["per_domain"], r
+        assert ta[r]["upload_bytes"] == ts[r]["upload_bytes"], r
+        (run_dir,) = (alone / "runs").glob(f"{r}-s0-*")
+        m = json.loads((run_dir / "metrics.json").read_text())
+        assert m["method"] == r and m["private"] is True
+        for c in ("mnist", "uci"):  # the client phase is the same computation
+            assert m["expert_train"][c]["train_loss"] == suite["expert_train"][c]["train_loss"]
+        if r in ("model_soup", "btx", "flexolmo"):  # a unified model is emitted and loads
+            moe = load_moe(run_dir)
+            assert sum(p.numel() for p in moe.parameters()) > 0
