@@ -41,6 +41,9 @@ def test_tiny_flwr_run_completes_and_artifact_reproduces(tmp_path, monkeypatch, 
         set(m["wall_seconds"])
     assert (run_dir / "report.md").read_text().startswith("# MetaMoE run")
     assert "rw_dpp" in m["proxy_coverage"]["mnist"]
+    for c in ("mnist", "uci"):  # mean and 90th percentile of the same distances, per method
+        assert set(m["proxy_coverage_p90"][c]) == set(m["proxy_coverage"][c]) == \
+            {"rw_dpp", "relevance", "random"}
 
     # The emitted artifact, loaded with one call, gives exactly the reported accuracy.
     moe = load_moe(run_dir)

@@ -138,3 +138,35 @@ def test_tiny_and_duplicate_heavy_pools_give_documented_results() -> None:
     for method in ("relevance", "random", "kcenter"):
         out = select_proxies(dup, sks, n=1000, m=100, method=method)
         assert all(len(np.unique(r.indices)) == 100 for r in out.values())
+
+
+def test_client_coverage_stage_mean_and_p90() -> None:
+    """The client-side coverage metric: the nearest-proxy distance of each private test
+    embedding, reduced to its mean and 90th percentile (the only values uploaded)."""
+    import torch
+
+    from metamoe.clients.stages import coverage
+    from metamoe.data.vision import Domain, VisionBenchmark
+    from metamoe.models.vit import ViT, ViTConfig
+    from metamoe.training import features
+
+    torch.manual_seed(0)
+    seed = ViT(ViTConfig(stem_channels=8, dim=32, depth=2, heads=2, mlp_hidden=64)).eval()
+    rng = np.random.default_rng(0)
+    x_test = rng.normal(size=(40, 1, 28, 28)).astype(np.float32)
+    other = rng.normal(size=(60, 1, 28, 28)).astype(np.float32)
+    dom = Domain("d", x_test[:1], np.zeros(1, np.int64), x_test, np.zeros(40, np.int64), [0])
+    pool_x = np.concatenate([x_test, other])  # the test images themselves are pool rows 0-39
+    bench = VisionBenchmark("b", [dom], pool_x, np.zeros(100, np.int64),
+                            np.array(["x"] * 100), class_names=["c"])
+    sel = {"same": np.arange(40), "others": np.arange(40, 100), "empty": np.zeros(0, np.int64)}
+    out = coverage(seed, dom, bench, sel)
+    assert set(out) == {"coverage/same", "coverage_p90/same", "coverage/others",
+                        "coverage_p90/others"}  # an empty selection has no coverage
+    assert out["coverage/same"] < 1e-3 and out["coverage_p90/same"] < 1e-3
+    zt, zo = (torch.nn.functional.normalize(torch.from_numpy(features(seed, x)), dim=1)
+              for x in (x_test, other))
+    d = torch.cdist(zt, zo).min(1).values.double().numpy()
+    assert out["coverage/others"] == pytest.approx(d.mean(), rel=1e-5)
+    assert out["coverage_p90/others"] == pytest.approx(np.quantile(d, 0.9), rel=1e-5)
+    assert out["coverage_p90/others"] > out["coverage/others"] > 0.01

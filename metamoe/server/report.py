@@ -117,14 +117,18 @@ def write_report(run_dir: Path, metrics: dict) -> None:
         for d, sh in metrics["route_share"].items():
             lines.append(f"| {d} | " + " | ".join(f"{sh[n]:.2f}" for n in names) + " |")
     if cov:
+        p90 = metrics.get("proxy_coverage_p90", {})
         methods = sorted({m for c in cov.values() for m in c})
         lines += ["", "## Proxy coverage of the private test distribution",
-                  "", "Mean distance from each private test embedding to its nearest proxy "
-                  "(cosine geometry, M0 features; lower is better; computed on the clients).",
+                  "", "Distance from each private test embedding to its nearest proxy "
+                  "(cosine geometry, M0 features; lower is better; computed on the clients): "
+                  "mean, and 90th percentile in brackets.",
                   "", "| client | " + " | ".join(methods) + " |", "|---" * (len(methods) + 1) + "|"]
         for c, v in cov.items():
-            lines.append(f"| {c} | " + " | ".join(f"{v.get(m, float('nan')):.4f}"
-                                                  for m in methods) + " |")
+            q = p90.get(c, {})
+            lines.append(f"| {c} | " + " | ".join(
+                f"{v.get(m, float('nan')):.4f}" + (f" ({q[m]:.4f})" if m in q else "")
+                for m in methods) + " |")
     dp_rows = []
     for c in metrics.get("upload_bytes", {}):
         sk = metrics.get("sketch_dp", {}).get(c, {})

@@ -260,17 +260,21 @@ class MetaMoE(Strategy):
         return Outcome(evaluations=evaluations, model=moe, model_extra=model_extra, extra=extra)
 
     def expert_extras(self, experts: dict[str, tuple]) -> dict:
-        """Training metrics and the client-side proxy-coverage ablation, for metrics.json."""
+        """Training metrics and the client-side proxy-coverage ablation, for metrics.json:
+        ``proxy_coverage`` (mean nearest-proxy distance) and ``proxy_coverage_p90``."""
+        stats = {"coverage": "proxy_coverage", "coverage_p90": "proxy_coverage_p90"}
         extra: dict = {"expert_train": {
-            name: {k: v for k, v in e[2].items() if not k.startswith("coverage/")}
+            name: {k: v for k, v in e[2].items() if k.split("/", 1)[0] not in stats}
             for name, e in experts.items()}}
-        cov = {}
-        for name, e in experts.items():
-            c = {k.split("/", 1)[1]: v for k, v in e[2].items() if k.startswith("coverage/")}
-            if "selected" in c:
-                c[self.cfg.select.method] = c.pop("selected")
-            if c:
-                cov[name] = c
-        if cov:
-            extra["proxy_coverage"] = cov
+        for stat, key in stats.items():
+            cov = {}
+            for name, e in experts.items():
+                c = {k.split("/", 1)[1]: v for k, v in e[2].items()
+                     if k.split("/", 1)[0] == stat and "/" in k}
+                if "selected" in c:
+                    c[self.cfg.select.method] = c.pop("selected")
+                if c:
+                    cov[name] = c
+            if cov:
+                extra[key] = cov
         return extra
