@@ -61,6 +61,21 @@ def test_ffn_sublayers_reexpressed_exactly(minilm, ids):
         assert torch.allclose(minilm.forward_features(longer), got, atol=1e-5)
 
 
+def test_per_sample_router_contributions_skip_padding(minilm, ids):
+    """The DP router path's per-sample contributions are means over real tokens: padding does
+    not change them, and weighted by token counts they average to the router vectors."""
+    from metamoe.clients.privacy import per_sample_ffn_means
+
+    c = per_sample_ffn_means(minilm, ids)
+    assert c.shape == (len(ids), 6, 384)
+    longer = torch.cat([ids, torch.zeros(len(ids), 10, dtype=ids.dtype)], 1)
+    assert torch.allclose(per_sample_ffn_means(minilm, longer), c, atol=1e-5)
+    n_tok = (ids != 0).sum(1).to(c.dtype)
+    assert len(set(n_tok.tolist())) > 1  # the texts really have different lengths
+    weighted = (c * n_tok[:, None, None]).sum(0) / n_tok.sum()
+    assert torch.allclose(weighted, ffn_input_means(minilm, ids), atol=1e-5)
+
+
 def test_lora_on_minilm_ffns_trains_only_the_adapters(minilm, ids):
     torch.manual_seed(0)
     ex = inject_ffn_lora(copy.deepcopy(minilm), rank=4, alpha=8.0)

@@ -2,11 +2,15 @@
 
 The router vectors (``models.lora.ffn_input_means``) are, per FFN layer ``l``, the mean FFN
 input over all tokens of all ``N`` samples the client routes on (``expert.router_data``:
-Dp ∪ proxies, or Dp alone). Every sample has the same number of tokens ``T``, so the release is
-the mean of per-sample contributions
+Dp ∪ proxies, or Dp alone). With DP the release is the mean of per-sample contributions
 
-    c_i = [ (1/T) Σ_t z^(l)_{i,t} ]_{l=1..L}          (one vector of size L·d per sample)
-    v   = (1/N) Σ_i c_i.
+    c_i = [ (1/T_i) Σ_t z^(l)_{i,t} ]_{l=1..L}        (one vector of size L·d per sample)
+    v   = (1/N) Σ_i c_i,
+
+``T_i`` the sample's number of real (non-padding) tokens. For images every ``T_i`` is the same
+and ``v`` equals the non-private router vectors; for padded text the non-private vectors weight
+each sample by ``T_i``, the DP release weights every sample equally (that is what bounds one
+sample's influence).
 
 **Gaussian mechanism** (:func:`dp_mean`): each ``c_i`` (all layers together) is clipped to L2 norm
 ``C``, the clipped mean is released with i.i.d. noise ``N(0, (z·Δ)²)`` per coordinate.
@@ -43,18 +47,26 @@ __all__ = ["per_sample_ffn_means", "dp_mean", "private_router_vectors"]
 
 @torch.no_grad()
 def per_sample_ffn_means(model: nn.Module, x: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
-    """Per-sample contributions ``c_i`` [N, L, d]: each sample's mean FFN input per layer.
+    """Per-sample contributions ``c_i`` [N, L, d]: each sample's mean FFN input per layer, over
+    its real tokens (padding excluded, as in ``ffn_input_means``).
 
-    Computed and used on the client only (for clipping); never uploaded. Their mean equals
-    ``ffn_input_means(model, x)``.
+    Computed and used on the client only (for clipping); never uploaded. When every sample has
+    the same number of tokens (images) their mean equals ``ffn_input_means(model, x)``; for
+    padded text, ``ffn_input_means`` is their average weighted by each sample's token count.
     """
     layers = model.ffn_layers()
     cur: list[torch.Tensor | None] = [None] * len(layers)
 
     def make_hook(i):
-        def hook(_module, inputs):
+        def hook(module, inputs):
             z = inputs[0].detach()
-            cur[i] = z.reshape(z.shape[0], -1, z.shape[-1]).mean(1)
+            z = z.reshape(z.shape[0], -1, z.shape[-1])
+            mask = getattr(module, "token_mask", None)  # text: padding is not a token
+            if mask is None:
+                cur[i] = z.mean(1)
+            else:
+                m = mask.reshape(z.shape[0], -1, 1).to(z.dtype)
+                cur[i] = (z * m).sum(1) / m.sum(1).clamp_min(1.0)
         return hook
 
     handles = [ffn.register_forward_pre_hook(make_hook(i)) for i, ffn in enumerate(layers)]
