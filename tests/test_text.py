@@ -76,6 +76,20 @@ def test_per_sample_router_contributions_skip_padding(minilm, ids):
     assert torch.allclose(weighted, ffn_input_means(minilm, ids), atol=1e-5)
 
 
+def test_text_seed_model_does_not_depend_on_the_global_rng(cache_dir):
+    """M0's head is drawn under the run's seed: building M0 after any global RNG state gives
+    the same model, so every process (server, clients, reruns) has the same M0."""
+    from metamoe.server.seed import get_seed_model
+
+    cfg = resolve_config({"benchmark": "tiny_text", "cache-dir": cache_dir})
+    bench = load_benchmark(cfg)
+    heads = []
+    for state in (1, 2):
+        torch.manual_seed(state)
+        heads.append(get_seed_model(cfg, bench)[0].head.state_dict())
+    assert all(torch.equal(heads[0][k], heads[1][k]) for k in heads[0])
+
+
 def test_lora_on_minilm_ffns_trains_only_the_adapters(minilm, ids):
     torch.manual_seed(0)
     ex = inject_ffn_lora(copy.deepcopy(minilm), rank=4, alpha=8.0)

@@ -116,6 +116,9 @@ def _text_seed(cfg: DictConfig, bench: VisionBenchmark) -> tuple[TextClassifier,
         model.eval()
         return model, feats, info
     seed_everything(int(cfg.run.seed))
+    # The head was initialised when the model was built, from whatever state the global RNG
+    # was in: draw it again under the run's seed, so M0 is the same in every process.
+    model.head.reset_parameters()
     torch.nn.init.zeros_(model.head.bias)
     hist = train(model.head, torch.from_numpy(feats), torch.from_numpy(bench.pool_y),
                  optim(cfg.pretrain), seed=int(cfg.run.seed), desc="M0 head")
