@@ -347,6 +347,9 @@ def main(argv: list[str] | None = None) -> int:
         print("--seeds must be >= 1", file=sys.stderr)
         return 2
     methods = [m.strip() for m in a.methods.split(",") if m.strip()] if a.methods else None
+    from metamoe.launch import exit_on_sigterm
+
+    exit_on_sigterm()
     try:
         out = compare(a.benchmark, a.seeds, methods, a.output_dir,
                       a.cache_dir or os.environ.get("METAMOE_CACHE_DIR"), not a.no_share,

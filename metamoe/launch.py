@@ -93,6 +93,15 @@ def stop_processes(launch_id: str, grace: float = 5.0) -> int:
     return len(pids)
 
 
+def exit_on_sigterm() -> None:
+    """Turn SIGTERM (a scheduler's time limit, ``kill``) into ``SystemExit``, so the ``finally``
+    of :func:`launch` still stops the SuperLink and simulation processes it started."""
+    def handler(signum, _frame):
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, handler)
+
+
 def _toml_value(v) -> str:
     return json.dumps(v) if isinstance(v, str) else str(v).lower() if isinstance(v, bool) else str(v)
 
@@ -190,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cache-dir", default=None)
     ap.add_argument("--timeout", type=float, default=3600.0)
     a = ap.parse_args(argv)
+    exit_on_sigterm()
     try:
         run_dir = launch(a.benchmark, a.method, a.experiment, a.overrides, a.seed, a.run_id,
                          a.output_dir, a.cache_dir, a.timeout)

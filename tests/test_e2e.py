@@ -1,6 +1,7 @@
 """End to end: a 2-client tiny config through the real `flwr run` simulation."""
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -62,3 +63,47 @@ def test_tiny_flwr_run_completes_and_artifact_reproduces(tmp_path, monkeypatch, 
                 assert str(home).encode() not in (p / "environ").read_bytes()
             except OSError:
                 pass
+
+
+@pytest.mark.slow
+def test_sigterm_to_a_launch_stops_its_flower_processes(tmp_path, cache_dir):
+    """A scheduler's SIGTERM to ``python -m metamoe.launch`` leaves no SuperLink, simulation or
+    Ray process behind (found by the launch's FLWR_HOME, which they inherit in their
+    environment)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    home = str(tmp_path / "flwr-home")
+
+    def flower_pids() -> list[int]:
+        pids = []
+        for p in Path("/proc").iterdir():
+            if p.name.isdigit() and int(p.name) != proc.pid:
+                try:
+                    if home.encode() in (p / "environ").read_bytes():
+                        pids.append(int(p.name))
+                except OSError:
+                    pass
+        return pids
+
+    env = {**os.environ, "METAMOE_FLWR_HOME": home}
+    proc = subprocess.Popen([sys.executable, "-m", "metamoe.launch", "--benchmark", "tiny",
+                             "--output-dir", str(tmp_path / "out"), "--cache-dir", cache_dir],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while not flower_pids() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.5)
+    assert flower_pids(), "the launch started no Flower process"
+    time.sleep(3)  # let the run get going
+    proc.send_signal(signal.SIGTERM)
+    rc = proc.wait(timeout=60)
+    deadline = time.monotonic() + 15
+    while flower_pids() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    left = flower_pids()
+    for pid in left:  # do not leak them into the rest of the session
+        os.kill(pid, signal.SIGKILL)
+    assert not left, f"left running after SIGTERM: {len(left)} processes"
+    assert rc == 128 + signal.SIGTERM, proc.stderr.read().decode()[-2000:]
