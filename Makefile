@@ -14,6 +14,7 @@ ARGS ?=
 PYTEST_ARGS ?=
 
 SEEDS ?= 1
+BENCH ?= vision
 
 .PHONY: setup demo demo-text test compare deploy lint clean
 
@@ -44,8 +45,9 @@ demo: setup
 demo-text: setup
 	$(BIN)/python -m metamoe.launch --benchmark text --method metamoe $(ARGS)
 
+# Every method on one benchmark; e.g. make compare SEEDS=3, make compare BENCH=text
 compare: setup
-	$(BIN)/python -m metamoe.compare --benchmark vision --seeds $(SEEDS)
+	$(BIN)/python -m metamoe.compare --benchmark $(BENCH) --seeds $(SEEDS)
 
 # Real deployment on loopback: SuperLink + SuperNodes with TLS and node authentication.
 deploy: setup
