@@ -68,13 +68,23 @@ class Candidates:
         indices: int64 [n'] pool indices sorted by (-key, index).
         keys: [n'] ranking keys (logit or relevance).
         relevance: [n'] relevance ``r`` in [0, 1].
-        embeddings: [n', d] L2-normalised pool rows (zero rows stay zero).
+        normalized: [R, d] L2-normalised rows the candidates are taken from (zero rows stay
+            zero); without a pre-filter it is the whole normalised pool, shared by all clients.
+        rows: int64 [n'] positions of the candidates in ``normalized`` (``None``: all of
+            ``normalized``, in order).
     """
 
     indices: np.ndarray
     keys: np.ndarray
     relevance: np.ndarray
-    embeddings: np.ndarray
+    normalized: np.ndarray
+    rows: np.ndarray | None = None
+
+    @property
+    def embeddings(self) -> np.ndarray:
+        """[n', d] L2-normalised candidate rows in candidate order, gathered on each access:
+        a selection reads them once per client, so K clients never hold K copies at once."""
+        return self.normalized if self.rows is None else self.normalized[self.rows]
 
 
 def faiss_available() -> bool:
@@ -211,7 +221,8 @@ def retrieve_candidates(
                 indices=sup[order],
                 keys=keys[order],
                 relevance=relevance_from_keys(sk, keys[order]),
-                embeddings=u[order],
+                normalized=u,
+                rows=order,
             )
         )
     return out

@@ -91,7 +91,8 @@ def _pick(
     workers: int | None,
 ) -> dict[str, SelectionResult]:
     if method in ("rw_dpp", "dpp"):
-        problems = [(c.embeddings, c.relevance if method == "rw_dpp" else None) for c in cands]
+        # Each client's candidate matrix is gathered when its DPP starts (see Candidates).
+        problems = [(lambda c=c: c.embeddings, c.relevance if method == "rw_dpp" else None) for c in cands]
         positions = [res.indices for res in greedy_dpp_batch(problems, m, eps=eps, dtype=dtype, workers=workers)]
     elif method == "relevance":
         positions = [relevance_top_m(c.keys, m) for c in cands]
@@ -186,6 +187,6 @@ def select_from_scores(
         sup = np.concatenate([above, ties])
         sup = sup[np.lexsort((sup, -row[sup]))].astype(np.int64)
         cands.append(
-            Candidates(indices=sup, keys=row[sup], relevance=row[sup], embeddings=l2_normalize(pool[sup], dtype=dtype))
+            Candidates(indices=sup, keys=row[sup], relevance=row[sup], normalized=l2_normalize(pool[sup], dtype=dtype))
         )
     return list(_pick(cands, [str(i) for i in range(len(cands))], m, method, seed, eps, dtype, workers).values())
