@@ -40,6 +40,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from metamoe.models.text import masked_mean
 from metamoe.proxy.privacy import gaussian_epsilon
 
 __all__ = ["per_sample_ffn_means", "dp_mean", "private_router_vectors"]
@@ -62,11 +63,7 @@ def per_sample_ffn_means(model: nn.Module, x: torch.Tensor, batch_size: int = 51
             z = inputs[0].detach()
             z = z.reshape(z.shape[0], -1, z.shape[-1])
             mask = getattr(module, "token_mask", None)  # text: padding is not a token
-            if mask is None:
-                cur[i] = z.mean(1)
-            else:
-                m = mask.reshape(z.shape[0], -1, 1).to(z.dtype)
-                cur[i] = (z * m).sum(1) / m.sum(1).clamp_min(1.0)
+            cur[i] = z.mean(1) if mask is None else masked_mean(z, mask.reshape(z.shape[:2]))
         return hook
 
     handles = [ffn.register_forward_pre_hook(make_hook(i)) for i, ffn in enumerate(layers)]
