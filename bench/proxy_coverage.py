@@ -4,7 +4,7 @@
                                    [--overrides "sketch.l2=1e-5"]
 
 For each seed, candidate-pool size n and selection method (RW-DPP, relevance-only top-m,
-random among the candidates, plain DPP) it prints, per client, the distance from each private
+random among the candidates, plain DPP, k-center greedy) it prints, per client, the distance from each private
 *test* embedding to its nearest proxy (cosine geometry on M0's token embedding, the space the
 selection works in; lower is better): its mean (the issue's coverage metric) and its 90th
 percentile (how well the tail of the private distribution is covered). The row ``all n`` uses
@@ -40,7 +40,7 @@ from metamoe.proxy.sketch import sketch_from_arrays
 from metamoe.server.seed import get_seed_model
 from metamoe.training import features
 
-METHODS = ("rw_dpp", "relevance", "random", "dpp")
+METHODS = ("rw_dpp", "relevance", "random", "dpp", "kcenter")
 
 
 def _distances(test: torch.Tensor, pool_n: torch.Tensor, idx: np.ndarray) -> np.ndarray:
@@ -55,8 +55,10 @@ def _heldout_logloss(sketch, test: np.ndarray, pool: np.ndarray, seed: int) -> f
     return float(0.5 * (np.logaddexp(0, -kp).mean() + np.logaddexp(0, kn).mean()))
 
 
-def run_seed(seed: int, ns: list[int], m: int, cache: str, overrides: str = "") -> dict:
-    cfg = resolve_config({"cache-dir": cache, "seed": seed, "overrides": overrides})
+def run_seed(seed: int, ns: list[int], m: int, cache: str, overrides: str = "",
+             benchmark: str = "vision") -> dict:
+    cfg = resolve_config({"benchmark": benchmark, "cache-dir": cache, "seed": seed,
+                          "overrides": overrides})
     bench = load_benchmark(cfg)
     model, pool, _ = get_seed_model(cfg, bench)
     names = client_names(cfg)
@@ -117,10 +119,13 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--m", type=int, default=500)
     ap.add_argument("--seeds", default="0", help="comma-separated run seeds")
     ap.add_argument("--overrides", default="", help="OmegaConf dotlist, e.g. 'sketch.l2=1e-5'")
+    ap.add_argument("--benchmark", default="vision",
+                    help="conf/benchmark/<name>.yaml (an image benchmark; tests use 'tiny')")
     a = ap.parse_args(argv)
     cache = os.environ.get("METAMOE_CACHE_DIR") or str(Path(__file__).resolve().parents[1] / ".cache")
     ns = [int(v) for v in a.n.split(",")]
-    out = {str(s): run_seed(int(s), ns, a.m, cache, a.overrides) for s in a.seeds.split(",")}
+    out = {str(s): run_seed(int(s), ns, a.m, cache, a.overrides, a.benchmark)
+           for s in a.seeds.split(",")}
     print(json.dumps(out))
     return out
 

@@ -4,6 +4,7 @@ Run from the repository root::
 
     python -m bench.proxy_selection          # full: N in {20k, 200k, 1M}
     python -m bench.proxy_selection --quick  # small sizes, ~1 minute
+    python -m bench.proxy_selection --tiny   # smoke-test sizes (tests), figures meaningless
 
 Data.  The pool is a seeded Gaussian mixture in d = 384 (256 components with
 unit-normal means, within-component std 0.7), so it has cluster structure
@@ -177,12 +178,16 @@ def _same(a: dict, b: dict) -> bool:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="small sizes for a fast run")
+    parser.add_argument("--tiny", action="store_true",
+                        help="smoke-test sizes (tests/test_bench.py); the figures mean nothing")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
         return
-    if args.quick:
+    if args.tiny:
+        k, m, n, sizes = 2, 40, 300, [1500, 4000, 8000]
+    elif args.quick:
         k, m, n, sizes = 4, 200, 1000, [5000, 50000, 200000]
     else:
         k, m, n, sizes = 10, 500, 3000, [20000, 200000, 1000000]

@@ -1,0 +1,61 @@
+"""Smoke tests of the bench/ scripts on tiny sizes: they run, their last line is the JSON the
+README and issue #3 specify, and the invariants their tables rely on hold. The figures of a
+tiny run mean nothing; the real measurements are the commands in the README."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench import proxy_coverage
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_proxy_selection_tiny_prints_the_specified_json() -> None:
+    proc = subprocess.run([sys.executable, "-m", "bench.proxy_selection", "--tiny"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.strip().splitlines()
+    assert lines[0].split()[:3] == ["N", "n", "m"]  # the human-readable table comes first
+    out = json.loads(lines[-1])
+    assert list(out) == ["1500", "4000", "8000"]
+    for key, row in out.items():
+        assert {"seconds", "peak_gb", "speedup_vs_dense", "identical_picks"} <= row.keys(), key
+        assert row["seconds"] > 0 and row["peak_gb"] >= 0
+        assert 0 < row["mean_picks"] <= row["m"]
+    first = out["1500"]
+    assert first["n"] == 1500  # the no-pre-filter case: n = N, dense reference run
+    assert first["identical_picks"] is True and first["identical_picks_float64"] is True
+    assert first["speedup_vs_dense"] > 0
+    for key in ("4000", "8000"):
+        assert out[key]["speedup_vs_dense"] is None and out[key]["identical_picks"] is None
+        assert out[key]["n"] == 300
+
+
+def test_proxy_coverage_tiny_floor_bounds_every_rule(cache_dir: str, monkeypatch,
+                                                     capsys: pytest.CaptureFixture) -> None:
+    monkeypatch.setenv("METAMOE_CACHE_DIR", cache_dir)
+    out = proxy_coverage.main(["--benchmark", "tiny", "--n", "150,300", "--m", "40",
+                               "--seeds", "0"])
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert printed == json.loads(json.dumps(out))
+    seed = out["0"]
+    assert set(seed["sketch_heldout_logloss"]) == {"mnist", "uci"}
+    for n in ("150", "300"):
+        rows = seed[n]
+        assert set(rows) == {*proxy_coverage.METHODS, "all n"}
+        floor = rows["all n"]["coverage"]
+        for method in proxy_coverage.METHODS:
+            cov, p90 = rows[method]["coverage"], rows[method]["coverage_p90"]
+            for client in ("mnist", "uci"):
+                # every rule picks a subset of the candidates, so its mean distance to the
+                # nearest proxy can never be below that of all n candidates
+                assert floor[client] <= cov[client] + 1e-9, (n, method, client)
+                assert math.isfinite(cov[client]) and math.isfinite(p90[client])
+                assert sum(rows[method]["sources"][client].values()) <= 40
+    for client, v in seed["dpp_plain_vs_blocked"].items():
+        assert v["same_set"], client
