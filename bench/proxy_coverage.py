@@ -3,20 +3,20 @@
     python -m bench.proxy_coverage [--n 600,1000,2000] [--m 500] [--seeds 0,1,2]
                                    [--overrides "sketch.l2=1e-5"]
 
-For each seed, candidate-pool size n and selection method (RW-DPP, relevance-only top-m,
-random among the candidates, plain DPP, k-center greedy) it prints, per client, the distance from each private
-*test* embedding to its nearest proxy (cosine geometry on M0's token embedding, the space the
-selection works in; lower is better): its mean (the issue's coverage metric) and its 90th
-percentile (how well the tail of the private distribution is covered). The row ``all n`` uses
-every candidate as a proxy: no m-subset of the candidates can have a lower mean, so it is the
-floor any selection rule is measured against. Per client it also prints the relevance
+For each seed, candidate-pool size n and selection method (RW-DPP, relevance-only top-m, random
+among the candidates, plain DPP, k-center greedy) it prints, per client, the distance from each
+private *test* embedding to its nearest proxy (cosine geometry on M0's token embedding, the
+space the selection works in; lower is better): its mean (the issue's coverage metric) and its
+90th percentile (how well the tail of the private distribution is covered). The row ``all n``
+uses every candidate as a proxy: no m-subset of the candidates can have a lower mean, so it is
+the floor any selection rule is measured against. Per client it also prints the relevance
 sketch's held-out log-loss (the client's test split against as many random pool images): how
-well calibrated the relevance r that weights the DPP is. The runs compute the same two statistics on the
-clients (``proxy_coverage`` / ``proxy_coverage_p90`` in metrics.json); this bench only sweeps n,
-m and the seed without training anything. It uses M0 from the cache (``METAMOE_CACHE_DIR``,
-default ``.cache/``) or pre-trains it (about a minute per seed). It also compares the blocked
-DPP loop with the plain one on the first n (same picks as a set; the first pick, counted from
-0, where their orders differ). Last line: one JSON object.
+well calibrated the relevance r that weights the DPP is. The runs compute the same two
+statistics on the clients (``proxy_coverage`` / ``proxy_coverage_p90`` in metrics.json); this
+bench only sweeps n, m and the seed without training anything. It uses M0 from the cache
+(``METAMOE_CACHE_DIR``, default ``.cache/``) or pre-trains it (about a minute per seed). It
+also compares the blocked DPP loop with the plain one on the first n (same picks as a set; the
+first pick, counted from 0, where their orders differ). Last line: one JSON object.
 """
 
 from __future__ import annotations
