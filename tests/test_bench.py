@@ -4,22 +4,25 @@ tiny run mean nothing; the real measurements are the commands in the README."""
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
-from bench import proxy_coverage
-
 ROOT = Path(__file__).resolve().parents[1]
+RULES = {"rw_dpp", "relevance", "random", "dpp", "kcenter"}
+
+
+def _bench(args: list[str], env: dict | None = None) -> list[str]:
+    """Run ``python -m bench.<...>`` from the repository root; its stdout lines."""
+    proc = subprocess.run([sys.executable, "-m", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300, check=False, env={**os.environ, **(env or {})})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout.strip().splitlines()
 
 
 def test_proxy_selection_tiny_prints_the_specified_json() -> None:
-    proc = subprocess.run([sys.executable, "-m", "bench.proxy_selection", "--tiny"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=300, check=False)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    lines = proc.stdout.strip().splitlines()
+    lines = _bench(["bench.proxy_selection", "--tiny"])
     assert lines[0].split()[:3] == ["N", "n", "m"]  # the human-readable table comes first
     out = json.loads(lines[-1])
     assert list(out) == ["1500", "4000", "8000"]
@@ -36,20 +39,17 @@ def test_proxy_selection_tiny_prints_the_specified_json() -> None:
         assert out[key]["n"] == 300
 
 
-def test_proxy_coverage_tiny_floor_bounds_every_rule(cache_dir: str, monkeypatch,
-                                                     capsys: pytest.CaptureFixture) -> None:
-    monkeypatch.setenv("METAMOE_CACHE_DIR", cache_dir)
-    out = proxy_coverage.main(["--benchmark", "tiny", "--n", "150,300", "--m", "40",
-                               "--seeds", "0"])
-    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert printed == json.loads(json.dumps(out))
-    seed = out["0"]
+def test_proxy_coverage_tiny_floor_bounds_every_rule(cache_dir: str) -> None:
+    lines = _bench(["bench.proxy_coverage", "--benchmark", "tiny", "--n", "150,300", "--m", "40",
+                    "--seeds", "0"], env={"METAMOE_CACHE_DIR": cache_dir})
+    assert lines[0].startswith("seed 0: sketch held-out log-loss")
+    seed = json.loads(lines[-1])["0"]
     assert set(seed["sketch_heldout_logloss"]) == {"mnist", "uci"}
     for n in ("150", "300"):
         rows = seed[n]
-        assert set(rows) == {*proxy_coverage.METHODS, "all n"}
+        assert set(rows) == {*RULES, "all n"}
         floor = rows["all n"]["coverage"]
-        for method in proxy_coverage.METHODS:
+        for method in RULES:
             cov, p90 = rows[method]["coverage"], rows[method]["coverage_p90"]
             for client in ("mnist", "uci"):
                 # every rule picks a subset of the candidates, so its mean distance to the
