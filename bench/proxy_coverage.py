@@ -35,12 +35,10 @@ from metamoe.data import client_names, client_partition, load_benchmark
 from metamoe.proxy.dpp import greedy_dpp
 from metamoe.proxy.retrieval import retrieve_candidates
 from metamoe.proxy.scoring import pool_keys
-from metamoe.proxy.select import select_proxies
+from metamoe.proxy.select import METHODS, select_proxies
 from metamoe.proxy.sketch import sketch_from_arrays
 from metamoe.server.seed import get_seed_model
 from metamoe.training import features
-
-METHODS = ("rw_dpp", "relevance", "random", "dpp", "kcenter")
 
 
 def _distances(test: torch.Tensor, pool_n: torch.Tensor, idx: np.ndarray) -> np.ndarray:

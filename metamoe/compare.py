@@ -5,12 +5,13 @@
 
 Writes ``results/compare-<bench>/``:
 
-* ``table.json`` — stable interface: {row: {``average``, ``std`` (over seeds),
+* ``table.json`` — stable interface: {row: {``average``, ``std`` (over seeds, population),
+  ``per_seed_average`` (one average per seed, in seed order),
   ``per_domain`` {domain: mean}, ``per_domain_std``, ``private`` (false only for
   ``unrestricted_moe``), ``upload_bytes`` (mean per client), ``rounds``, ``seeds``, ``runs``}};
   rows whose strategy is not available have ``{"status": "unavailable", "reason": ...}``;
 * ``table.md`` — rows = methods, columns = domains + average (mean ± std over seeds, %),
-  upload bytes per client and rounds;
+  upload bytes per client, rounds and the average of each seed;
 * ``accuracy_per_domain.png`` and ``accuracy_vs_upload.png`` (matplotlib, Agg).
 
 Rows are the method names (``zero_shot``, ``btx``, ``fedavg``, ...) and ``metamoe[<exp>]`` for
@@ -174,6 +175,7 @@ def aggregate(per_seed: dict[str, list[dict]], domains: list[str]) -> dict[str, 
         rounds = [x.get("rounds", 1) for x in rs]
         table[r] = {
             "average": float(np.mean(avgs)), "std": float(np.std(avgs)),
+            "per_seed_average": [float(a) for a in avgs],
             "per_domain": {d: float(np.mean(v)) for d, v in per.items()},
             "per_domain_std": {d: float(np.std(v)) for d, v in per.items()},
             "private": bool(all(x.get("private", True) for x in rs)),
@@ -198,18 +200,20 @@ def write_markdown(path: Path, table: dict, unavailable: dict, domains: list[str
     lines = [f"# Comparison on `{benchmark}` (seeds {seeds})", "",
              "Test accuracy in % (mean ± std over seeds) on each client's own test split; "
              "upload = mean bytes sent per client over the whole run.", "",
-             "| method | " + " | ".join(domains) + " | average | upload / client | rounds |",
-             "|---" * (len(domains) + 4) + "|"]
+             "| method | " + " | ".join(domains)
+             + " | average | upload / client | rounds | average per seed |",
+             "|---" * (len(domains) + 5) + "|"]
     for r, t in table.items():
         name = r if t["private"] else f"{r} (NOT PRIVATE)"
         cells = [f"{100 * t['per_domain'][d]:.2f} ± {100 * t['per_domain_std'][d]:.2f}"
                  for d in domains]
         lines.append(f"| {name} | " + " | ".join(cells) +
                      f" | **{100 * t['average']:.2f} ± {100 * t['std']:.2f}** | "
-                     f"{_fmt_bytes(t['upload_bytes'])} | {t['rounds']} |")
+                     f"{_fmt_bytes(t['upload_bytes'])} | {t['rounds']} | "
+                     + " / ".join(f"{100 * a:.2f}" for a in t["per_seed_average"]) + " |")
     for r, why in unavailable.items():
         lines.append(f"| {r} | " + " | ".join("—" for _ in domains) +
-                     f" | not run: {why} | — | — |")
+                     f" | not run: {why} | — | — | — |")
     if any(not t["private"] for t in table.values()):
         lines += ["", "NOT PRIVATE rows read the clients' private data on the server "
                       "(an upper bound, not a federated method)."]

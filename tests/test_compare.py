@@ -66,12 +66,15 @@ def test_compare_tiny_table_and_resume(tmp_path, monkeypatch, capsys, cache_dir)
         assert {"average", "std", "per_domain", "private", "upload_bytes"} <= set(t)
         assert set(t["per_domain"]) == {"mnist", "uci"}
         assert 0.0 <= t["average"] <= 1.0 and t["std"] == 0.0
+        assert t["per_seed_average"] == [t["average"]]
     assert table["zero_shot"]["private"] is True
     assert table["unrestricted_moe"]["private"] is False
     # the non-private bound "uploads" its private data: far more than zero-shot's scalars
     assert table["unrestricted_moe"]["upload_bytes"] > 100 * table["zero_shot"]["upload_bytes"]
     md = (out / "table.md").read_text()
     assert "unrestricted_moe (NOT PRIVATE)" in md and "not run" in md
+    zs = 100 * table["zero_shot"]["average"]
+    assert f"| {zs:.2f} |" in next(line for line in md.splitlines() if "| zero_shot |" in line)
     assert (out / "accuracy_per_domain.png").stat().st_size > 0
     assert (out / "accuracy_vs_upload.png").stat().st_size > 0
     runs = sorted(p.name for p in (out / "runs").iterdir())
