@@ -124,6 +124,9 @@ class UnifyConf(OptimConf):
     context: str = "sample"  # sample | batch (authors' code) | none (w/o CA router)
     renormalize: bool = False  # authors' code: renormalised top-k (router gets no gradient)
     logit_scale: float = 1.0
+    # dot (paper): logits z̃ · e_p; euclidean: -½‖z̃ - e_p‖², the nearest router vector wins
+    # (the dot product favours the longest e_p; README "Text benchmark")
+    router_score: str = "dot"
     router_init: str = "vectors"  # vectors | random (BTX)
     data: str = "proxies"  # proxies | random_public (BTX)
     train_experts: bool = True
@@ -224,6 +227,7 @@ CHOICES = {
     "select.embedding": ("tokens", "cls"),
     "expert.router_data": ("union", "private"),
     "unify.context": ("sample", "batch", "none"),
+    "unify.router_score": ("dot", "euclidean"),
     "unify.router_init": ("vectors", "random"),
     "unify.data": ("proxies", "random_public"),
     "fl.train": ("lora",),

@@ -175,3 +175,23 @@ def test_sparse_dispatch_equals_dense_mixture(top_k):
         g_dense = torch.autograd.grad(dense[real].sum(), layer.router)[0]
         assert torch.allclose(g_sparse, g_dense, atol=1e-5)
     layer.token_mask = None
+
+
+def test_euclidean_router_score_picks_nearest_vector_not_longest():
+    """With mean-input router vectors the paper's dot product sends a token to the longest
+    vector; ``router_score="euclidean"`` (-½‖z̃ - e_p‖²) sends it to the nearest one."""
+    for score, want in (("dot", 1), ("euclidean", 0)):
+        _, _, moe = make_moe(top_k=1, context="none", router_score=score)
+        layer = moe.moe_layers()[0]
+        with torch.no_grad():
+            layer.router.copy_(torch.zeros_like(layer.router))
+            layer.router[0, 0], layer.router[1, 0] = 1.0, 3.0  # e_1 longer, e_0 nearer to z
+        z = torch.zeros(1, 1, CFG.dim)
+        z[..., 0] = 1.0
+        assert int(layer.gate_probs(z).argmax()) == want, score
+    # The score is a reparametrised softmax: the router still learns.
+    _, _, moe = make_moe(top_k=1, logit_scale=0.05, router_score="euclidean")
+    router, lam = _grads(moe)
+    assert router > 1e-6 and lam > 1e-8
+    with pytest.raises(ValueError, match="router_score"):
+        MoEConfig(num_experts=2, rank=2, alpha=4.0, router_score="cosine")

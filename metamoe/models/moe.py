@@ -7,6 +7,10 @@ Context-aware router (MetaMoE §3.4): the gate sees
 ``z̃_t = (1 - λ) z_t + λ c`` with ``λ = clamp(λ_raw, 0, 1)`` learnable per layer and ``c`` the
 **per-sample** mean of the layer's FFN input over that sample's tokens; logits are
 ``scale * z̃_t · e_p`` with router rows initialised to the clients' router vectors e_p^(l).
+``router_score="euclidean"`` (a switch; the default ``"dot"`` is the paper's) scores
+``-½‖z̃_t - e_p‖²`` instead, i.e. ``z̃_t · e_p - ½‖e_p‖²`` up to a per-token constant: with
+mean-input router vectors the raw dot product favours the expert whose vector is longest,
+whatever the token; the Euclidean score sends a token to the nearest vector.
 Output ``Σ_{p ∈ top-k} π_p FFN_p(z_t)`` with π = softmax(logits) (paper Eq. 6), so the router
 and λ receive gradient.
 
@@ -32,6 +36,7 @@ from metamoe.models.text import TextClassifier, TextConfig, masked_mean
 from metamoe.models.vit import FFN, ViT, ViTConfig
 
 CONTEXT_MODES = ("sample", "batch", "none")
+ROUTER_SCORES = ("dot", "euclidean")
 
 
 @dataclass
@@ -44,11 +49,15 @@ class MoEConfig:
     context: str = "sample"  # sample | batch (authors' code) | none (w/o CA router)
     renormalize: bool = False  # authors' code: renormalised top-k weights (frozen router at k=1)
     logit_scale: float = 1.0  # logits = scale * z̃ · e_p ; the paper uses the raw dot product
+    router_score: str = "dot"  # dot (paper) | euclidean (-½‖z̃ - e_p‖²: nearest router vector)
     expert_names: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.context not in CONTEXT_MODES:
             raise ValueError(f"moe.context must be one of {CONTEXT_MODES}, got {self.context!r}")
+        if self.router_score not in ROUTER_SCORES:
+            raise ValueError(f"moe.router_score must be one of {ROUTER_SCORES}, "
+                             f"got {self.router_score!r}")
         if not 1 <= self.top_k <= self.num_experts:
             raise ValueError(f"moe.top_k={self.top_k} must be in [1, {self.num_experts}]")
         if not 0.0 <= self.lambda_init <= 1.0:
@@ -126,8 +135,10 @@ class MoEFFN(nn.Module):
         return (1.0 - lam) * z + lam * c
 
     def gate_probs(self, z: torch.Tensor) -> torch.Tensor:
-        logits = self.gate_input(z) @ self.router.t() * self.cfg.logit_scale
-        return logits.softmax(dim=-1)
+        logits = self.gate_input(z) @ self.router.t()
+        if self.cfg.router_score == "euclidean":  # the per-token -½‖z̃‖² cancels in the softmax
+            logits = logits - 0.5 * (self.router * self.router).sum(dim=1)
+        return (logits * self.cfg.logit_scale).softmax(dim=-1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         if self.forced is not None:

@@ -123,6 +123,7 @@ class MetaMoE(Strategy):
                             alpha=self.cfg.expert.alpha, top_k=min(uc.top_k, len(names)),
                             lambda_init=uc.lambda_init, context=uc.context,
                             renormalize=uc.renormalize, logit_scale=uc.logit_scale,
+                            router_score=uc.router_score,
                             expert_names=names)
         loras = [{k: torch.from_numpy(v) for k, v in experts[n][0].items()} for n in names]
         vecs = [torch.from_numpy(experts[n][1]) for n in names] if vectors else None

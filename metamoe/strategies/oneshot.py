@@ -477,7 +477,8 @@ class UnrestrictedMoE(OneShot):
         moe_cfg = MoEConfig(num_experts=len(names), rank=ec.rank, alpha=ec.alpha,
                             top_k=min(uc.top_k, len(names)), lambda_init=uc.lambda_init,
                             context=uc.context, renormalize=uc.renormalize,
-                            logit_scale=uc.logit_scale, expert_names=names)
+                            logit_scale=uc.logit_scale, router_score=uc.router_score,
+                            expert_names=names)
         import copy
 
         from metamoe.models.lora import inject_ffn_lora, lora_state_dict
