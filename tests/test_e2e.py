@@ -2,6 +2,8 @@
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -53,6 +55,19 @@ def test_tiny_flwr_run_completes_and_artifact_reproduces(tmp_path, monkeypatch, 
     for d in bench.domains:
         acc = accuracy(moe, torch.from_numpy(d.x_test), torch.from_numpy(d.y_test), d.classes)
         assert np.isclose(acc, m["accuracy"]["per_domain"][d.name], atol=1e-9)
+
+    # bench.router_scores re-evaluates the artifact: its "trained" variant is the run itself,
+    # and every variant routes each client's tokens somewhere (shares sum to 1).
+    proc = subprocess.run([sys.executable, "-m", "bench.router_scores", str(run_dir)],
+                          cwd=Path(__file__).resolve().parents[1], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rs = json.loads(proc.stdout.strip().splitlines()[-1])[str(run_dir)]
+    assert rs["router_score"] == "dot"
+    for c in ("mnist", "uci"):
+        assert np.isclose(rs["trained"][c]["acc"], m["accuracy"]["per_domain"][c], atol=1e-9)
+        for variant in ("trained", "init/dot", "init/euclidean"):
+            assert np.isclose(sum(rs[variant][c]["route_share"].values()), 1.0, atol=1e-6)
 
     # Nothing the launch started is left running.
     launches = list(home.iterdir())

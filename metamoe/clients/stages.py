@@ -127,12 +127,13 @@ def ensemble_accuracy(moe: MoEViT, x: torch.Tensor, y: torch.Tensor, classes: li
 
 
 def evaluate_stage(moe: MoEViT, dom: Domain, expert_names: list[str],
-                   mode: str = "routed") -> dict[str, float]:
+                   mode: str = "routed", *, references: bool = True) -> dict[str, float]:
     """Accuracy of the unified model, of M0 (zero-shot) and of every single expert on this
     client's own test split, argmax over this domain's classes; plus the routing shares.
 
     ``mode``: "routed" evaluates the MoE with its router; "ensemble" (BTM) averages the
-    experts' predicted probabilities instead of routing."""
+    experts' predicted probabilities instead of routing. ``references=False`` skips M0 and
+    the single experts (the unified model's accuracy and routing shares only)."""
     if mode not in ("routed", "ensemble"):
         raise ValueError(f"evaluation mode {mode!r} is not 'routed' or 'ensemble'")
     x, y = torch.from_numpy(dom.x_test), torch.from_numpy(dom.y_test)
@@ -149,6 +150,8 @@ def evaluate_stage(moe: MoEViT, dom: Domain, expert_names: list[str],
     share = (counts / counts.sum().clamp(min=1)).tolist()
     for name, s in zip(expert_names, share):
         out[f"route_share/{name}"] = float(s)
+    if not references:
+        return out
     moe.set_forced(-1)
     out["acc_zero_shot"] = accuracy(moe, x, y, dom.classes)
     for p, name in enumerate(expert_names):
