@@ -18,8 +18,8 @@ between two clients' vectors.
 The experts, λ and everything else stay as trained. The difference between ``trained`` and
 ``init/<the run's score>`` is what the router's fine-tuning did; the difference between the two
 ``init`` rows is what the score does to the same vectors. Last line: one JSON object keyed by run
-directory. Needs the run's data (the embedded benchmarks ship with the package) and M0's cache
-only through the saved MoE, which carries its encoder weights.
+directory. The run's benchmark is rebuilt from the config recorded in its metrics.json; the
+MoE file carries every weight the evaluation needs.
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ def run(run_dir: str) -> dict:
         uploads = unpack({k: z[k] for k in z.files})
     vectors = torch.stack([torch.from_numpy(uploads[n]["__router__"]) for n in names], 1)  # [L, K, d]
     trained = [layer.router.detach().clone() for layer in moe.moe_layers()]
-    run_score = getattr(moe.moe_cfg, "router_score", "dot")
+    run_score = moe.moe_cfg.router_score
     variants = {"trained": (trained, run_score), "init/dot": (list(vectors), "dot"),
                 "init/euclidean": (list(vectors), "euclidean")}
     # The uploaded vectors per layer: their norms and the smallest / largest cosine between
@@ -95,7 +95,6 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("run_dirs", nargs="+", help="finished MetaMoE run directories")
     a = ap.parse_args(argv)
-    torch.manual_seed(0)
     out = {r: run(r) for r in a.run_dirs}
     print(json.dumps(out))
     return out

@@ -114,20 +114,22 @@ class MetaMoE(Strategy):
         return lora, router["vectors"], metrics
 
     # ---------------------------------------------------------------- phase 4: unify
+    def unify_moe_config(self, names: list[str]) -> MoEConfig:
+        """The MoE of experts ``names``: LoRA shape from ``expert``, routing from ``unify``."""
+        uc, ec = self.cfg.unify, self.cfg.expert
+        return MoEConfig(num_experts=len(names), rank=ec.rank, alpha=ec.alpha,
+                         top_k=min(uc.top_k, len(names)), lambda_init=uc.lambda_init,
+                         context=uc.context, renormalize=uc.renormalize,
+                         logit_scale=uc.logit_scale, router_score=uc.router_score,
+                         expert_names=names)
+
     def expert_moe(self, experts: dict[str, tuple], vectors: bool) -> MoEViT:
         """The clients' experts (name -> (LoRA, router vectors, metrics)) merged into a MoE
         with the ``unify`` section's routing; router rows from the router vectors or random."""
-        uc = self.cfg.unify
         names = list(experts)
-        moe_cfg = MoEConfig(num_experts=len(names), rank=self.cfg.expert.rank,
-                            alpha=self.cfg.expert.alpha, top_k=min(uc.top_k, len(names)),
-                            lambda_init=uc.lambda_init, context=uc.context,
-                            renormalize=uc.renormalize, logit_scale=uc.logit_scale,
-                            router_score=uc.router_score,
-                            expert_names=names)
         loras = [{k: torch.from_numpy(v) for k, v in experts[n][0].items()} for n in names]
         vecs = [torch.from_numpy(experts[n][1]) for n in names] if vectors else None
-        return build_moe(self.seed_model, moe_cfg, loras, vecs)
+        return build_moe(self.seed_model, self.unify_moe_config(names), loras, vecs)
 
     def unify(self, experts: dict[str, tuple], union_idx: np.ndarray) -> MoEViT:
         uc = self.cfg.unify

@@ -474,11 +474,6 @@ class UnrestrictedMoE(OneShot):
             data_bytes[c.name] = int(dom.x_train.nbytes + dom.y_train.nbytes)
         names = [c.name for c in clients]
         uc, ec = self.cfg.unify, self.cfg.expert
-        moe_cfg = MoEConfig(num_experts=len(names), rank=ec.rank, alpha=ec.alpha,
-                            top_k=min(uc.top_k, len(names)), lambda_init=uc.lambda_init,
-                            context=uc.context, renormalize=uc.renormalize,
-                            logit_scale=uc.logit_scale, router_score=uc.router_score,
-                            expert_names=names)
         import copy
 
         from metamoe.models.lora import inject_ffn_lora, lora_state_dict
@@ -489,7 +484,7 @@ class UnrestrictedMoE(OneShot):
                 torch.manual_seed(self.cfg.run.seed * 1000 + p)
                 fresh = inject_ffn_lora(copy.deepcopy(self.seed_model), ec.rank, ec.alpha)
             loras.append(lora_state_dict(fresh))
-        moe = build_moe(self.seed_model, moe_cfg, loras, None)
+        moe = build_moe(self.seed_model, self.unify_moe_config(names), loras, None)
         section = OmegaConf.create({**to_container(ec), "lambda_lr": uc.lambda_lr})
         with fed.phase("train_unrestricted"):
             hist = finetune(moe, np.concatenate(xs), np.concatenate(ys), section,
