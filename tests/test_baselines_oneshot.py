@@ -230,6 +230,16 @@ def test_oneshot_suite_end_to_end(tmp_path, monkeypatch, cache_dir):
         assert up["flexolmo"] > up["btx"] and up["metamoe[no_pa]"] > up["btx"]
     assert m["expert_train"]["mnist"]["n_proxies"] == 0  # private-only experts
     assert {"sketch", "select", "expert"} <= set(m["wall_seconds"])
+    # Routed rows report where each domain's tokens went; the BTM ensemble does not route.
+    for name in ("btx", "flexolmo", "metamoe[no_pa]"):
+        shares = rows[name]["route_share"]
+        assert set(shares) == {"mnist", "uci"}, name
+        for share in shares.values():
+            assert set(share) == {"mnist", "uci"} and abs(sum(share.values()) - 1) < 1e-6, name
+    assert "route_share" not in rows["btm"]
+    assert m["route_share"] == {}  # no single model: the report has each routed row's table
+    report = (run_dir / "report.md").read_text()
+    assert "## Routing share of flexolmo " in report and "Routing share of btm " not in report
 
 
 @pytest.mark.slow

@@ -57,7 +57,8 @@ def build_metrics(cfg, fed: Federation, outcome: Outcome, wall_total: float,
         "clients": {c.name: {"domain": c.domain, "partition_id": c.partition_id,
                              "n_private": c.n_private} for c in fed.clients.values()},
         "route_share": {d: {n: float(np.mean([m.get(f"route_share/{n}", np.nan) for m in ms]))
-                            for n in expert_names} for d, ms in by_domain.items() if ms},
+                            for n in expert_names} for d, ms in by_domain.items()
+                        if ms and expert_names},
         "missing": fed.missing,
         "resumed_phases": fed.resumed,
         "rejected": fed.rejected,
@@ -109,12 +110,17 @@ def write_report(run_dir: Path, metrics: dict) -> None:
         "|---|---|",
         *[f"| {p} | {s:.1f} |" for p, s in metrics["wall_seconds"].items()],
     ]
-    if metrics.get("route_share"):
-        names = list(next(iter(metrics["route_share"].values())))
-        lines += ["", "## Routing share (fraction of tokens per expert, all layers)", "",
-                  "| domain | " + " | ".join(names) + " |",
+    # A single run's routing, or (a suite run) each routed row's.
+    routing = {"": metrics["route_share"]} if metrics.get("route_share") else \
+        {r: row["route_share"] for r, row in metrics.get("rows", {}).items()
+         if row.get("route_share")}
+    for row_name, shares in routing.items():
+        names = list(next(iter(shares.values())))
+        title = " of " + row_name if row_name else ""
+        lines += ["", f"## Routing share{title} (fraction of tokens per expert, all layers)",
+                  "", "| domain | " + " | ".join(names) + " |",
                   "|---" * (len(names) + 1) + "|"]
-        for d, sh in metrics["route_share"].items():
+        for d, sh in shares.items():
             lines.append(f"| {d} | " + " | ".join(f"{sh[n]:.2f}" for n in names) + " |")
     if cov:
         p90 = metrics.get("proxy_coverage_p90", {})

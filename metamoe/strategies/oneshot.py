@@ -190,8 +190,15 @@ class OneShot(MetaMoE):
         raise NotImplementedError
 
     def row(self, evals: dict[str, dict], fed: Federation) -> dict:
-        return {"accuracy": acc_block(evals, fed, list(self.cfg.benchmark.domains),
-                                      "acc_unified")}
+        doms = list(self.cfg.benchmark.domains)
+        row = {"accuracy": acc_block(evals, fed, doms, "acc_unified")}
+        experts = list(dict.fromkeys(k.split("/", 1)[1] for m in evals.values() for k in m
+                                     if k.startswith("route_share/")))
+        if self.eval_mode == "routed" and experts:  # {domain: {expert: share of its tokens}}
+            share = {n: acc_block(evals, fed, doms, f"route_share/{n}")["per_domain"]
+                     for n in experts}
+            row["route_share"] = {d: {n: share[n][d] for n in experts} for d in doms}
+        return row
 
     def run(self, fed: Federation, node_ids: list[int]) -> Outcome:
         return run_members(self, fed, node_ids, {self.name: self})
