@@ -3,10 +3,12 @@
 Modules (no Flower dependency):
 
 * :mod:`~metamoe.proxy.sketch`: client relevance sketches (logistic, centroids), DP noise.
+* :mod:`~metamoe.proxy.sketch_types`: the sketch dataclasses and their array transport.
 * :mod:`~metamoe.proxy.privacy`: analytic Gaussian mechanism accounting.
 * :mod:`~metamoe.proxy.scoring`: chunked relevance scoring of the pool.
 * :mod:`~metamoe.proxy.retrieval`: top-n candidate retrieval (faiss / numpy).
 * :mod:`~metamoe.proxy.dpp`: greedy relevance-weighted DPP MAP.
+* :mod:`~metamoe.proxy.dpp_loops`: its plain (reference) and blocked greedy loops.
 * :mod:`~metamoe.proxy.alternatives`: baseline selection rules.
 * :mod:`~metamoe.proxy.select`: the :func:`select_proxies` entry point.
 """
