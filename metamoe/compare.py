@@ -85,7 +85,7 @@ def parse_row(row: str) -> tuple[str, str]:
 def plan(rows: list[str], share: bool = True) -> tuple[list[Job], dict[str, str]]:
     """Jobs that produce ``rows``; rows that cannot run -> {row: reason}."""
     from metamoe.strategies import STRATEGIES
-    from metamoe.strategies.oneshot import SUITES
+    from metamoe.strategies.suites import SUITES
 
     unavailable: dict[str, str] = {}
     jobs: list[Job] = []
@@ -119,7 +119,7 @@ def run_id(job: Job, benchmark: str, seed: int, overrides: str) -> str:
     key: dict = {"config": {k: v for k, v in to_container(cfg).items() if k != "run"},
                  "seed": seed}
     if job.members:
-        from metamoe.strategies.oneshot import member_config
+        from metamoe.strategies.suites import member_config
 
         key["members"] = {r: to_container(member_config(cfg, m, e))
                           for r, m, e in job.members}

@@ -62,7 +62,9 @@ class ModelConf:
 
 @dataclass
 class OptimConf:
-    optimizer: str = "sgd"
+    """The one optimiser schema: every trained section (pretrain, expert, unify, fl) extends
+    it, and :func:`metamoe.training.train` takes any of them."""
+    optimizer: str = "sgd"  # sgd | adam | adamw
     lr: float = 0.01
     momentum: float = 0.9
     nesterov: bool = True
@@ -70,6 +72,9 @@ class OptimConf:
     epochs: int = 1
     batch_size: int = 128
     shuffle: bool = True
+    # Token-id inputs: batches of similar length (HF Trainer's group_by_length, which the
+    # paper's NLP runs use), each trimmed to its longest text. No effect on images.
+    group_by_length: bool = True
 
 
 @dataclass

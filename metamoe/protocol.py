@@ -5,8 +5,9 @@ Every array a client uploads is listed here with the function that produces it:
 ==================  ===============================  =========================================
 message type        client uploads (record key)      produced by
 ==================  ===============================  =========================================
+query.identify      ``info`` name/domain/sizes       clients.handlers.identify
 query.sketch        ``sketch`` relevance sketch      clients.stages.sketch_stage (proxy.sketch)
-                    ``info``  name/domain/sizes      clients.client_app.sketch
+                    ``info``  name/domain/sizes      clients.handlers.sketch
 train.expert        ``expert`` FFN-LoRA A/B          clients.stages.expert_stage
                     ``router`` [L, d] mean vectors   models.lora.ffn_input_means (noisy clipped
                                                      mean when privacy.router_dp_sigma > 0:
@@ -14,16 +15,20 @@ train.expert        ``expert`` FFN-LoRA A/B          clients.stages.expert_stage
                     ``metrics`` scalars (n_train,    clients.stages.expert_stage,
                     loss, coverage, router_dp_*)     clients.stages.coverage
 evaluate            ``metrics`` accuracies, coverage clients.stages.evaluate_stage
-query.identify      ``info`` name/domain/sizes       clients.client_app.identify
-query.fl_seed       ``metrics`` acknowledgement      clients.fl_handlers (iterative baselines)
-train               ``arrays`` FFN-LoRA weights      clients.fl_handlers (FedAvg round)
-train.fl_moe        router rows, λ, experts' LoRA,   clients.fl_handlers (FedAvg-MoE,
-                    mean routing distribution and    FedAlign-MoE; means over the whole
+query.fl_seed       ``info`` acknowledgement         clients.fl_handlers.fl_seed
+train               ``arrays`` FFN-LoRA weights      clients.fl_handlers.fedavg_train
+train.fl_moe        router rows, λ, experts' LoRA,   clients.fl_handlers.fl_moe_train,
+                    mean routing distribution and    clients.fl_local (means over the whole
                     per-expert mean outputs          local set)
-query.ddome_select  summed gate scores over Dp       clients.fl_handlers (DDOME)
-train.ddome         gate MLP + selected experts      clients.fl_handlers (DDOME)
-evaluate.ddome      accuracies (scalars)             clients.fl_handlers (DDOME)
+query.ddome_select  K expert indices from gate       clients.fl_handlers.ddome_select
+                    scores summed over Dp
+train.ddome         gate MLP + selected experts      clients.fl_handlers.ddome_train
+evaluate.ddome      accuracies (scalars)             clients.fl_handlers.ddome_evaluate
 ==================  ===============================  =========================================
+
+Every message type is a constant below (``MESSAGE_TYPES``); the ClientApp registers one
+handler per entry (``clients/client_app.py``). Nested settings a message carries travel as
+one JSON object in its ``config`` record (:func:`encode_settings` / :func:`decode_settings`).
 
 None of these is a sample, a per-sample embedding or a per-sample gradient: the sketch is a
 classifier (or k centroids of >= 1 sample each), the expert is a weight delta, the router
@@ -32,14 +37,34 @@ vectors are means over the whole local set, the metrics are scalars.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
+# Every message type of the protocol; the ClientApp registers one handler per entry
+# (clients/client_app.py) and the strategies send nothing else.
+IDENTIFY = "query.identify"
 SKETCH = "query.sketch"
 EXPERT = "train.expert"
 EVALUATE = "evaluate"
+FL_SEED = "query.fl_seed"
+FEDAVG_TRAIN = "train"  # Flower's FedAvg strategy sends plain "train" messages
+FL_MOE_TRAIN = "train.fl_moe"
+DDOME_SELECT = "query.ddome_select"
+DDOME_TRAIN = "train.ddome"
+DDOME_EVALUATE = "evaluate.ddome"
+MESSAGE_TYPES = (IDENTIFY, SKETCH, EXPERT, EVALUATE, FL_SEED, FEDAVG_TRAIN, FL_MOE_TRAIN,
+                 DDOME_SELECT, DDOME_TRAIN, DDOME_EVALUATE)
+
+# Nested settings travel as one JSON string in the message's ``config`` ConfigRecord, under
+# the name of the payload: the evaluated MoE's architecture (EVALUATE), an FL-MoE round's
+# settings (FL_MOE_TRAIN), DDOME's settings (DDOME_*).
+CONFIG = "config"
+MOE_SPEC = "moe"
+FL_ROUND = "fl"
+DDOME_SPEC = "ddome"
 
 
 class UploadError(ValueError):
@@ -56,6 +81,25 @@ def from_record(rec: ArrayRecord) -> dict[str, np.ndarray]:
 
 def torch_state_to_record(state: Mapping) -> ArrayRecord:
     return to_record({k: v.detach().cpu().numpy() for k, v in state.items()})
+
+
+def encode_settings(payload: str, settings: Mapping) -> ConfigRecord:
+    """The ``config`` record of a message carrying the nested ``settings`` as ``payload``."""
+    return ConfigRecord({payload: json.dumps(settings)})
+
+
+def decode_settings(content: RecordDict, payload: str, sender: str = "server") -> dict:
+    """The nested settings ``payload`` of a message (see :func:`encode_settings`)."""
+    rec = get_record(content, CONFIG, ConfigRecord, sender)
+    if payload not in rec:
+        raise UploadError(f"{sender}: the {CONFIG!r} record has no {payload!r} settings")
+    try:
+        out = json.loads(str(rec[payload]))
+    except json.JSONDecodeError as e:
+        raise UploadError(f"{sender}: {payload!r} settings are not JSON: {e}") from None
+    if not isinstance(out, dict):
+        raise UploadError(f"{sender}: {payload!r} settings are not a JSON object")
+    return out
 
 
 def record_nbytes(content: RecordDict) -> int:

@@ -10,42 +10,47 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from omegaconf import DictConfig
 from torch import nn
+
+from metamoe.config import OptimConf
 
 log = logging.getLogger("metamoe")
 
 
-@dataclass
-class OptimConfig:
-    optimizer: str = "sgd"  # sgd | adam | adamw
-    lr: float = 0.01
-    momentum: float = 0.9
-    nesterov: bool = True
-    weight_decay: float = 1e-4
-    epochs: int = 1
-    batch_size: int = 128
-    shuffle: bool = True
-    # Token-id inputs: batches of similar length (HF Trainer's group_by_length, which the
-    # paper's NLP runs use), each trimmed to its longest text. No effect on images.
-    group_by_length: bool = True
+def derive_seed(run_seed: int, *parts: int) -> int:
+    """The seed of one random stream of a run, the one formula every site uses.
+
+    ``run_seed * 1000`` plus ``parts`` folded in base 31 (Horner): client ``p``'s one-shot
+    stages use ``derive_seed(s, p) = 1000 s + p``; client ``p`` in FL round ``r`` uses
+    ``derive_seed(s, p, r) = 1000 s + 31 p + r``; the server's own draws use ``run_seed``
+    itself. Use the result with :func:`seeded` or a ``torch.Generator`` /
+    ``np.random.default_rng``, never to reseed a global RNG.
+    """
+    acc = 0
+    for part in parts:
+        acc = acc * 31 + int(part)
+    return int(run_seed) * 1000 + acc
 
 
-def seed_everything(seed: int) -> None:
-    import random
-
-    random.seed(seed)
-    np.random.seed(seed % (2**32))
-    torch.manual_seed(seed)
+@contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Torch's global (CPU) RNG seeded with ``seed`` inside the block and restored after it:
+    module initialisation and dropout draw from it, so a result depends only on (config,
+    data, seed), not on what ran before in this process."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(seed))
+        yield
 
 
 def make_optimizer(groups: Iterable[dict] | Iterable[nn.Parameter],
-                   cfg: OptimConfig) -> torch.optim.Optimizer:
+                   cfg: OptimConf) -> torch.optim.Optimizer:
     groups = list(groups)
     if not groups:
         raise ValueError("no trainable parameters were given to the optimizer")
@@ -72,7 +77,7 @@ def train(
     model: nn.Module,
     x: np.ndarray | torch.Tensor,
     y: np.ndarray | torch.Tensor,
-    cfg: OptimConfig,
+    cfg: OptimConf | DictConfig,
     params: Sequence[dict] | Sequence[nn.Parameter] | None = None,
     loss_fn: LossFn = cross_entropy_loss,
     seed: int = 0,
@@ -81,8 +86,10 @@ def train(
 ) -> dict:
     """Mini-batch training of ``model`` on (x, y); returns {"loss": last-epoch mean, ...}.
 
-    ``params`` are the trainable parameters (or param groups with their own ``lr``); the
-    default is every parameter with ``requires_grad``. Shuffling is seeded by ``seed``.
+    ``cfg`` is an :class:`~metamoe.config.OptimConf` or any config section of its schema
+    (``pretrain``, ``expert``, ``unify``, ``fl``). ``params`` are the trainable parameters
+    (or param groups with their own ``lr``); the default is every parameter with
+    ``requires_grad``. Shuffling is seeded by ``seed``.
     """
     x = torch.as_tensor(x)
     y = torch.as_tensor(y)
@@ -102,10 +109,8 @@ def train(
     lengths = None
     if cfg.group_by_length and cfg.shuffle:
         lengths = _token_lengths(model, x)
-    # Dropout (text encoders) draws from torch's global RNG: seed it too, inside a fork, so a
-    # run depends only on (config, data, seed), not on what ran before in this process.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    # Dropout (text encoders) draws from torch's global RNG: seed it too, inside a fork.
+    with seeded(seed):
         for epoch in range(cfg.epochs):
             order = torch.randperm(n, generator=gen) if cfg.shuffle else torch.arange(n)
             batches = [order[s * cfg.batch_size:(s + 1) * cfg.batch_size] for s in range(steps)]

@@ -15,18 +15,10 @@ from metamoe.models.lora import ffn_input_means, inject_ffn_lora, load_lora_stat
 from metamoe.models.moe import MoEConfig, build_moe
 from metamoe.models.vit import ViT, ViTConfig
 from metamoe.strategies import STRATEGIES
-from metamoe.strategies.oneshot import (
-    BTX,
-    ONESHOT_SUITE,
-    FlexOlmo,
-    UnrestrictedMoE,
-    build_m0,
-    build_soup,
-    load_balancing_loss,
-    make_members,
-    member_config,
-    soup_lora,
-)
+from metamoe.strategies.merges import build_m0, build_soup, load_balancing_loss, soup_lora
+from metamoe.strategies.oneshot import BTX, FlexOlmo
+from metamoe.strategies.suites import ONESHOT_SUITE, make_members, member_config
+from metamoe.strategies.unrestricted import UnrestrictedMoE
 
 R, ALPHA = 4, 8.0
 

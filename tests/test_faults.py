@@ -17,7 +17,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message
-from flwr.clientapp import ClientApp
 from flwr.serverapp import ServerApp
 from flwr.simulation import run_simulation
 
@@ -79,11 +78,7 @@ def make_apps(run_config: dict, faults: dict[tuple[str, int], str], calls_dir: P
             _corrupt(reply, kind)
         return reply
 
-    client = ClientApp(mods=[inject])
-    client.query("identify")(ca.identify)
-    client.query("sketch")(ca.sketch)
-    client.train("expert")(ca.expert)
-    client.evaluate()(ca.evaluate)
+    client = ca.build_client_app(mods=[inject])
     server = ServerApp()
 
     @server.main()

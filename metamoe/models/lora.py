@@ -7,12 +7,26 @@ Its state is only the A/B matrices: ``lora_state_dict`` is what a client uploads
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
 from torch import nn
 
 FFN_TARGETS = ("fc1", "fc2")
+LORA_FACTORS = ("lora_A", "lora_B")
+
+
+def lora_key(layer: int, target: str, factor: str) -> str:
+    """The one spelling of an expert's state keys: ``layers.{l}.{fc1|fc2}.lora_{A|B}``."""
+    return f"layers.{layer}.{target}.{factor}"
+
+
+def is_lora_key(key: str, factor: str | None = None) -> bool:
+    """Whether ``key`` is an expert state key (of ``factor`` "lora_A"/"lora_B" if given)."""
+    parts = key.split(".")
+    return (len(parts) == 4 and parts[0] == "layers" and parts[2] in FFN_TARGETS
+            and parts[3] in LORA_FACTORS and (factor is None or parts[3] == factor))
 
 
 class LoRALinear(nn.Module):
@@ -52,13 +66,26 @@ def inject_ffn_lora(model: nn.Module, rank: int, alpha: float) -> nn.Module:
 
 
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Only the LoRA A/B tensors, keyed ``layers.{l}.{fc1|fc2}.lora_{A|B}``."""
+    """Only the LoRA A/B tensors, keyed by :func:`lora_key`."""
     out = {}
     for l, ffn in enumerate(model.ffn_layers()):
         for name in FFN_TARGETS:
             lin = getattr(ffn, name)
-            out[f"layers.{l}.{name}.lora_A"] = lin.lora_A.detach().clone()
-            out[f"layers.{l}.{name}.lora_B"] = lin.lora_B.detach().clone()
+            for factor in LORA_FACTORS:
+                out[lora_key(l, name, factor)] = getattr(lin, factor).detach().clone()
+    return out
+
+
+def fresh_loras(seed_model: nn.Module, rank: int, alpha: float,
+                rng_seeds: list[int]) -> list[dict[str, torch.Tensor]]:
+    """One fresh FFN-LoRA expert per entry of ``rng_seeds`` (A kaiming-uniform drawn under
+    that seed in a forked RNG, B = 0): each equals M0, but their A differ so that
+    same-initialised experts can diverge. Torch's global RNG is left as it was."""
+    out = []
+    for s in rng_seeds:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(s))
+            out.append(lora_state_dict(inject_ffn_lora(copy.deepcopy(seed_model), rank, alpha)))
     return out
 
 
@@ -67,13 +94,13 @@ def load_lora_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> No
     for l, ffn in enumerate(model.ffn_layers()):
         for name in FFN_TARGETS:
             lin = getattr(ffn, name)
-            for ab in ("A", "B"):
-                key = f"layers.{l}.{name}.lora_{ab}"
+            for factor in LORA_FACTORS:
+                key = lora_key(l, name, factor)
                 expected.add(key)
                 if key not in state:
                     raise KeyError(f"LoRA state is missing {key}")
                 t = torch.as_tensor(state[key])
-                param = getattr(lin, f"lora_{ab}")
+                param = getattr(lin, factor)
                 if t.shape != param.shape:
                     raise ValueError(f"LoRA {key}: shape {tuple(t.shape)} != {tuple(param.shape)}")
                 param.data.copy_(t)
@@ -86,10 +113,10 @@ def lora_shapes(depth: int, dim: int, hidden: int, rank: int) -> dict[str, tuple
     """Expected upload shapes of one expert (used to validate client uploads)."""
     shapes = {}
     for l in range(depth):
-        shapes[f"layers.{l}.fc1.lora_A"] = (rank, dim)
-        shapes[f"layers.{l}.fc1.lora_B"] = (hidden, rank)
-        shapes[f"layers.{l}.fc2.lora_A"] = (rank, hidden)
-        shapes[f"layers.{l}.fc2.lora_B"] = (dim, rank)
+        shapes[lora_key(l, "fc1", "lora_A")] = (rank, dim)
+        shapes[lora_key(l, "fc1", "lora_B")] = (hidden, rank)
+        shapes[lora_key(l, "fc2", "lora_A")] = (rank, hidden)
+        shapes[lora_key(l, "fc2", "lora_B")] = (dim, rank)
     return shapes
 
 

@@ -32,11 +32,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from metamoe.models.causal import CausalConfig, CausalLMChoice
+from metamoe.models.lora import lora_key
 from metamoe.models.text import TextClassifier, TextConfig, masked_mean
 from metamoe.models.vit import FFN, ViT, ViTConfig
 
 CONTEXT_MODES = ("sample", "batch", "none")
 ROUTER_SCORES = ("dot", "euclidean")
+M0_FFN = -1  # ``set_forced(M0_FFN)``: every layer computes M0's own FFN (no expert)
+# Each stacked expert tensor of a MoE layer and the LoRA factor it holds (slot p = expert p).
+EXPERT_TENSORS = {"A1": ("fc1", "lora_A"), "B1": ("fc1", "lora_B"),
+                  "A2": ("fc2", "lora_A"), "B2": ("fc2", "lora_B")}
 
 
 @dataclass
@@ -70,6 +75,9 @@ class MoEConfig:
 class MoEFFN(nn.Module):
     """K FFN-LoRA experts sharing M0's FFN weights, with a context-aware top-k router."""
 
+    # What the unify stage and the FL-MoE clients train (and exchange), in this order.
+    trainable_names = ("router", "lambda_raw", *EXPERT_TENSORS)
+
     def __init__(self, base: FFN, cfg: MoEConfig):
         super().__init__()
         self.cfg = cfg
@@ -90,14 +98,25 @@ class MoEFFN(nn.Module):
         if cfg.context == "none":
             self.lambda_raw.requires_grad_(False)
             self.lambda_raw.data.zero_()
-        self.forced: int | None = None  # None: routed; -1: M0's FFN; p: expert p only
+        self.forced: int | None = None  # None: routed; M0_FFN: M0's FFN; p: expert p only
         self.token_mask: torch.Tensor | None = None  # [B, T] real tokens (text), set per forward
         self.record = False
         self.route_counts = torch.zeros(k)
 
-    # --- parameter groups -------------------------------------------------------------
+    # --- parameter groups and expert slots ---------------------------------------------
     def expert_parameters(self) -> list[nn.Parameter]:
-        return [self.A1, self.B1, self.A2, self.B2]
+        return [getattr(self, name) for name in EXPERT_TENSORS]
+
+    @torch.no_grad()
+    def load_expert(self, slot: int, lora: dict) -> None:
+        """Expert ``slot`` := one layer's LoRA, keyed ``{fc1|fc2}.lora_{A|B}``."""
+        for name, (target, factor) in EXPERT_TENSORS.items():
+            getattr(self, name)[slot].copy_(torch.as_tensor(lora[f"{target}.{factor}"]))
+
+    def export_expert(self, slot: int) -> dict[str, torch.Tensor]:
+        """Expert ``slot`` of this layer as LoRA tensors keyed ``{fc1|fc2}.lora_{A|B}``."""
+        return {f"{target}.{factor}": getattr(self, name)[slot].detach().clone()
+                for name, (target, factor) in EXPERT_TENSORS.items()}
 
     @property
     def lam(self) -> torch.Tensor:
@@ -182,9 +201,25 @@ class MoEMixin:
         return self.ffn_layers()  # type: ignore[attr-defined]
 
     def set_forced(self, expert: int | None) -> None:
-        """Route every token to ``expert`` (-1 = M0's own FFN, None = learned routing)."""
+        """Route every token to ``expert`` (``M0_FFN`` = M0's own FFN, None = learned routing)."""
         for m in self.moe_layers():
             m.forced = expert
+
+    def load_expert(self, slot: int, lora: dict) -> None:
+        """Expert ``slot`` of every layer := an FFN-LoRA state (:func:`~metamoe.models.lora.lora_key`)."""
+        for l, layer in enumerate(self.moe_layers()):
+            layer.load_expert(slot, {f"{t}.{f}": lora[lora_key(l, t, f)]
+                                     for t, f in EXPERT_TENSORS.values()})
+
+    def export_expert(self, slot: int) -> dict[str, torch.Tensor]:
+        """Expert ``slot`` as an FFN-LoRA state, the format a client uploads."""
+        return {lora_key(l, *k.split(".")): v for l, layer in enumerate(self.moe_layers())
+                for k, v in layer.export_expert(slot).items()}
+
+    def trainable_keys(self) -> list[str]:
+        """State keys of router, λ and the experts of every layer (model order)."""
+        return [f"{prefix}.{n}" for prefix, mod in self.named_modules()  # type: ignore[attr-defined]
+                if isinstance(mod, MoEFFN) for n in MoEFFN.trainable_names]
 
     def router_parameters(self) -> list[nn.Parameter]:
         return [m.router for m in self.moe_layers()]
@@ -253,33 +288,39 @@ def build_moe(seed: nn.Module, moe_cfg: MoEConfig, experts: list[dict[str, torch
     """
     if len(experts) != moe_cfg.num_experts:
         raise ValueError(f"{len(experts)} experts for a MoE with {moe_cfg.num_experts} slots")
-    model = moe_class(seed.cfg)(seed.cfg, moe_cfg)
-    missing, unexpected = model.load_state_dict(_seed_state_for_moe(seed), strict=False)
-    bad = [k for k in missing if not _is_moe_param(k)]
-    if bad or unexpected:
-        raise RuntimeError(f"seed/MoE mismatch: missing {bad[:3]} unexpected {unexpected[:3]}")
+    model = moe_from_seed(seed, moe_cfg)
+    for p, ex in enumerate(experts):
+        model.load_expert(p, ex)
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for l, layer in enumerate(model.moe_layers()):
-            for p, ex in enumerate(experts):
-                layer.A1[p].copy_(torch.as_tensor(ex[f"layers.{l}.fc1.lora_A"]))
-                layer.B1[p].copy_(torch.as_tensor(ex[f"layers.{l}.fc1.lora_B"]))
-                layer.A2[p].copy_(torch.as_tensor(ex[f"layers.{l}.fc2.lora_A"]))
-                layer.B2[p].copy_(torch.as_tensor(ex[f"layers.{l}.fc2.lora_B"]))
-                if router_vectors is not None:
+            if router_vectors is not None:
+                for p in range(len(experts)):
                     layer.router[p].copy_(torch.as_tensor(router_vectors[p][l]))
-            if router_vectors is None:
+            else:
                 d = layer.router.shape[1]
                 layer.router.copy_(torch.randn(layer.router.shape, generator=gen) / math.sqrt(d))
     model.eval()
     return model
 
 
-def _is_moe_param(key: str) -> bool:
-    return any(key.endswith(s) for s in (".A1", ".B1", ".A2", ".B2", ".router", ".lambda_raw"))
+def moe_from_seed(seed: nn.Module, moe_cfg: MoEConfig) -> MoEMixin:
+    """A MoE on a copy of M0 whose router, λ and experts are still to be loaded (all zero)."""
+    model = moe_class(seed.cfg)(seed.cfg, moe_cfg)
+    missing, unexpected = model.load_state_dict(seed_state_for_moe(seed), strict=False)
+    bad = [k for k in missing if not is_moe_param(k)]
+    if bad or unexpected:
+        raise RuntimeError(f"seed/MoE mismatch: missing {bad[:3]} unexpected {unexpected[:3]}")
+    model.eval()
+    return model
 
 
-def _seed_state_for_moe(seed: nn.Module) -> dict[str, torch.Tensor]:
+def is_moe_param(key: str) -> bool:
+    """Whether a MoE state key is one of the MoE's own (router, λ, experts), not M0's."""
+    return key.rsplit(".", 1)[-1] in MoEFFN.trainable_names
+
+
+def seed_state_for_moe(seed: nn.Module) -> dict[str, torch.Tensor]:
     """M0's state dict with plain FFN weights (LoRA wrappers, if any, are unwrapped)."""
     state = copy.deepcopy(seed.state_dict())
     out = {}

@@ -19,13 +19,12 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from metamoe.clients.stages import optim
 from metamoe.config import config_hash
 from metamoe.data import VisionBenchmark
 from metamoe.models.io import load_seed, save_seed
 from metamoe.models.text import TextClassifier, TextConfig, encoder_fingerprint
 from metamoe.models.vit import ViT, ViTConfig
-from metamoe.training import accuracy, features, seed_everything, train
+from metamoe.training import accuracy, features, seeded, train
 
 log = logging.getLogger("metamoe")
 
@@ -67,12 +66,12 @@ def get_seed_model(cfg: DictConfig, bench: VisionBenchmark) -> tuple[ViT, np.nda
         feats = features(model, bench.pool_x, cfg.select.embedding)
         _atomic_save(feat_path, lambda p: np.save(p, feats))
         return model, feats, info
-    seed_everything(int(cfg.run.seed))
-    model = ViT(vit_config(cfg, bench.num_classes))
+    with seeded(int(cfg.run.seed)):
+        model = ViT(vit_config(cfg, bench.num_classes))
     log.info("pre-training seed model M0 on the public pool (%d images, %d epochs)",
              len(bench.pool_x), cfg.pretrain.epochs)
     hist = train(model, torch.from_numpy(bench.pool_x), torch.from_numpy(bench.pool_y),
-                 optim(cfg.pretrain), seed=int(cfg.run.seed), desc="pretrain M0", log_every=1)
+                 cfg.pretrain, seed=int(cfg.run.seed), desc="pretrain M0", log_every=1)
     info.update(cached=False, pretrain_loss=hist["loss"], pretrain_seconds=hist["seconds"])
     feats = features(model, bench.pool_x, cfg.select.embedding)
     _atomic_save(path, lambda p: save_seed(model, p))
@@ -115,13 +114,13 @@ def _text_seed(cfg: DictConfig, bench: VisionBenchmark) -> tuple[TextClassifier,
     if m.arch == "causal":
         model.eval()
         return model, feats, info
-    seed_everything(int(cfg.run.seed))
     # The head was initialised when the model was built, from whatever state the global RNG
     # was in: draw it again under the run's seed, so M0 is the same in every process.
-    model.head.reset_parameters()
+    with seeded(int(cfg.run.seed)):
+        model.head.reset_parameters()
     torch.nn.init.zeros_(model.head.bias)
     hist = train(model.head, torch.from_numpy(feats), torch.from_numpy(bench.pool_y),
-                 optim(cfg.pretrain), seed=int(cfg.run.seed), desc="M0 head")
+                 cfg.pretrain, seed=int(cfg.run.seed), desc="M0 head")
     info.update(pretrain_loss=hist["loss"], pretrain_seconds=hist["seconds"],
                 zero_shot_public=accuracy(model.head, feats, bench.pool_y))
     model.eval()

@@ -25,7 +25,7 @@ import numpy as np
 from flwr.app import ConfigRecord, Message, RecordDict
 from omegaconf import DictConfig
 
-from metamoe.protocol import UploadError, get_record, record_nbytes
+from metamoe.protocol import IDENTIFY, UploadError, get_record, record_nbytes
 
 log = logging.getLogger("metamoe")
 T = TypeVar("T")
@@ -153,7 +153,7 @@ class Federation:
             return ci
 
         with self.phase("identify"):
-            self.exchange("identify", "query.identify", {n: RecordDict() for n in node_ids},
+            self.exchange("identify", IDENTIFY, {n: RecordDict() for n in node_ids},
                           validate)
 
     def drop_missing(self, answered) -> None:

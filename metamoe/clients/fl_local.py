@@ -1,0 +1,99 @@
+"""Client-side local training of the FL-MoE baselines (FedAvg-MoE, FedAlign-MoE).
+
+One round on a client: router + λ + every expert trained on Dp with the shared loop
+(:func:`metamoe.training.train`); FedAlign adds a KL regulariser towards the server's global
+routing distribution and uploads whole-set routing statistics (:func:`moe_local_stats`).
+Handlers: ``clients/fl_handlers.py``; server side: ``strategies/fedalign.py``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from metamoe.models.moe import MoEMixin
+from metamoe.training import train
+
+
+def _capture_gates(moe: MoEMixin):
+    """Forward hooks that keep each MoE layer's (differentiable) gate probabilities."""
+    probs: list[torch.Tensor] = []
+    handles = [layer.register_forward_pre_hook(lambda m, inp: probs.append(m.gate_probs(inp[0])))
+               for layer in moe.moe_layers()]
+    return probs, handles
+
+
+def fl_moe_local_train(cfg, moe: MoEMixin, x: torch.Tensor, y: torch.Tensor, rng_seed: int,
+                       global_p: np.ndarray | None = None, lambda_g: float = 0.0) -> dict:
+    """Local epochs on Dp of router + λ + all experts, CE plus (FedAlign) the regulariser
+    λ_g Σ_l KL(P̄_l ‖ p̂_l), p̂_l the batch-mean gate distribution of layer l."""
+    f = cfg.fl
+    moe.freeze_base()
+    groups = [{"params": moe.router_parameters() + moe.expert_parameters(), "lr": f.lr}]
+    if moe.lambda_parameters():
+        groups.append({"params": moe.lambda_parameters(), "lr": f.lambda_lr})
+    use_kl = global_p is not None and lambda_g > 0
+    pbar = torch.as_tensor(global_p, dtype=torch.float32).clamp_min(1e-8) if use_kl else None
+
+    def loss_fn(model, xb, yb):
+        if not use_kl:
+            return F.cross_entropy(model(xb), yb)
+        probs, handles = _capture_gates(model)
+        try:
+            loss = F.cross_entropy(model(xb), yb)
+        finally:
+            for h in handles:
+                h.remove()
+        kl = 0.0
+        for l, pr in enumerate(probs):
+            phat = pr.reshape(-1, pr.shape[-1]).mean(0).clamp_min(1e-8)
+            kl = kl + (pbar[l] * (pbar[l].log() - phat.log())).sum()
+        return loss + lambda_g * kl
+
+    return train(moe, x, y, f, params=groups, loss_fn=loss_fn, seed=rng_seed,
+                 desc="fl-moe")
+
+
+@torch.no_grad()
+def moe_local_stats(moe: MoEMixin, x: torch.Tensor, descriptor: str = "output",
+                    batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """Per layer over *all* local tokens: p [L, E] = mean softmax gate distribution, and the
+    expert descriptors h [L, E, d] = Σ_t g_e(z_t) v_e(z_t) / Σ_t g_e(z_t) with v_e the output
+    of expert e ("output"), its LoRA delta over M0's FFN ("delta") or its input ("input").
+    Only these whole-set averages leave the client."""
+    layers = moe.moe_layers()
+    L, E = len(layers), moe.moe_cfg.num_experts
+    d = layers[0].fc1.in_features
+    num = torch.zeros(L, E, d, dtype=torch.float64)
+    den = torch.zeros(L, E, dtype=torch.float64)
+    tokens = [0]
+
+    def make_hook(l):
+        def hook(m, inp):
+            z = inp[0]
+            g = m.gate_probs(z)  # [B, T, E]
+            if descriptor == "input":
+                v = z.unsqueeze(0).expand(E, *z.shape)
+            else:
+                v = m._experts(z, slice(None))  # [E, B, T, d]
+                if descriptor == "delta":
+                    v = v - m.fc2(F.gelu(m.fc1(z))).unsqueeze(0)
+            num[l] += torch.einsum("bte,ebtd->ed", g, v).double()
+            den[l] += g.sum((0, 1)).double()
+            if l == 0:
+                tokens[0] += g.shape[0] * g.shape[1]
+        return hook
+
+    handles = [layer.register_forward_pre_hook(make_hook(l)) for l, layer in enumerate(layers)]
+    try:
+        moe.eval()
+        moe.set_forced(None)
+        for i in range(0, len(x), batch_size):
+            moe(x[i:i + batch_size])
+    finally:
+        for h in handles:
+            h.remove()
+    p = (den / max(tokens[0], 1)).float().numpy()
+    h = (num / den.clamp_min(1e-12).unsqueeze(-1)).float().numpy()
+    return p.astype(np.float32), h.astype(np.float32)
