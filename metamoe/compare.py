@@ -2,6 +2,7 @@
 
     python -m metamoe.compare --benchmark vision --seeds 3 [--methods btm,metamoe,fedavg]
                               [--no-share] [--output-dir results/compare-vision]
+                              [--gpus-per-client auto|G] [--cpus-per-client 1] [--ray-address A]
 
 Writes ``results/compare-<bench>/``:
 
@@ -275,7 +276,11 @@ def write_plots(out: Path, table: dict, domains: list[str]) -> list[Path]:
 def compare(benchmark: str = "vision", seeds: int = 1, methods: list[str] | None = None,
             output_dir: str | None = None, cache_dir: str | None = None, share: bool = True,
             overrides: str = "", timeout: float = 3600.0, quiet: bool = False,
-            references: bool = False) -> Path:
+            references: bool = False, gpus_per_client: str | float = "auto",
+            cpus_per_client: int = 1, ray_address: str | None = None) -> Path:
+    """Run (or reuse) every job of ``methods`` x ``seeds``; write the tables. ``gpus_per_client``,
+    ``cpus_per_client`` and ``ray_address`` go to every :func:`metamoe.launch.launch` (they do
+    not enter the run ids: a run is reused whatever device produced it)."""
     from metamoe.launch import launch
 
     rows = list(methods or DEFAULT_ROWS)
@@ -300,7 +305,9 @@ def compare(benchmark: str = "vision", seeds: int = 1, methods: list[str] | None
                 t0 = time.perf_counter()
                 try:
                     launch(benchmark, job.method, job.experiment, overrides, seed, rid,
-                           str(out / "runs"), cache_dir, timeout, quiet=quiet)
+                           str(out / "runs"), cache_dir, timeout, quiet=quiet,
+                           gpus_per_client=gpus_per_client, cpus_per_client=cpus_per_client,
+                           ray_address=ray_address)
                 except RuntimeError as e:
                     say(f"[compare] FAILED {rid}: {e}")
                     for r in job.rows:
@@ -346,6 +353,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--references", action="store_true",
                     help="also tabulate the metamoe run's own seed model and single experts "
                          "(rows metamoe/zero_shot, metamoe/expert[<name>])")
+    from metamoe.launch import add_resource_args
+
+    add_resource_args(ap)  # --gpus-per-client, --cpus-per-client, --ray-address
     a = ap.parse_args(argv)
     if a.seeds < 1:
         print("--seeds must be >= 1", file=sys.stderr)
@@ -357,7 +367,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         out = compare(a.benchmark, a.seeds, methods, a.output_dir,
                       a.cache_dir or os.environ.get("METAMOE_CACHE_DIR"), not a.no_share,
-                      a.overrides, a.timeout, references=a.references)
+                      a.overrides, a.timeout, references=a.references,
+                      gpus_per_client=a.gpus_per_client, cpus_per_client=a.cpus_per_client,
+                      ray_address=a.ray_address)
     except ConfigError as e:
         print(f"configuration error: {e}", file=sys.stderr)
         return 2
