@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shlex
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -203,6 +204,11 @@ class RunConf:
     output_dir: str = ""  # absolute; default <cwd>/results
     cache_dir: str = ""  # M0 checkpoints; default ~/.cache/metamoe
     threads: int = 0  # torch threads per process (0: leave torch's default)
+    # Where every stage computes (metamoe/device.py): auto = the first visible GPU, else CPU;
+    # resolved inside each ClientApp handler and in the ServerApp. cpu | cuda | cuda:N.
+    device: str = "auto"
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast for compute; weights stay fp32)
+    data_workers: int = 0  # DataLoader workers for Dataset inputs (0: in the process)
 
 
 @dataclass
@@ -240,6 +246,7 @@ CHOICES = {
     "fl.align_score": ("expert", "client", "usage"),
     "fl.align_threshold": ("adaptive", "fixed"),
     "fl.align_descriptor": ("output", "delta", "input"),
+    "run.precision": ("fp32", "bf16", "fp16"),
 }
 
 
@@ -344,6 +351,9 @@ def validate(cfg: DictConfig) -> None:
     if nc != -1 and nc < len(cfg.benchmark.domains):
         raise ConfigError(f"benchmark.num_clients={nc} must be -1 or at least the number of "
                           f"domains ({len(cfg.benchmark.domains)})")
+    dev = str(cfg.run.device)
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", dev):
+        raise ConfigError(f"run.device={dev!r} is not one of auto, cpu, cuda, cuda:N")
     for key in ("privacy.router_dp_sigma", "sketch.dp_sigma"):
         if OmegaConf.select(cfg, key) < 0:
             raise ConfigError(f"{key} must be >= 0 (0 turns DP off), got {OmegaConf.select(cfg, key)}")

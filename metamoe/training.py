@@ -18,8 +18,11 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch import nn
+from torch.utils.data import Dataset
 
+from metamoe import device
 from metamoe.config import OptimConf
+from metamoe.data.dataset import as_dataset, batches, dataset_labels, dataset_lengths
 
 log = logging.getLogger("metamoe")
 
@@ -75,8 +78,8 @@ def cross_entropy_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> to
 
 def train(
     model: nn.Module,
-    x: np.ndarray | torch.Tensor,
-    y: np.ndarray | torch.Tensor,
+    x: np.ndarray | torch.Tensor | Dataset,
+    y: np.ndarray | torch.Tensor | None,
     cfg: OptimConf | DictConfig,
     params: Sequence[dict] | Sequence[nn.Parameter] | None = None,
     loss_fn: LossFn = cross_entropy_loss,
@@ -84,49 +87,61 @@ def train(
     desc: str = "train",
     log_every: int = 0,
 ) -> dict:
-    """Mini-batch training of ``model`` on (x, y); returns {"loss": last-epoch mean, ...}.
+    """Mini-batch training of ``model``; returns {"loss": last-epoch mean, ...}.
 
-    ``cfg`` is an :class:`~metamoe.config.OptimConf` or any config section of its schema
-    (``pretrain``, ``expert``, ``unify``, ``fl``). ``params`` are the trainable parameters
-    (or param groups with their own ``lr``); the default is every parameter with
-    ``requires_grad``. Shuffling is seeded by ``seed``.
+    The data are (x, y) arrays, or a map-style Dataset of (input, label) items as ``x`` with
+    ``y=None`` (``metamoe/data/dataset.py``). ``cfg`` is an :class:`~metamoe.config.OptimConf`
+    or any config section of its schema (``pretrain``, ``expert``, ``unify``, ``fl``).
+    ``params`` are the trainable parameters (or param groups with their own ``lr``); the
+    default is every parameter with ``requires_grad``. Shuffling is seeded by ``seed``. The
+    model and each batch go to the current runtime's device (``metamoe/device.py``); the
+    forward pass runs under its autocast.
     """
-    x = torch.as_tensor(x)
-    y = torch.as_tensor(y)
-    if len(x) != len(y):
-        raise ValueError(f"{desc}: {len(x)} inputs but {len(y)} labels")
-    if len(x) == 0:
+    data = as_dataset(x, y)
+    n = len(data)
+    if n == 0:
         raise ValueError(f"{desc}: empty training set")
+    rt = device.current()
+    rt.place(model)
     if params is None:
         params = [p for p in model.parameters() if p.requires_grad]
     opt = make_optimizer(params, cfg)
+    scaler = rt.grad_scaler()
     gen = torch.Generator().manual_seed(seed)
     model.train()
-    n = len(x)
     steps = math.ceil(n / cfg.batch_size)
     t0 = time.perf_counter()
     epoch_loss = float("nan")
     lengths = None
     if cfg.group_by_length and cfg.shuffle:
-        lengths = _token_lengths(model, x)
+        lengths = dataset_lengths(data, _pad_id(model))
+    checked = rt.device.type != "meta"  # meta tensors carry no values to check
     # Dropout (text encoders) draws from torch's global RNG: seed it too, inside a fork.
     with seeded(seed):
         for epoch in range(cfg.epochs):
             order = torch.randperm(n, generator=gen) if cfg.shuffle else torch.arange(n)
-            batches = [order[s * cfg.batch_size:(s + 1) * cfg.batch_size] for s in range(steps)]
+            index = [order[s * cfg.batch_size:(s + 1) * cfg.batch_size] for s in range(steps)]
             if lengths is not None:
-                batches = _length_grouped(order, lengths, cfg.batch_size, gen)
+                index = _length_grouped(order, lengths, cfg.batch_size, gen)
             total, seen = 0.0, 0
-            for s, idx in enumerate(batches):
-                loss = loss_fn(model, x[idx], y[idx])
-                if not torch.isfinite(loss):
+            for s, (xb, yb) in enumerate(batches(data, index, rt.workers, rt.is_cuda)):
+                xb, yb = rt.batch(xb), rt.batch(yb)
+                with rt.autocast():
+                    loss = loss_fn(model, xb, yb)
+                if checked and not torch.isfinite(loss):
                     raise FloatingPointError(f"{desc}: non-finite loss at epoch {epoch} step {s}")
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                total += float(loss.detach()) * len(idx)
-                seen += len(idx)
-            epoch_loss = total / seen
+                if scaler is not None:
+                    scaler.scale(loss).backward()
+                    scaler.step(opt)
+                    scaler.update()
+                else:
+                    loss.backward()
+                    opt.step()
+                if checked:
+                    total += float(loss.detach()) * len(yb)
+                seen += len(yb)
+            epoch_loss = total / seen if checked else float("nan")
             if log_every and (epoch + 1) % log_every == 0:
                 log.info("%s epoch %d/%d loss %.4f (%.1fs)", desc, epoch + 1, cfg.epochs,
                          epoch_loss, time.perf_counter() - t0)
@@ -134,35 +149,59 @@ def train(
     return {"loss": epoch_loss, "seconds": time.perf_counter() - t0, "examples": n}
 
 
-def _token_lengths(model: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
-    """Real tokens per row of padded token ids (2-D integer input); None for other inputs."""
-    if x.ndim != 2 or x.dtype not in (torch.int64, torch.int32):
-        return None
-    return (x != getattr(getattr(model, "cfg", None), "pad_id", 0)).sum(1)
+def finetune(moe: nn.Module, x: np.ndarray, y: np.ndarray, section: DictConfig, seed: int,
+             train_router: bool, train_experts: bool, loss_fn: Callable | None = None,
+             desc: str = "finetune") -> dict:
+    """Fine-tune router (+ λ, at ``section.lambda_lr``) and/or experts of a MoE model
+    (``metamoe.models.moe.MoEMixin``) with :func:`train`; everything of M0 stays frozen."""
+    moe.freeze_base()
+    groups = []
+    for flag, params, lr in ((train_router, moe.router_parameters(), section.lr),
+                             (train_router, moe.lambda_parameters(), section.lambda_lr),
+                             (train_experts, moe.expert_parameters(), section.lr)):
+        if flag and params:
+            groups.append({"params": params, "lr": lr})
+        else:
+            for p in params:
+                p.requires_grad_(False)
+    if not groups or section.epochs == 0 or len(x) == 0:
+        return {"loss": float("nan"), "examples": 0}
+    kw = {"loss_fn": loss_fn} if loss_fn is not None else {}
+    return train(moe, torch.as_tensor(x), torch.as_tensor(y), section, params=groups,
+                 seed=seed, desc=desc, log_every=1, **kw)
 
 
-def _inference_order(model: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
-    """For padded token ids, the order that groups texts of similar length, so that every
-    batch is trimmed to a short length; None for other inputs."""
-    lengths = _token_lengths(model, x)
-    return None if lengths is None else torch.argsort(lengths, stable=True)
+def _pad_id(model: nn.Module) -> int:
+    return int(getattr(getattr(model, "cfg", None), "pad_id", 0) or 0)
 
 
 @torch.no_grad()
 def batched_apply(model: nn.Module, fn: Callable[[torch.Tensor], torch.Tensor],
-                  x: np.ndarray | torch.Tensor, batch_size: int) -> torch.Tensor:
-    """``fn`` over x in batches (texts grouped by length), outputs in the order of x."""
-    model.eval()
-    x = torch.as_tensor(x)
-    if len(x) == 0:
+                  x: np.ndarray | torch.Tensor | Dataset, batch_size: int) -> torch.Tensor:
+    """``fn`` over the inputs in batches (texts grouped by length), on the current runtime's
+    device; float32 outputs on the CPU, in the order of the inputs. ``x``: an array, or a
+    Dataset of inputs (or of (input, label) items)."""
+    data = as_dataset(x)
+    n = len(data)
+    if n == 0:
         raise ValueError("no inputs to evaluate")
-    order = _inference_order(model, x)
-    xs = x if order is None else x[order]
-    out = torch.cat([fn(xs[i:i + batch_size]) for i in range(0, len(xs), batch_size)])
-    if order is None:
+    rt = device.current()
+    rt.place(model)
+    model.eval()
+    lengths = dataset_lengths(data, _pad_id(model))
+    order = torch.arange(n) if lengths is None else torch.argsort(lengths, stable=True)
+    index = [order[i:i + batch_size] for i in range(0, n, batch_size)]
+    outs = []
+    for xb in batches(data, index, rt.workers, rt.is_cuda):
+        if isinstance(xb, (tuple, list)):
+            xb = xb[0]
+        with rt.autocast():
+            outs.append(device.host(fn(rt.batch(xb)).float()))
+    out = torch.cat(outs)
+    if lengths is None:
         return out
     res = torch.empty_like(out)
-    res[order] = out
+    res[order.to(out.device)] = out
     return res
 
 
@@ -181,27 +220,30 @@ def _length_grouped(order: torch.Tensor, lengths: torch.Tensor, batch_size: int,
 
 
 @torch.no_grad()
-def predict_logits(model: nn.Module, x: np.ndarray | torch.Tensor,
+def predict_logits(model: nn.Module, x: np.ndarray | torch.Tensor | Dataset,
                    batch_size: int = 512) -> torch.Tensor:
     return batched_apply(model, model, x, batch_size)
 
 
 @torch.no_grad()
-def accuracy(model: nn.Module, x: np.ndarray | torch.Tensor, y: np.ndarray | torch.Tensor,
-             classes: Sequence[int] | None = None, batch_size: int = 512) -> float:
-    """Top-1 accuracy; with ``classes`` the argmax runs over that label subset only."""
-    logits = predict_logits(model, x, batch_size)
-    y = torch.as_tensor(y)
+def accuracy(model: nn.Module, x: np.ndarray | torch.Tensor | Dataset,
+             y: np.ndarray | torch.Tensor | None = None, classes: Sequence[int] | None = None,
+             batch_size: int = 512) -> float:
+    """Top-1 accuracy; with ``classes`` the argmax runs over that label subset only. ``x``:
+    inputs with labels ``y``, or a Dataset of (input, label) items (``y=None``)."""
+    data = as_dataset(x, y)
+    logits = predict_logits(model, data, batch_size)
+    labels = dataset_labels(data)
     if classes is not None:
         cls = torch.as_tensor(list(classes))
         pred = cls[logits[:, cls].argmax(1)]
     else:
         pred = logits.argmax(1)
-    return float((pred == y).float().mean()) if len(y) else float("nan")
+    return float((pred == labels).float().mean()) if len(labels) else float("nan")
 
 
 @torch.no_grad()
-def features(model: nn.Module, x: np.ndarray | torch.Tensor, kind: str = "tokens",
+def features(model: nn.Module, x: np.ndarray | torch.Tensor | Dataset, kind: str = "tokens",
              batch_size: int = 1024) -> np.ndarray:
     """Frozen-model embeddings of x in batches, float32 numpy: ``tokens`` (all last-layer
     tokens, ``forward_embedding``) or ``cls`` (the pooled feature, ``forward_features``)."""

@@ -1,6 +1,6 @@
 """The package's import direction and the server/client split (static and at import time).
 
-Layers, lowest first: config and protocol ← models, proxy ← data, training ← {clients,
+Layers, lowest first: config, device and protocol ← models, proxy ← data, training ← {clients,
 strategies} ← {clients.client_app, server} ← {launch, compare}. A module imports only from
 its own layer or below, and clients/ and strategies/ never import each other: they share
 only protocol.py, models and training (and the data/proxy/config layers under them).
@@ -20,6 +20,7 @@ PKG = ROOT / "metamoe"
 
 LAYERS = [  # (module prefix, layer); the longest matching prefix wins
     ("metamoe.config", 0), ("metamoe.logging_utils", 0), ("metamoe.protocol", 0),
+    ("metamoe.device", 0),
     ("metamoe.models", 1), ("metamoe.proxy", 1),
     ("metamoe.data", 2), ("metamoe.training", 2),
     ("metamoe.clients", 3), ("metamoe.strategies", 3),

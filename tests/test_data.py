@@ -83,10 +83,11 @@ def test_benchmark_disk_cache_roundtrips(tmp_path):
 
     cfg = resolve_config({"benchmark": "tiny", "cache-dir": str(tmp_path)})
     built = load_benchmark(cfg)
-    assert len(list(tmp_path.glob("bench-*.npz"))) == 1
+    assert len(list(tmp_path.glob("bench-*/done"))) == 1
     _load.cache_clear()
     cached = load_benchmark(cfg)
     assert cached is not built
+    assert isinstance(cached.pool_x, np.memmap)  # read by row, never loaded whole
     for a, b in zip(built.domains, cached.domains):
         assert a.name == b.name and a.classes == b.classes
         assert np.array_equal(a.x_train, b.x_train) and np.array_equal(a.y_test, b.y_test)

@@ -8,10 +8,14 @@ this module registers a handler, and no server module imports it.
 
 from __future__ import annotations
 
+import functools
+
+from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from metamoe import protocol
+from metamoe import device, protocol
 from metamoe.clients import fl_handlers, handlers
+from metamoe.config import resolve_config
 
 HANDLERS = {
     protocol.IDENTIFY: handlers.identify,
@@ -31,6 +35,18 @@ if set(HANDLERS) != set(protocol.MESSAGE_TYPES):
 
 
 
+def on_device(handler):
+    """Run ``handler`` under the runtime of ``run.device`` / ``run.precision``, resolved here,
+    inside the handler's process (Ray sets the actor's visible GPUs at run time); the GPU
+    memory the handler allocated is released before the reply leaves."""
+    @functools.wraps(handler)
+    def handle(msg: Message, context: Context) -> Message:
+        run = resolve_config(context.run_config).run
+        with device.use(device.from_run_config(run)):
+            return handler(msg, context)
+    return handle
+
+
 def build_client_app(mods: list | None = None) -> ClientApp:
     """A ClientApp answering every message type (``mods``: Flower client mods, e.g. tests')."""
     client = ClientApp(mods=mods or [])
@@ -38,7 +54,7 @@ def build_client_app(mods: list | None = None) -> ClientApp:
         # "query.sketch" -> client.query("sketch")(handler); "train" -> client.train()(handler)
         kind, _, action = message_type.partition(".")
         register = getattr(client, kind)
-        (register(action) if action else register())(handler)
+        (register(action) if action else register())(on_device(handler))
     return client
 
 

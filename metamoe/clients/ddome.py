@@ -7,15 +7,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from metamoe import device
 from metamoe.models.gate import GateMLP
 from metamoe.models.moe import MoEMixin
-from metamoe.training import train
+from metamoe.training import predict_logits, train
 
 
 def ddome_scores(gate: GateMLP, feats: torch.Tensor) -> torch.Tensor:
     """Σ over the local samples of the gate's softmax scores: [M]."""
-    with torch.no_grad():
-        return gate(feats).softmax(-1).sum(0)
+    rt = device.current()
+    rt.place(gate)
+    with torch.no_grad(), rt.autocast():
+        return gate(rt.batch(feats)).float().softmax(-1).sum(0).cpu()
 
 
 def ddome_pick(gate: GateMLP, feats: torch.Tensor, k: int) -> list[int]:
@@ -38,7 +41,10 @@ def ddome_local_train(cfg, moe: MoEMixin, gate: GateMLP, feats: torch.Tensor, x:
     wrapper = nn.ModuleDict({"moe": moe, "gate": gate})
     groups = [{"params": moe.expert_parameters(), "lr": f.lr},
               {"params": list(gate.parameters()), "lr": f.ddome_gate_lr}]
-    idx_experts = torch.as_tensor(experts)
+    rt = device.current()
+    # The whole local set on the device: the loop's batches are indices into it.
+    x, feats = rt.batch(torch.as_tensor(x)), rt.batch(torch.as_tensor(feats))
+    idx_experts = torch.as_tensor(experts, device=rt.device)
 
     def loss_fn(model, ib, yb):
         xb, fb = x[ib], feats[ib]
@@ -70,7 +76,7 @@ def ddome_predict(moe: MoEMixin, gate: GateMLP, feats: torch.Tensor, x: torch.Te
     """DDOME test time on unlabelled data: the client's top-K experts from the summed gate
     scores, then per sample the single expert with the highest gate score among those K."""
     chosen = ddome_pick(gate, feats, k)
-    per = gate(feats)[:, chosen].argmax(1)
+    per = predict_logits(gate, feats)[:, chosen].argmax(1)
     cls = torch.as_tensor(list(classes))
     pred = torch.empty(len(x), dtype=torch.long)
     for j, e in enumerate(chosen):
@@ -78,7 +84,7 @@ def ddome_predict(moe: MoEMixin, gate: GateMLP, feats: torch.Tensor, x: torch.Te
         if len(sel) == 0:
             continue
         moe.set_forced(e)
-        logits = torch.cat([moe(x[sel[i:i + 512]]) for i in range(0, len(sel), 512)])
+        logits = predict_logits(moe, x[sel])
         pred[sel] = cls[logits[:, cls].argmax(1)]
     moe.set_forced(None)
     return pred, chosen

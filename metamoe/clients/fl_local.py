@@ -12,6 +12,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from metamoe import device
 from metamoe.models.moe import MoEMixin
 from metamoe.training import train
 
@@ -34,7 +35,9 @@ def fl_moe_local_train(cfg, moe: MoEMixin, x: torch.Tensor, y: torch.Tensor, rng
     if moe.lambda_parameters():
         groups.append({"params": moe.lambda_parameters(), "lr": f.lambda_lr})
     use_kl = global_p is not None and lambda_g > 0
-    pbar = torch.as_tensor(global_p, dtype=torch.float32).clamp_min(1e-8) if use_kl else None
+    rt = device.current()
+    pbar = rt.batch(torch.as_tensor(global_p, dtype=torch.float32).clamp_min(1e-8)) \
+        if use_kl else None
 
     def loss_fn(model, xb, yb):
         if not use_kl:
@@ -62,24 +65,26 @@ def moe_local_stats(moe: MoEMixin, x: torch.Tensor, descriptor: str = "output",
     expert descriptors h [L, E, d] = Σ_t g_e(z_t) v_e(z_t) / Σ_t g_e(z_t) with v_e the output
     of expert e ("output"), its LoRA delta over M0's FFN ("delta") or its input ("input").
     Only these whole-set averages leave the client."""
+    rt = device.current()
+    rt.place(moe)
     layers = moe.moe_layers()
     L, E = len(layers), moe.moe_cfg.num_experts
     d = layers[0].fc1.in_features
-    num = torch.zeros(L, E, d, dtype=torch.float64)
-    den = torch.zeros(L, E, dtype=torch.float64)
+    num = torch.zeros(L, E, d, dtype=torch.float64, device=rt.device)
+    den = torch.zeros(L, E, dtype=torch.float64, device=rt.device)
     tokens = [0]
 
     def make_hook(l):
         def hook(m, inp):
-            z = inp[0]
+            z = inp[0].float()
             g = m.gate_probs(z)  # [B, T, E]
             if descriptor == "input":
                 v = z.unsqueeze(0).expand(E, *z.shape)
             else:
                 v = m._experts(z, slice(None))  # [E, B, T, d]
                 if descriptor == "delta":
-                    v = v - m.fc2(F.gelu(m.fc1(z))).unsqueeze(0)
-            num[l] += torch.einsum("bte,ebtd->ed", g, v).double()
+                    v = v - m.fc2(m._act(z, m.fc1(z))).unsqueeze(0)  # minus M0's FFN
+            num[l] += torch.einsum("bte,ebtd->ed", g, v.float()).double()
             den[l] += g.sum((0, 1)).double()
             if l == 0:
                 tokens[0] += g.shape[0] * g.shape[1]
@@ -90,10 +95,11 @@ def moe_local_stats(moe: MoEMixin, x: torch.Tensor, descriptor: str = "output",
         moe.eval()
         moe.set_forced(None)
         for i in range(0, len(x), batch_size):
-            moe(x[i:i + batch_size])
+            with rt.autocast():
+                moe(rt.batch(x[i:i + batch_size]))
     finally:
         for h in handles:
             h.remove()
-    p = (den / max(tokens[0], 1)).float().numpy()
-    h = (num / den.clamp_min(1e-12).unsqueeze(-1)).float().numpy()
+    p = (den / max(tokens[0], 1)).float().cpu().numpy()
+    h = (num / den.clamp_min(1e-12).unsqueeze(-1)).float().cpu().numpy()
     return p.astype(np.float32), h.astype(np.float32)

@@ -40,6 +40,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from metamoe import device
 from metamoe.models.text import masked_mean
 from metamoe.proxy.privacy import gaussian_epsilon
 
@@ -55,12 +56,14 @@ def per_sample_ffn_means(model: nn.Module, x: torch.Tensor, batch_size: int = 51
     the same number of tokens (images) their mean equals ``ffn_input_means(model, x)``; for
     padded text, ``ffn_input_means`` is their average weighted by each sample's token count.
     """
+    rt = device.current()
+    rt.place(model)
     layers = model.ffn_layers()
     cur: list[torch.Tensor | None] = [None] * len(layers)
 
     def make_hook(i):
         def hook(module, inputs):
-            z = inputs[0].detach()
+            z = inputs[0].detach().float()
             z = z.reshape(z.shape[0], -1, z.shape[-1])
             mask = getattr(module, "token_mask", None)  # text: padding is not a token
             cur[i] = z.mean(1) if mask is None else masked_mean(z, mask.reshape(z.shape[:2]))
@@ -71,8 +74,9 @@ def per_sample_ffn_means(model: nn.Module, x: torch.Tensor, batch_size: int = 51
     try:
         model.eval()
         for s in range(0, len(x), batch_size):
-            model(x[s:s + batch_size])
-            out.append(torch.stack(cur, dim=1))
+            with rt.autocast():
+                model(rt.batch(x[s:s + batch_size]))
+            out.append(torch.stack(cur, dim=1).cpu())
     finally:
         for h in handles:
             h.remove()

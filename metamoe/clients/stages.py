@@ -19,7 +19,7 @@ from metamoe.data import Domain, VisionBenchmark
 from metamoe.models.lora import ffn_input_means, inject_ffn_lora, lora_state_dict
 from metamoe.models.moe import M0_FFN, MoEMixin
 from metamoe.proxy import sketch as psk
-from metamoe.training import accuracy, features, seeded, train
+from metamoe.training import accuracy, features, predict_logits, seeded, train
 
 log = logging.getLogger("metamoe")
 
@@ -112,8 +112,7 @@ def ensemble_accuracy(moe: MoEMixin, x: torch.Tensor, y: torch.Tensor, classes: 
     probs = 0
     for p in range(moe.moe_cfg.num_experts):
         moe.set_forced(p)
-        probs = probs + torch.cat([moe(x[i:i + 512])[:, cls].softmax(-1)
-                                   for i in range(0, len(x), 512)])
+        probs = probs + predict_logits(moe, x)[:, cls].softmax(-1)
     moe.set_forced(None)
     return float((cls[probs.argmax(1)] == y).float().mean())
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from dataclasses import replace
 from functools import lru_cache
 from pathlib import Path
@@ -25,25 +26,34 @@ __all__ = ["Domain", "VisionBenchmark", "load_benchmark", "client_partition", "c
 
 @lru_cache(maxsize=4)
 def _load(bench_json: str, cache_dir: str) -> VisionBenchmark:
-    """Build the benchmark, or read it from ``<cache_dir>/bench-<hash>.npz`` (a node-local
-    copy of what this node would build from its installed packages: deployed ClientApps are
-    fresh processes per message, and rebuilding costs seconds each time)."""
+    """Build the benchmark, or open it from ``<cache_dir>/bench-<hash>/`` (a node-local copy
+    of what this node would build from its installed packages: deployed ClientApps are fresh
+    processes per message, and rebuilding costs seconds each time). The cached arrays are
+    memory-mapped (copy-on-write), so a process reads only the rows it indexes: a ClientApp
+    touches its own domain, the proxies it was sent and its sketch's negatives, never the
+    whole public pool."""
     path = None
     if cache_dir:
         key = hashlib.sha256(bench_json.encode()).hexdigest()[:12]
-        path = Path(cache_dir) / f"bench-{key}.npz"
-        if path.exists():
+        path = Path(cache_dir) / f"bench-{key}"
+        if (path / "done").exists():
             try:
-                return _from_npz(path, json.loads(bench_json))
+                return _from_dir(path, json.loads(bench_json))
             except (OSError, ValueError, KeyError):
-                pass  # a damaged cache file is rebuilt below
+                pass  # a damaged cache is rebuilt below
     bench = _build(json.loads(bench_json))
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{os.getpid()}.{path.name}")
-        with open(tmp, "wb") as f:
-            np.savez(f, **_to_arrays(bench))
-        tmp.replace(path)
+        tmp.mkdir(parents=True, exist_ok=True)
+        arrays = _to_arrays(bench)
+        for i, arr in enumerate(arrays.values()):
+            np.save(tmp / f"{i:03d}.npy", arr)
+        (tmp / "names.json").write_text(json.dumps(list(arrays)))
+        (tmp / "done").write_text("")
+        try:
+            tmp.replace(path)
+        except OSError:  # another process cached it first
+            shutil.rmtree(tmp, ignore_errors=True)
     return bench
 
 
@@ -58,13 +68,14 @@ def _to_arrays(bench: VisionBenchmark) -> dict[str, np.ndarray]:
     return out
 
 
-def _from_npz(path: Path, b: dict) -> VisionBenchmark:
-    with np.load(path) as z:
-        doms = [Domain(n, z[f"{n}/x_train"], z[f"{n}/y_train"], z[f"{n}/x_test"],
-                       z[f"{n}/y_test"], [int(c) for c in z[f"{n}/classes"]],
-                       str(z[f"{n}/description"])) for n in b["domains"]]
-        return VisionBenchmark(b["name"], doms, z["pool_x"], z["pool_y"], z["pool_source"],
-                               class_names=[str(c) for c in z["class_names"]])
+def _from_dir(path: Path, b: dict) -> VisionBenchmark:
+    names = json.loads((path / "names.json").read_text())
+    z = {n: np.load(path / f"{i:03d}.npy", mmap_mode="c") for i, n in enumerate(names)}
+    doms = [Domain(n, z[f"{n}/x_train"], z[f"{n}/y_train"], z[f"{n}/x_test"],
+                   z[f"{n}/y_test"], [int(c) for c in z[f"{n}/classes"]],
+                   str(z[f"{n}/description"])) for n in b["domains"]]
+    return VisionBenchmark(b["name"], doms, z["pool_x"], z["pool_y"], z["pool_source"],
+                           class_names=[str(c) for c in z["class_names"]])
 
 
 def _build(b: dict) -> VisionBenchmark:

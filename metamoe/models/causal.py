@@ -110,9 +110,10 @@ class CausalLMChoice(nn.Module):
         """Left-padded ids trimmed to the batch's longest row; mask and position ids."""
         ids = torch.as_tensor(ids).long()
         mask = ids != self.cfg.pad_id
-        cols = mask.any(0).nonzero()
-        start = int(cols.min()) if len(cols) else ids.shape[1] - 1
-        ids, mask = ids[:, start:], mask[:, start:]
+        if not ids.is_meta:  # trim the left padding (meta tensors hold no values)
+            cols = mask.any(0).nonzero()
+            start = int(cols.min()) if len(cols) else ids.shape[1] - 1
+            ids, mask = ids[:, start:], mask[:, start:]
         pos = (mask.long().cumsum(1) - 1).clamp(min=0)
         return ids, mask, pos
 

@@ -63,7 +63,7 @@ def save_moe(model: nn.Module, directory: str | Path, extra: dict | None = None)
     """Write the full MoE (public encoder weights included, so the artifact stands alone)."""
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
     save_file(tensors, str(d / "moe.safetensors"))
     cfg = {"format": MOE_FORMAT, "model": model.cfg.to_dict(), "moe": model.moe_cfg.to_dict(),
            **(extra or {})}
@@ -102,7 +102,8 @@ def seed_from_state(state: dict[str, torch.Tensor], config: dict) -> nn.Module:
 
 def save_seed(model: nn.Module, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in shipped_state(model).items()}, str(path))
+    save_file({k: v.detach().cpu().contiguous() for k, v in shipped_state(model).items()},
+              str(path))
     path.with_suffix(".json").write_text(json.dumps(model.cfg.to_dict(), indent=2))
 
 

@@ -13,6 +13,8 @@ import math
 import torch
 from torch import nn
 
+from metamoe import device
+
 FFN_TARGETS = ("fc1", "fc2")
 LORA_FACTORS = ("lora_A", "lora_B")
 
@@ -41,8 +43,9 @@ class LoRALinear(nn.Module):
             p.requires_grad_(False)
         self.rank = rank
         self.scale = alpha / rank
-        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features))
-        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank))
+        kw = {"device": base.weight.device, "dtype": base.weight.dtype}  # where M0 lives
+        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, **kw))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, **kw))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -66,13 +69,14 @@ def inject_ffn_lora(model: nn.Module, rank: int, alpha: float) -> nn.Module:
 
 
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Only the LoRA A/B tensors, keyed by :func:`lora_key`."""
+    """Only the LoRA A/B tensors (on the CPU: what a client uploads), keyed by
+    :func:`lora_key`."""
     out = {}
     for l, ffn in enumerate(model.ffn_layers()):
         for name in FFN_TARGETS:
             lin = getattr(ffn, name)
             for factor in LORA_FACTORS:
-                out[lora_key(l, name, factor)] = getattr(lin, factor).detach().clone()
+                out[lora_key(l, name, factor)] = getattr(lin, factor).detach().cpu().clone()
     return out
 
 
@@ -127,29 +131,34 @@ def ffn_input_means(model: nn.Module, x: torch.Tensor, batch_size: int = 512) ->
     Computed with forward hooks on every FFN under the (LoRA-carrying) ``model``. Only this
     per-layer mean over the whole local set leaves the client, never a per-sample vector.
     """
+    rt = device.current()
+    rt.place(model)
+    model.eval()
     layers = model.ffn_layers()
-    sums = [None] * len(layers)
-    counts = [0.0] * len(layers)
+    sums: list = [None] * len(layers)
+    counts: list = [None] * len(layers)
 
     def make_hook(i):
         def hook(module, inputs):
-            z = inputs[0].detach()
+            z = inputs[0].detach().float()
             mask = getattr(module, "token_mask", None)  # text: padding is not a token
             if mask is not None:
                 z = z * mask.unsqueeze(-1).to(z.dtype)
-                counts[i] += float(mask.sum())
+                c = mask.sum().to(torch.float64)
             else:
-                counts[i] += z.shape[0] * z.shape[1]
+                c = torch.tensor(float(z.shape[0] * z.shape[1]), dtype=torch.float64,
+                                 device=z.device)
             s = z.reshape(-1, z.shape[-1]).sum(0)
             sums[i] = s if sums[i] is None else sums[i] + s
+            counts[i] = c if counts[i] is None else counts[i] + c
         return hook
 
     handles = [ffn.register_forward_pre_hook(make_hook(i)) for i, ffn in enumerate(layers)]
     try:
-        model.eval()
         for i in range(0, len(x), batch_size):
-            model(x[i:i + batch_size])
+            with rt.autocast():
+                model(rt.batch(torch.as_tensor(x[i:i + batch_size])))
     finally:
         for h in handles:
             h.remove()
-    return torch.stack(sums) / torch.tensor(counts).unsqueeze(1)
+    return device.host(torch.stack(sums) / torch.stack(counts).unsqueeze(1).float())

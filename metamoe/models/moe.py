@@ -23,6 +23,7 @@ ablation (λ fixed at 0).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 from dataclasses import asdict, dataclass, field
@@ -38,6 +39,7 @@ from metamoe.models.vit import FFN, ViT, ViTConfig
 
 CONTEXT_MODES = ("sample", "batch", "none")
 ROUTER_SCORES = ("dot", "euclidean")
+DISPATCH_MODES = ("sparse", "dense")
 M0_FFN = -1  # ``set_forced(M0_FFN)``: every layer computes M0's own FFN (no expert)
 # Each stacked expert tensor of a MoE layer and the LoRA factor it holds (slot p = expert p).
 EXPERT_TENSORS = {"A1": ("fc1", "lora_A"), "B1": ("fc1", "lora_B"),
@@ -56,6 +58,9 @@ class MoEConfig:
     logit_scale: float = 1.0  # logits = scale * z̃ · e_p ; the paper uses the raw dot product
     router_score: str = "dot"  # dot (paper) | euclidean (-½‖z̃ - e_p‖²: nearest router vector)
     expert_names: list[str] = field(default_factory=list)
+    # sparse: each expert on the tokens routed to it; dense: every expert on every token,
+    # weighted by the (zero outside the top-k) gates -- same output, fixed shapes (GPU, meta)
+    dispatch: str = "sparse"
 
     def __post_init__(self) -> None:
         if self.context not in CONTEXT_MODES:
@@ -63,6 +68,8 @@ class MoEConfig:
         if self.router_score not in ROUTER_SCORES:
             raise ValueError(f"moe.router_score must be one of {ROUTER_SCORES}, "
                              f"got {self.router_score!r}")
+        if self.dispatch not in DISPATCH_MODES:
+            raise ValueError(f"moe.dispatch must be one of {DISPATCH_MODES}, got {self.dispatch!r}")
         if not 1 <= self.top_k <= self.num_experts:
             raise ValueError(f"moe.top_k={self.top_k} must be in [1, {self.num_experts}]")
         if not 0.0 <= self.lambda_init <= 1.0:
@@ -70,6 +77,13 @@ class MoEConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def _full_precision(z: torch.Tensor):
+    """Autocast off for the block (fp32 compute), where autocast exists for z's device."""
+    if z.device.type in ("cuda", "cpu"):
+        return torch.autocast(z.device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 class MoEFFN(nn.Module):
@@ -101,7 +115,8 @@ class MoEFFN(nn.Module):
         self.forced: int | None = None  # None: routed; M0_FFN: M0's FFN; p: expert p only
         self.token_mask: torch.Tensor | None = None  # [B, T] real tokens (text), set per forward
         self.record = False
-        self.route_counts = torch.zeros(k)
+        # Top-1 token counts per expert while ``record`` is on (not saved; moves with .to()).
+        self.register_buffer("route_counts", torch.zeros(k), persistent=False)
 
     # --- parameter groups and expert slots ---------------------------------------------
     def expert_parameters(self) -> list[nn.Parameter]:
@@ -115,7 +130,7 @@ class MoEFFN(nn.Module):
 
     def export_expert(self, slot: int) -> dict[str, torch.Tensor]:
         """Expert ``slot`` of this layer as LoRA tensors keyed ``{fc1|fc2}.lora_{A|B}``."""
-        return {f"{target}.{factor}": getattr(self, name)[slot].detach().clone()
+        return {f"{target}.{factor}": getattr(self, name)[slot].detach().cpu().clone()
                 for name, (target, factor) in EXPERT_TENSORS.items()}
 
     @property
@@ -154,7 +169,8 @@ class MoEFFN(nn.Module):
         return (1.0 - lam) * z + lam * c
 
     def gate_probs(self, z: torch.Tensor) -> torch.Tensor:
-        logits = self.gate_input(z) @ self.router.t()
+        with _full_precision(z):  # routing decisions in fp32 under mixed precision too
+            logits = self.gate_input(z.float()) @ self.router.t()
         if self.cfg.router_score == "euclidean":  # the per-token -½‖z̃‖² cancels in the softmax
             logits = logits - 0.5 * (self.router * self.router).sum(dim=1)
         return (logits * self.cfg.logit_scale).softmax(dim=-1)
@@ -174,11 +190,16 @@ class MoEFFN(nn.Module):
             if self.token_mask is not None:
                 hits = hits * self.token_mask.unsqueeze(-1).to(hits.dtype)
             self.route_counts += hits.reshape(-1, self.cfg.num_experts).sum(0)
-        # Sparse dispatch: each expert runs only on the tokens routed to it (padding skipped).
         b, t, d = z.shape
         zf = z.reshape(b * t, d)
         weight = gates.reshape(b * t, -1)
         active = None if self.token_mask is None else self.token_mask.reshape(-1)
+        if self.cfg.dispatch == "dense":  # every expert on every token: no data-dependent shapes
+            if active is not None:
+                weight = weight * active.unsqueeze(1).to(weight.dtype)
+            ys = self._experts(z, slice(None)).reshape(self.cfg.num_experts, b * t, d)
+            return torch.einsum("ke,ekd->kd", weight.to(ys.dtype), ys).reshape(b, t, d)
+        # Sparse dispatch: each expert runs only on the tokens routed to it (padding skipped).
         out = torch.zeros_like(zf)
         for p in range(self.cfg.num_experts):
             hit = (topi == p).any(-1).reshape(-1)
@@ -188,7 +209,7 @@ class MoEFFN(nn.Module):
             if rows.numel() == 0:
                 continue
             y = self._expert(zf.index_select(0, rows), p) * weight[rows, p:p + 1]
-            out = out.index_add(0, rows, y)
+            out = out.index_add(0, rows, y.to(out.dtype))
         return out.reshape(b, t, d)
 
 
@@ -276,6 +297,17 @@ class MoECausal(MoEMixin, CausalLMChoice):
 def moe_class(seed_cfg) -> type:
     """The MoE model class for a seed model's config (ViT / Text / CausalConfig)."""
     return {"bert": MoEText, "causal": MoECausal}.get(getattr(seed_cfg, "arch", "vit"), MoEViT)
+
+
+def unify_moe_config(cfg, names: list[str]) -> MoEConfig:
+    """The unified MoE of experts ``names`` for a resolved config: the LoRA shape from its
+    ``expert`` section, the routing from its ``unify`` section."""
+    uc, ec = cfg.unify, cfg.expert
+    return MoEConfig(num_experts=len(names), rank=ec.rank, alpha=ec.alpha,
+                     top_k=min(uc.top_k, len(names)), lambda_init=uc.lambda_init,
+                     context=uc.context, renormalize=uc.renormalize,
+                     logit_scale=uc.logit_scale, router_score=uc.router_score,
+                     expert_names=list(names))
 
 
 def build_moe(seed: nn.Module, moe_cfg: MoEConfig, experts: list[dict[str, torch.Tensor]],

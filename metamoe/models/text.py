@@ -211,8 +211,9 @@ class TextClassifier(nn.Module):
     def _hidden(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         ids = torch.as_tensor(ids).long()
         mask = ids != self.cfg.pad_id
-        length = int(mask.sum(1).max().clamp(min=1))
-        ids, mask = ids[:, :length], mask[:, :length]
+        if not ids.is_meta:  # trim the batch to its longest text (meta tensors hold no values)
+            length = int(mask.sum(1).max().clamp(min=1))
+            ids, mask = ids[:, :length], mask[:, :length]
         with token_mask(self.ffn_layers(), mask):
             h = self.encoder(input_ids=ids, attention_mask=mask.long()).last_hidden_state
         return h, mask

@@ -11,6 +11,7 @@ import torch
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
+from metamoe import device
 from metamoe.config import config_hash, num_clients, resolve_config
 from metamoe.data import load_benchmark
 from metamoe.logging_utils import setup_logging
@@ -19,6 +20,7 @@ from metamoe.server.report import accuracy_table, build_metrics, write_metrics, 
 from metamoe.server.seed import get_seed_model
 from metamoe.strategies import Federation, get_strategy
 from metamoe.strategies.base import Checkpoint
+from metamoe.training import predict_logits
 
 app = ServerApp()
 log = logging.getLogger("metamoe")
@@ -34,10 +36,18 @@ def run_dir_for(cfg) -> Path:
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     setup_logging()
-    t0 = time.perf_counter()
     cfg = resolve_config(context.run_config)  # bad config fails here, before any training
     if cfg.run.threads:
         torch.set_num_threads(int(cfg.run.threads))
+    # The ServerApp is the simulation's Ray driver: it sees every GPU of the machine.
+    with device.use(device.from_run_config(cfg.run)) as rt:
+        log.info("server computes on %s (%s)", rt.device, rt.precision)
+        run(grid, cfg)
+
+
+def run(grid: Grid, cfg) -> None:
+    """The ServerApp's work for a resolved config: M0, the strategy, the reports."""
+    t0 = time.perf_counter()
     run_dir = run_dir_for(cfg)
     log.info("run %s: method=%s benchmark=%s seed=%d -> %s", run_dir.name, cfg.method,
              cfg.benchmark.name, cfg.run.seed, run_dir)
@@ -58,11 +68,11 @@ def main(grid: Grid, context: Context) -> None:
         # The artifact must hold exactly the in-memory tensors and give the same logits (up to
         # float rounding: BLAS kernels may round differently for differently aligned buffers).
         saved = load_moe(run_dir)
-        mem = outcome.model.state_dict()
+        mem = {k: v.cpu() for k, v in outcome.model.state_dict().items()}
         bad = [k for k, v in saved.state_dict().items() if not torch.equal(v, mem[k])]
-        probe = torch.from_numpy(bench.domains[0].x_test[:64])
-        with torch.no_grad():
-            close = torch.allclose(saved(probe), outcome.model(probe), rtol=1e-5, atol=1e-5)
+        probe = bench.domains[0].x_test[:64]
+        close = torch.allclose(predict_logits(saved, probe), predict_logits(outcome.model, probe),
+                               rtol=1e-5, atol=1e-5)
         if bad or not close:
             raise RuntimeError(f"the saved MoE does not reproduce the in-memory model "
                                f"(differing tensors: {bad[:3]}, logits close: {close})")

@@ -93,7 +93,7 @@ class MetaMoE(PhaseStrategy):
             with fed.phase("unify"):
                 moe = self.unify(experts, self.unify_data(used))
             if ck:
-                ck.save("unify", {k: v.detach().numpy() for k, v in shipped_state(moe).items()},
+                ck.save("unify", {k: v.detach().cpu().numpy() for k, v in shipped_state(moe).items()},
                         {"model": moe.cfg.to_dict(), "moe": moe.moe_cfg.to_dict()})
         extra["lambdas"] = moe.lambdas()
         domains = {d.name: list(map(int, d.classes)) for d in self.bench.domains}

@@ -49,7 +49,8 @@ from metamoe.models.moe import MoEMixin
 from metamoe.strategies.base import Federation, Outcome, register
 from metamoe.strategies.merges import BTX_LB_ALPHA, build_m0, build_soup, load_balancing_loss
 from metamoe.strategies.oneshot_run import run_members
-from metamoe.strategies.phases import PhaseStrategy, finetune
+from metamoe.strategies.phases import PhaseStrategy
+from metamoe.training import finetune
 
 log = logging.getLogger("metamoe")
 

@@ -3,24 +3,22 @@
 :class:`PhaseStrategy` holds one ``configure`` (payloads per node) + ``aggregate`` (validate
 one reply) pair per client phase — sketch, expert, evaluate — around
 :meth:`Federation.exchange`, plus the server's own work between them: proxy selection, merging
-experts into a MoE and fine-tuning it (:func:`finetune`, the one fine-tuning routine of every
-routed method). MetaMoE (``strategies/metamoe.py``) and the one-shot baselines
+experts into a MoE and fine-tuning it (:func:`metamoe.training.finetune`, the one fine-tuning
+routine of every routed method). MetaMoE (``strategies/metamoe.py``) and the one-shot baselines
 (``strategies/oneshot.py``) are sibling subclasses that differ in their drivers and merges.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 
 import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
-from omegaconf import DictConfig
 
 from metamoe.models.io import seed_payload, shipped_state
 from metamoe.models.lora import lora_shapes
-from metamoe.models.moe import MoEConfig, MoEMixin, build_moe
+from metamoe.models.moe import MoEConfig, MoEMixin, build_moe, unify_moe_config
 from metamoe.protocol import (
     CONFIG,
     MOE_SPEC,
@@ -36,31 +34,9 @@ from metamoe.protocol import (
 from metamoe.proxy import sketch as psk
 from metamoe.proxy.select import select_proxies
 from metamoe.strategies.base import Federation, Strategy
-from metamoe.training import train
+from metamoe.training import finetune
 
 log = logging.getLogger("metamoe")
-
-
-def finetune(moe: MoEMixin, x: np.ndarray, y: np.ndarray, section: DictConfig, seed: int,
-             train_router: bool, train_experts: bool, loss_fn: Callable | None = None,
-             desc: str = "finetune") -> dict:
-    """Fine-tune router (+ λ, at ``section.lambda_lr``) and/or experts of ``moe`` with the
-    shared training loop; everything of M0 stays frozen."""
-    moe.freeze_base()
-    groups = []
-    for flag, params, lr in ((train_router, moe.router_parameters(), section.lr),
-                             (train_router, moe.lambda_parameters(), section.lambda_lr),
-                             (train_experts, moe.expert_parameters(), section.lr)):
-        if flag and params:
-            groups.append({"params": params, "lr": lr})
-        else:
-            for p in params:
-                p.requires_grad_(False)
-    if not groups or section.epochs == 0 or len(x) == 0:
-        return {"loss": float("nan"), "examples": 0}
-    kw = {"loss_fn": loss_fn} if loss_fn is not None else {}
-    return train(moe, torch.from_numpy(x), torch.from_numpy(y), section, params=groups,
-                 seed=seed, desc=desc, log_every=1, **kw)
 
 
 class PhaseStrategy(Strategy):
@@ -143,12 +119,7 @@ class PhaseStrategy(Strategy):
     # ---------------------------------------------------------------- phase 4: unify
     def unify_moe_config(self, names: list[str]) -> MoEConfig:
         """The MoE of experts ``names``: LoRA shape from ``expert``, routing from ``unify``."""
-        uc, ec = self.cfg.unify, self.cfg.expert
-        return MoEConfig(num_experts=len(names), rank=ec.rank, alpha=ec.alpha,
-                         top_k=min(uc.top_k, len(names)), lambda_init=uc.lambda_init,
-                         context=uc.context, renormalize=uc.renormalize,
-                         logit_scale=uc.logit_scale, router_score=uc.router_score,
-                         expert_names=names)
+        return unify_moe_config(self.cfg, names)
 
     def expert_moe(self, experts: dict[str, tuple], vectors: bool) -> MoEMixin:
         """The clients' experts (name -> (LoRA, router vectors, metrics)) merged into a MoE

@@ -17,8 +17,7 @@ from metamoe.models.moe import build_moe
 from metamoe.protocol import EVALUATE
 from metamoe.strategies.base import Federation, Outcome, register
 from metamoe.strategies.oneshot import OneShot
-from metamoe.strategies.phases import finetune
-from metamoe.training import derive_seed
+from metamoe.training import derive_seed, finetune
 
 log = logging.getLogger("metamoe")
 

@@ -1,0 +1,101 @@
+"""The inputs of the one training and evaluation loop: map-style torch Datasets.
+
+Any map-style ``torch.utils.data.Dataset`` works: items are ``(input, label)`` pairs for
+training, inputs (or pairs, of which the input is used) for inference; decoding and
+per-sample transforms happen in ``__getitem__``, so nothing needs to be held in memory whole,
+and ``run.data_workers`` > 0 fetches batches in DataLoader worker processes. In-memory arrays
+are one such dataset, :class:`ArrayDataset`, whose batches are fetched by one fancy index
+(``__getitems__``), exactly as before Datasets existed. A dataset of padded token ids may
+expose ``lengths()`` (real tokens per item) for length-grouped batches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, default_collate
+
+
+class ArrayDataset(Dataset):
+    """In-memory inputs (and labels) as a map-style Dataset."""
+
+    def __init__(self, x: np.ndarray | torch.Tensor, y: np.ndarray | torch.Tensor | None = None):
+        self.x = torch.as_tensor(x)
+        self.y = None if y is None else torch.as_tensor(y)
+        if self.y is not None and len(self.x) != len(self.y):
+            raise ValueError(f"{len(self.x)} inputs but {len(self.y)} labels")
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int):
+        return self.x[i] if self.y is None else (self.x[i], self.y[i])
+
+    def __getitems__(self, idx: Sequence[int]):  # one fancy index per batch
+        idx = torch.as_tensor(idx)
+        return self.x[idx] if self.y is None else (self.x[idx], self.y[idx])
+
+    def lengths(self, pad_id: int = 0) -> torch.Tensor | None:
+        """Real tokens per row of padded token ids (2-D integer input); None otherwise."""
+        if self.x.ndim != 2 or self.x.dtype not in (torch.int64, torch.int32):
+            return None
+        return (self.x != pad_id).sum(1)
+
+
+def as_dataset(x, y=None) -> Dataset:
+    """``x`` if it already is a Dataset (then ``y`` must be None), else an ArrayDataset."""
+    if isinstance(x, Dataset):
+        if y is not None:
+            raise ValueError("pass labels inside the Dataset's items, not as a second argument")
+        return x
+    return ArrayDataset(x, y)
+
+
+def dataset_lengths(data: Dataset, pad_id: int = 0) -> torch.Tensor | None:
+    fn = getattr(data, "lengths", None)
+    if fn is None:
+        return None
+    out = fn(pad_id) if isinstance(data, ArrayDataset) else fn()
+    return None if out is None else torch.as_tensor(out)
+
+
+def dataset_labels(data: Dataset) -> torch.Tensor:
+    """Every item's label, in order (a dataset may expose ``labels()`` to avoid decoding its
+    inputs a second time)."""
+    if isinstance(data, ArrayDataset):
+        if data.y is None:
+            raise ValueError("this dataset has no labels")
+        return data.y
+    fn = getattr(data, "labels", None)
+    if fn is not None:
+        return torch.as_tensor(fn())
+    return torch.as_tensor([int(data[i][1]) for i in range(len(data))])
+
+
+def _collate(data: Dataset):
+    # An ArrayDataset's __getitems__ already returns the batch; other datasets' items are
+    # stacked by torch's default_collate.
+    return (lambda batch: batch) if hasattr(data, "__getitems__") else default_collate
+
+
+def fetch(data: Dataset, idx: torch.Tensor):
+    """One batch of ``data`` (the items at ``idx``), in this process."""
+    if hasattr(data, "__getitems__"):
+        return data.__getitems__(idx)
+    return default_collate([data[int(i)] for i in idx])
+
+
+def batches(data: Dataset, index_batches: Iterable[torch.Tensor], workers: int = 0,
+            pin_memory: bool = False) -> Iterator:
+    """The batches of ``data`` for the given index lists, in order; with ``workers`` > 0
+    they are fetched by DataLoader worker processes (same batches, same order)."""
+    if workers <= 0 or isinstance(data, ArrayDataset):
+        for idx in index_batches:
+            yield fetch(data, idx)
+        return
+    loader = DataLoader(data, batch_sampler=[i.tolist() for i in index_batches],
+                        num_workers=int(workers), collate_fn=_collate(data),
+                        pin_memory=pin_memory)
+    yield from loader
