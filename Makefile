@@ -16,7 +16,7 @@ PYTEST_ARGS ?=
 SEEDS ?= 1
 BENCH ?= vision
 
-.PHONY: setup demo demo-text test compare deploy lint clean
+.PHONY: setup demo demo-text test compare deploy figures lint clean
 
 setup: $(STAMP) $(FASHION)
 
@@ -52,6 +52,10 @@ compare: setup
 # Real deployment on loopback: SuperLink + SuperNodes with TLS and node authentication.
 deploy: setup
 	PATH=$(CURDIR)/$(BIN):$$PATH scripts/deploy_local.sh $(ARGS)
+
+# Redraw every image under docs/figures/ from the result files under docs/results/ (no runs).
+figures: $(STAMP)
+	$(BIN)/python scripts/figures.py
 
 test: setup
 	$(BIN)/python -m pytest -q -rs $(PYTEST_ARGS)
