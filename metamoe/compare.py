@@ -56,6 +56,8 @@ from pathlib import Path
 import numpy as np
 
 from metamoe.config import ConfigError, conf_dir, config_hash, resolve_config, to_container
+from metamoe.logging_utils import setup_logging
+from metamoe.progress import Progress
 
 ROOT = Path(__file__).resolve().parent.parent
 ONESHOT = ("zero_shot", "separate_experts", "btm", "model_soup", "btx", "flexolmo")
@@ -289,11 +291,16 @@ def compare(benchmark: str = "vision", seeds: int = 1, methods: list[str] | None
     domains = list(resolve_config({"benchmark": benchmark}).benchmark.domains)
     jobs, unavailable = plan(rows, share)
     say = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
+    if not quiet:
+        setup_logging()  # the per-run progress lines (run i of N, elapsed, ETA)
     for r, why in unavailable.items():
         say(f"[compare] skipping {r}: {why}")
     per_seed: dict[str, list[dict]] = {}
     timing: dict[str, float] = {}
     failed: dict[str, str] = {}
+    todo = [(seed, job) for seed in range(seeds) for job in jobs
+            if not (out / "runs" / run_id(job, benchmark, seed, overrides) / "metrics.json").exists()]
+    runs = Progress(len(todo), "[compare] runs", unit="run")
     for seed in range(seeds):
         for job in jobs:
             rid = run_id(job, benchmark, seed, overrides)
@@ -301,7 +308,8 @@ def compare(benchmark: str = "vision", seeds: int = 1, methods: list[str] | None
             if (run_dir / "metrics.json").exists():
                 say(f"[compare] reusing {rid}")
             else:
-                say(f"[compare] running {rid} -> rows {job.rows}")
+                say(f"[compare] running {rid} (run {runs.done + 1} of {len(todo)}) -> rows "
+                    f"{job.rows}")
                 t0 = time.perf_counter()
                 try:
                     launch(benchmark, job.method, job.experiment, overrides, seed, rid,
@@ -312,11 +320,14 @@ def compare(benchmark: str = "vision", seeds: int = 1, methods: list[str] | None
                     say(f"[compare] FAILED {rid}: {e}")
                     for r in job.rows:
                         failed[r] = f"run {rid} failed: {str(e).splitlines()[0][:200]}"
+                    runs.step(info=f"{rid} failed")
                     continue
                 timing[rid] = round(time.perf_counter() - t0, 1)
+                runs.step(info=rid)
             metrics = json.loads((run_dir / "metrics.json").read_text())
             for r, row in rows_of(metrics, job, references).items():
                 per_seed.setdefault(r, []).append({**row, "_run": rid})
+    runs.close()
     ordered = {r: per_seed[r] for r in rows if r in per_seed}
     ordered.update({r: v for r, v in per_seed.items() if r not in ordered})  # reference rows
     table = aggregate(ordered, domains)

@@ -23,8 +23,10 @@ from torch.utils.data import Dataset
 from metamoe import device
 from metamoe.config import OptimConf
 from metamoe.data.dataset import as_dataset, batches, dataset_labels, dataset_lengths
+from metamoe.progress import Progress
 
 log = logging.getLogger("metamoe")
+PROGRESS_MIN_BATCHES = 50  # inference loops at least this long report their progress
 
 
 def derive_seed(run_seed: int, *parts: int) -> int:
@@ -93,8 +95,9 @@ def train(
     ``y=None`` (``metamoe/data/dataset.py``). ``cfg`` is an :class:`~metamoe.config.OptimConf`
     or any config section of its schema (``pretrain``, ``expert``, ``unify``, ``fl``).
     ``params`` are the trainable parameters (or param groups with their own ``lr``); the
-    default is every parameter with ``requires_grad``. Shuffling is seeded by ``seed``. The
-    model and each batch go to the current runtime's device (``metamoe/device.py``); the
+    default is every parameter with ``requires_grad``. Shuffling is seeded by ``seed``.
+    ``log_every`` > 0 reports every epoch (a bar on a terminal, a log line otherwise:
+    ``metamoe/progress.py``). The model and each batch go to the current runtime's device (``metamoe/device.py``); the
     forward pass runs under its autocast.
     """
     data = as_dataset(x, y)
@@ -117,6 +120,7 @@ def train(
         lengths = dataset_lengths(data, _pad_id(model))
     checked = rt.device.type != "meta"  # meta tensors carry no values to check
     # Dropout (text encoders) draws from torch's global RNG: seed it too, inside a fork.
+    report = Progress(cfg.epochs, desc, unit="epoch") if log_every else None
     with seeded(seed):
         for epoch in range(cfg.epochs):
             order = torch.randperm(n, generator=gen) if cfg.shuffle else torch.arange(n)
@@ -142,9 +146,10 @@ def train(
                     total += float(loss.detach()) * len(yb)
                 seen += len(yb)
             epoch_loss = total / seen if checked else float("nan")
-            if log_every and (epoch + 1) % log_every == 0:
-                log.info("%s epoch %d/%d loss %.4f (%.1fs)", desc, epoch + 1, cfg.epochs,
-                         epoch_loss, time.perf_counter() - t0)
+            if report is not None:
+                report.step(info=f"loss {epoch_loss:.4f}")
+    if report is not None:
+        report.close()
     model.eval()
     return {"loss": epoch_loss, "seconds": time.perf_counter() - t0, "examples": n}
 
@@ -192,11 +197,18 @@ def batched_apply(model: nn.Module, fn: Callable[[torch.Tensor], torch.Tensor],
     order = torch.arange(n) if lengths is None else torch.argsort(lengths, stable=True)
     index = [order[i:i + batch_size] for i in range(0, n, batch_size)]
     outs = []
+    # Long loops (e.g. the public pool's embedding) report about ten times.
+    report = Progress(len(index), f"inference over {n} inputs", unit="batch", lines=10) \
+        if len(index) >= PROGRESS_MIN_BATCHES else None
     for xb in batches(data, index, rt.workers, rt.is_cuda):
         if isinstance(xb, (tuple, list)):
             xb = xb[0]
         with rt.autocast():
             outs.append(device.host(fn(rt.batch(xb)).float()))
+        if report is not None:
+            report.step()
+    if report is not None:
+        report.close()
     out = torch.cat(outs)
     if lengths is None:
         return out

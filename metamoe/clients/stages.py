@@ -86,7 +86,8 @@ def expert_stage(cfg: DictConfig, seed: nn.Module, dom: Domain, bench: VisionBen
     else:
         xq, x, y = xp[:0], xp, yp
     params = [p for p in model.parameters() if p.requires_grad]
-    hist = train(model, x, y, ec, params=params, seed=rng_seed, desc=f"expert[{dom.name}]")
+    hist = train(model, x, y, ec, params=params, seed=rng_seed, desc=f"expert[{dom.name}]",
+                 log_every=1)
     router_x = x if ec.router_data == "union" else xp
     # Uploaded: the LoRA weight deltas and the per-layer means over all of router_x.
     vectors = ffn_input_means(model, router_x).numpy().astype(np.float32)

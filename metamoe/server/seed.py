@@ -71,7 +71,7 @@ def get_seed_model(cfg: DictConfig, bench: VisionBenchmark) -> tuple[ViT, np.nda
     log.info("pre-training seed model M0 on the public pool (%d images, %d epochs)",
              len(bench.pool_x), cfg.pretrain.epochs)
     hist = train(model, torch.from_numpy(bench.pool_x), torch.from_numpy(bench.pool_y),
-                 cfg.pretrain, seed=int(cfg.run.seed), desc="pretrain M0", log_every=1)
+                 cfg.pretrain, seed=int(cfg.run.seed), desc="pre-training M0", log_every=1)
     info.update(cached=False, pretrain_loss=hist["loss"], pretrain_seconds=hist["seconds"])
     feats = features(model, bench.pool_x, cfg.select.embedding)
     _atomic_save(path, lambda p: save_seed(model, p))
