@@ -9,6 +9,7 @@ import subprocess
 import pytest
 
 import metamoe.launch as L
+import metamoe.resources as R
 from metamoe.config import ConfigError, num_clients, resolve_config
 
 
@@ -24,10 +25,10 @@ def gpus(monkeypatch):
     def no_cluster(address):
         raise AssertionError(f"cluster_gpus({address!r}) called without --ray-address")
 
-    monkeypatch.setattr(L, "cluster_gpus", no_cluster)
+    monkeypatch.setattr(R, "cluster_gpus", no_cluster)
 
     def set_(n: int):
-        monkeypatch.setattr(L, "visible_gpus", lambda: n)
+        monkeypatch.setattr(R, "visible_gpus", lambda: n)
 
     return set_
 
@@ -57,7 +58,7 @@ CASES = [
 @pytest.mark.parametrize("n,k,spec,share", CASES)
 def test_federation_config_for_each_gpu_count(gpus, nothing_starts, n, k, spec, share):
     gpus(n)
-    cfg, env = L.simulation_resources(k, spec)
+    cfg, env = R.simulation_resources(k, spec)
     assert cfg == fed(k, share)
     assert env["RAY_ADDRESS"] == "local"  # a Ray of its own, never a `ray start` cluster
     # share 0 on a GPU machine: Ray must empty CUDA_VISIBLE_DEVICES for the ClientApps
@@ -66,15 +67,15 @@ def test_federation_config_for_each_gpu_count(gpus, nothing_starts, n, k, spec, 
 
 def test_auto_without_gpu_is_todays_config(gpus):
     gpus(0)
-    assert L.simulation_resources(6)[0] == \
+    assert R.simulation_resources(6)[0] == \
         "num-supernodes=6 client-resources-num-cpus=1 client-resources-num-gpus=0.0"
 
 
 def test_auto_shares_fit_every_client_on_the_gpus():
     for n in (1, 2, 4, 8):
         for k in range(1, 260):
-            share = L.gpu_share("auto", k, [n])
-            per_gpu = int(1 / L._f32(share))  # how Flower sizes its actor pool, per GPU
+            share = R.gpu_share("auto", k, [n])
+            per_gpu = int(1 / R._f32(share))  # how Flower sizes its actor pool, per GPU
             assert 0.01 <= share <= 1.0 and round(share, 2) == share
             assert n * per_gpu >= min(k, 100 * n), (n, k, share)
             if k <= 100 * n:
@@ -95,7 +96,7 @@ def test_auto_shares_fit_every_client_on_the_gpus():
 def test_unschedulable_shares_are_refused_naming_the_flag(gpus, nothing_starts, n, spec, needle):
     gpus(n)
     with pytest.raises(ConfigError) as e:
-        L.simulation_resources(4, spec)
+        R.simulation_resources(4, spec)
     assert "--gpus-per-client" in str(e.value) and needle in str(e.value)
 
 
@@ -103,7 +104,7 @@ def test_no_gpu_message_shows_cuda_visible_devices(gpus, monkeypatch):
     gpus(0)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     with pytest.raises(ConfigError, match="CUDA_VISIBLE_DEVICES=''.*--gpus-per-client 0"):
-        L.simulation_resources(4, "0.25")
+        R.simulation_resources(4, "0.25")
 
 
 @pytest.mark.parametrize("cpus,ok", [(1, True), (2, True), (0, False), (-1, False),
@@ -111,34 +112,34 @@ def test_no_gpu_message_shows_cuda_visible_devices(gpus, monkeypatch):
 def test_cpus_per_client(gpus, cpus, ok):
     gpus(1)
     if ok:
-        assert L.simulation_resources(4, "auto", cpus)[0] == fed(4, 0.25, cpus)
+        assert R.simulation_resources(4, "auto", cpus)[0] == fed(4, 0.25, cpus)
     else:
         with pytest.raises(ConfigError, match="--cpus-per-client"):
-            L.simulation_resources(4, "auto", cpus)
+            R.simulation_resources(4, "auto", cpus)
 
 
 def test_ray_address_attaches_and_counts_the_clusters_gpus(gpus, monkeypatch):
     gpus(0)  # none here; the cluster has 2 on one node and 0 on another
-    monkeypatch.setattr(L, "visible_gpus", lambda: pytest.fail("local GPUs counted"))
+    monkeypatch.setattr(R, "visible_gpus", lambda: pytest.fail("local GPUs counted"))
     seen = []
-    monkeypatch.setattr(L, "cluster_gpus", lambda a: seen.append(a) or [2, 0])
-    cfg, env = L.simulation_resources(4, "auto", ray_address="10.0.0.1:6379")
+    monkeypatch.setattr(R, "cluster_gpus", lambda a: seen.append(a) or [2, 0])
+    cfg, env = R.simulation_resources(4, "auto", ray_address="10.0.0.1:6379")
     assert cfg == fed(4, 0.5) and env == {"RAY_ADDRESS": "10.0.0.1:6379"} and seen == ["10.0.0.1:6379"]
-    assert L.simulation_resources(4, "0", ray_address="auto")[1] == {"RAY_ADDRESS": "auto"}
+    assert R.simulation_resources(4, "0", ray_address="auto")[1] == {"RAY_ADDRESS": "auto"}
     with pytest.raises(ConfigError, match=r"--gpus-per-client 3: .*\(2 in the Ray cluster at auto"):
-        L.simulation_resources(4, "3", ray_address="auto")
+        R.simulation_resources(4, "3", ray_address="auto")
     monkeypatch.setenv("RAY_ADDRESS", "10.0.0.2:6379")  # an exported RAY_ADDRESS attaches too
-    assert L.simulation_resources(4, "auto")[1] == {"RAY_ADDRESS": "10.0.0.2:6379"}
-    monkeypatch.setattr(L, "visible_gpus", lambda: 1)
+    assert R.simulation_resources(4, "auto")[1] == {"RAY_ADDRESS": "10.0.0.2:6379"}
+    monkeypatch.setattr(R, "visible_gpus", lambda: 1)
     for own in ("", "local"):  # ... unless told to start a Ray of its own
-        assert L.simulation_resources(4, "auto", ray_address=own)[1] == {"RAY_ADDRESS": "local"}
+        assert R.simulation_resources(4, "auto", ray_address=own)[1] == {"RAY_ADDRESS": "local"}
 
 
 def test_cluster_gpus_unreachable_is_a_config_error(monkeypatch):
     ray = pytest.importorskip("ray")
     monkeypatch.setattr(ray, "init", lambda **kw: (_ for _ in ()).throw(ConnectionError("no")))
     with pytest.raises(ConfigError, match="--ray-address 'auto': cannot attach"):
-        L.cluster_gpus("auto")
+        R.cluster_gpus("auto")
 
 
 class Started(Exception):
@@ -156,7 +157,7 @@ def test_launch_passes_the_config_and_the_ray_environment(gpus, monkeypatch, tmp
 
     monkeypatch.setattr(subprocess, "run", fake_run)
     k = num_clients(resolve_config({"benchmark": "tiny"}))
-    for spec, share in (("auto", L.gpu_share("auto", k, [4])), ("0.5", 0.5), ("0", 0.0)):
+    for spec, share in (("auto", R.gpu_share("auto", k, [4])), ("0.5", 0.5), ("0", 0.0)):
         with pytest.raises(Started):
             L.launch(benchmark="tiny", output_dir=str(tmp_path / "out"), quiet=True,
                      gpus_per_client=spec)

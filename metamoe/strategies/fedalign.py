@@ -32,7 +32,7 @@ from flwr.app import ArrayRecord, RecordDict
 
 from metamoe.config import num_clients
 from metamoe.models.lora import fresh_loras
-from metamoe.models.moe import MoEConfig, build_moe
+from metamoe.models.moe import EXPERT_TENSORS, MoEConfig, build_moe
 from metamoe.models.moe_state import load_moe_trainable, moe_trainable_shapes, moe_trainable_state
 from metamoe.protocol import (
     CONFIG,
@@ -138,7 +138,7 @@ def fedalign_aggregate(states: Sequence[dict[str, np.ndarray]], n: Sequence[floa
             continue
         for e in range(E):
             w = a[:, l, e] * nv
-            for attr in ("A1", "B1", "A2", "B2"):
+            for attr in EXPERT_TENSORS:
                 key = f"{prefix}.{attr}"
                 if w.sum() <= 0:
                     out[key][e] = prev[key][e]
