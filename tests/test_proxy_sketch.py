@@ -109,3 +109,20 @@ def test_validate_names_bad_field() -> None:
         sketch_from_arrays({"sketch_kind": np.array([1]), "bias": np.array([0.0])})
     with pytest.raises(ValueError, match="private_emb"):
         fit_centroid_sketch(np.full((4, 2), np.inf), 2)
+
+
+def test_centroid_min_count_changes_only_cells_below_it() -> None:
+    """A floor at or below the smallest cell leaves the sketch exactly as it was; a higher one
+    merges the small cells (counts still sum to n, none below the floor, still scorable)."""
+    private, _ = _domain_data()
+    plain = fit_centroid_sketch(private, 8, seed=0)
+    smallest = int(plain.counts.min())
+    same = fit_centroid_sketch(private, 8, seed=0, min_count=smallest)
+    np.testing.assert_array_equal(same.centroids, plain.centroids)
+    np.testing.assert_array_equal(same.counts, plain.counts)
+    merged = fit_centroid_sketch(private, 8, seed=0, min_count=smallest + 1)
+    assert len(merged.counts) < 8 and (merged.counts > smallest).all()
+    assert merged.counts.sum() == 300
+    assert isinstance(sketch_from_arrays(merged.to_arrays()), CentroidSketch)
+    with pytest.raises(ValueError, match="min_count"):
+        fit_centroid_sketch(private[:5], 4, min_count=6)

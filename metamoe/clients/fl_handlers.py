@@ -18,6 +18,11 @@ evaluate.ddome        ``metrics`` accuracies (scalars)             :func:`ddome_
 Privacy: weights are weight deltas; p and h are means over *all* local tokens of the whole
 local set; the DDOME selection is K integers from scores summed over the whole local set;
 metrics are scalars. No sample, per-sample embedding or per-sample gradient is uploaded.
+No aggregate covers fewer than ``privacy.min_count`` private samples (``clients/privacy.py``):
+a client whose train split is smaller refuses already the seed acknowledgement (so it takes
+no part in any round), one whose test split is smaller refuses the evaluation, and FedAlign's
+descriptors h[l, e] whose effective support is below it are withheld (zeros; the count is
+reported as ``stats_withheld``).
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from torch import nn
 from metamoe.clients.ddome import ddome_local_train, ddome_pick, ddome_predict
 from metamoe.clients.fl_local import fl_moe_local_train, moe_local_stats
 from metamoe.clients.node import NodeData, node_data, seed_model, store_seed
+from metamoe.clients.privacy import require_min_count
 from metamoe.models.gate import GateMLP, gate_from_arrays
 from metamoe.models.lora import inject_ffn_lora, load_lora_state_dict, lora_state_dict
 from metamoe.models.moe import MoEConfig, MoEMixin, build_moe, moe_from_seed
@@ -57,9 +63,18 @@ from metamoe.training import accuracy, derive_seed, features, train
 log = logging.getLogger("metamoe")
 
 
+def _require_train(node: NodeData, artifact: str) -> None:
+    """PrivacyError unless the private train split has ``privacy.min_count`` samples."""
+    require_min_count(artifact, node.n_private, int(node.cfg.privacy.min_count))
+
+
 def fl_seed(msg: Message, context: Context) -> Message:
-    """Keep M0 (sent once per run) in the node's state for the later rounds."""
+    """Keep M0 (sent once per run) in the node's state for the later rounds. A client whose
+    train split is below ``privacy.min_count`` refuses here: every round's upload would be an
+    aggregate of it, so it takes no part in the run."""
     node = node_data(context)
+    _require_train(node, "federated training updates (every round aggregates the private "
+                         "train split)")
     store_seed(msg, context)
     # Uploaded: an acknowledgement with the client's name and |Dp| (scalars).
     return Message(RecordDict({"info": ConfigRecord({"name": node.name,
@@ -71,6 +86,8 @@ def fedavg_train(msg: Message, context: Context) -> Message:
     """Dense FedAvg (Flower's FedAvg strategy): local epochs of M0 + FFN-LoRA on Dp."""
     node = node_data(context)
     cfg, dom = node.cfg, node.domain
+    _require_train(node, "the FedAvg update (LoRA trained on the private train split) and its "
+                         "train loss")
     model = inject_ffn_lora(copy.deepcopy(seed_model(context)), int(cfg.expert.rank),
                             float(cfg.expert.alpha))
     arrays = from_record(get_record(msg.content, "arrays", ArrayRecord, "server"))
@@ -92,6 +109,8 @@ def fl_moe_train(msg: Message, context: Context) -> Message:
     """FedAvg-MoE / FedAlign-MoE local round on the global MoE state."""
     node = node_data(context)
     cfg, dom = node.cfg, node.domain
+    _require_train(node, "the FL-MoE update (MoE trained on the private train split) and its "
+                         "train loss")
     conf = decode_settings(msg.content, FL_ROUND)
     moe = moe_from_seed(seed_model(context), MoEConfig(**conf["moe"]))
     state = from_record(get_record(msg.content, "moe", ArrayRecord, "server"))
@@ -106,11 +125,17 @@ def fl_moe_train(msg: Message, context: Context) -> Message:
                               global_p, float(conf.get("lambda_g", 0.0)))
     log.info("client %s: %s round %d loss %.4f", node.name, conf.get("method"), rnd,
              hist["loss"])
-    content = {"moe": to_record(moe_trainable_state(moe)), "metrics": MetricRecord(
-        {"num-examples": node.n_private, "train_loss": float(hist["loss"])})}
+    metrics = {"num-examples": node.n_private, "train_loss": float(hist["loss"])}
+    content = {"moe": to_record(moe_trainable_state(moe))}
     if conf.get("stats"):
-        p, h = moe_local_stats(moe, x, str(conf.get("descriptor", "output")))
+        p, h, withheld = moe_local_stats(moe, x, str(conf.get("descriptor", "output")),
+                                         min_count=int(cfg.privacy.min_count))
         content["stats"] = to_record({"p": p, "h": h})
+        metrics["stats_withheld"] = withheld
+        if withheld:
+            log.info("client %s: %d FedAlign descriptors h[l, e] withheld (effective support "
+                     "below privacy.min_count=%d)", node.name, withheld, cfg.privacy.min_count)
+    content["metrics"] = MetricRecord(metrics)
     # Uploaded: the trainable MoE weights; (FedAlign) p and h, means over all of Dp.
     return Message(RecordDict(content), reply_to=msg)
 
@@ -144,6 +169,8 @@ def _ddome_inputs(msg: Message, context: Context
 
 def ddome_select(msg: Message, context: Context) -> Message:
     node, seed, conf, gate = _ddome_inputs(msg, context)
+    _require_train(node, "the DDOME selection (gate scores summed over the private train "
+                         "split)")
     feats = torch.from_numpy(features(seed, node.domain.x_train, "cls"))
     chosen = ddome_pick(gate, feats, int(conf["top_k"]))
     # Uploaded: K expert indices from gate scores summed over all of Dp.
@@ -155,6 +182,8 @@ def ddome_select(msg: Message, context: Context) -> Message:
 def ddome_train(msg: Message, context: Context) -> Message:
     node, seed, conf, gate = _ddome_inputs(msg, context)
     cfg, dom = node.cfg, node.domain
+    _require_train(node, "the DDOME update (gate and experts trained on the private train "
+                         "split) and its train loss")
     loras = _experts_from_record(get_record(msg.content, "experts", ArrayRecord, "server"))
     anchor = conf.get("anchor")
     if anchor is not None and list(loras) != [int(anchor)]:
@@ -180,6 +209,8 @@ def ddome_train(msg: Message, context: Context) -> Message:
 def ddome_evaluate(msg: Message, context: Context) -> Message:
     node, seed, conf, gate = _ddome_inputs(msg, context)
     dom = node.domain
+    require_min_count("DDOME accuracies and expert choices on the private test split",
+                      len(dom.x_test), int(node.cfg.privacy.min_count))
     loras = _experts_from_record(get_record(msg.content, "experts", ArrayRecord, "server"))
     moe, ids = _ddome_model(seed, conf, loras)
     if ids != list(range(len(ids))):

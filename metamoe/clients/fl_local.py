@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from metamoe import device
+from metamoe.clients.privacy import require_min_count
 from metamoe.models.moe import MoEMixin
 from metamoe.training import train
 
@@ -60,11 +61,22 @@ def fl_moe_local_train(cfg, moe: MoEMixin, x: torch.Tensor, y: torch.Tensor, rng
 
 @torch.no_grad()
 def moe_local_stats(moe: MoEMixin, x: torch.Tensor, descriptor: str = "output",
-                    batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
+                    batch_size: int = 256, min_count: int = 1
+                    ) -> tuple[np.ndarray, np.ndarray, int]:
     """Per layer over *all* local tokens: p [L, E] = mean softmax gate distribution, and the
     expert descriptors h [L, E, d] = Σ_t g_e(z_t) v_e(z_t) / Σ_t g_e(z_t) with v_e the output
     of expert e ("output"), its LoRA delta over M0's FFN ("delta") or its input ("input").
-    Only these whole-set averages leave the client."""
+    Only these whole-set averages leave the client.
+
+    ``min_count`` (``privacy.min_count``): p is a mean over every sample (refused,
+    :class:`~metamoe.clients.privacy.PrivacyError`, when ``len(x) < min_count``). h[l, e] is a
+    mean weighted by sample i's gate mass w_i = Σ_{t∈i} g_e(z_t); its support is the
+    effective count Σ_i w_i / max_i w_i (the reciprocal of the largest single sample's share;
+    n for equal weights). A descriptor below ``min_count`` is withheld: sent as zeros, which
+    the server's cosine agreement reads as "no evidence" for that (layer, expert). Returns
+    (p, h, number of withheld descriptors)."""
+    require_min_count("FedAlign routing statistics p (mean gate distribution over the private "
+                      "train split)", len(x), min_count)
     rt = device.current()
     rt.place(moe)
     layers = moe.moe_layers()
@@ -72,6 +84,7 @@ def moe_local_stats(moe: MoEMixin, x: torch.Tensor, descriptor: str = "output",
     d = layers[0].fc1.in_features
     num = torch.zeros(L, E, d, dtype=torch.float64, device=rt.device)
     den = torch.zeros(L, E, dtype=torch.float64, device=rt.device)
+    top = torch.zeros(L, E, dtype=torch.float64, device=rt.device)  # max_i w_i
     tokens = [0]
 
     def make_hook(l):
@@ -85,7 +98,9 @@ def moe_local_stats(moe: MoEMixin, x: torch.Tensor, descriptor: str = "output",
                 if descriptor == "delta":
                     v = v - m.fc2(m._act(z, m.fc1(z))).unsqueeze(0)  # minus M0's FFN
             num[l] += torch.einsum("bte,ebtd->ed", g, v.float()).double()
-            den[l] += g.sum((0, 1)).double()
+            w = g.sum(1).double()  # [B, E] each sample's gate mass on each expert
+            den[l] += w.sum(0)
+            top[l] = torch.maximum(top[l], w.max(0).values)
             if l == 0:
                 tokens[0] += g.shape[0] * g.shape[1]
         return hook
@@ -102,4 +117,7 @@ def moe_local_stats(moe: MoEMixin, x: torch.Tensor, descriptor: str = "output",
             h.remove()
     p = (den / max(tokens[0], 1)).float().cpu().numpy()
     h = (num / den.clamp_min(1e-12).unsqueeze(-1)).float().cpu().numpy()
-    return p.astype(np.float32), h.astype(np.float32)
+    support = (den / top.clamp_min(1e-300)).cpu().numpy()  # effective count per (l, e)
+    low = ~(support >= min_count)
+    h[low] = 0.0
+    return p.astype(np.float32), h.astype(np.float32), int(low.sum())

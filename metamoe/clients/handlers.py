@@ -3,7 +3,11 @@
 Each handler reads like Flower's quickstart: decode the message, call a stage of
 ``clients/stages.py`` on this node's data (``clients/node.py``), encode the reply. They are
 plain functions; ``clients/client_app.py`` registers them. What each reply uploads is said
-above its return, and listed in ``metamoe/protocol.py``.
+above its return, and listed in ``metamoe/protocol.py``. An upload that would aggregate fewer
+than ``privacy.min_count`` private samples is refused by the stage
+(:class:`~metamoe.clients.privacy.PrivacyError`); Flower sends the server an error reply naming
+the reason, and the server goes on without this client. ``identify`` uploads no aggregate and
+always answers, so the server can name a client that refuses later.
 """
 
 from __future__ import annotations
@@ -59,7 +63,8 @@ def expert(msg: Message, context: Context) -> Message:
                                                  derive_seed(cfg.run.seed, node.partition_id))
     if sel:  # selection-quality ablation: coverage of each method's picks
         sel["selected"] = idx
-        metrics.update(stages.coverage(seed, node.domain, bench, sel, cfg.select.embedding))
+        metrics.update(stages.coverage(seed, node.domain, bench, sel, cfg.select.embedding,
+                                       min_count=int(cfg.privacy.min_count)))
     log.info("client %s: expert trained on %d samples (%d proxies), loss %.3f", node.name,
              metrics["n_train"], metrics["n_proxies"], metrics["train_loss"])
     # Uploaded: the expert's LoRA, its router vectors and scalars (stages.expert_stage).
@@ -74,7 +79,8 @@ def evaluate(msg: Message, context: Context) -> Message:
     moe = moe_from_state(get_record(msg.content, "moe", ArrayRecord, "server")
                          .to_torch_state_dict(), conf)
     metrics = stages.evaluate_stage(moe, node.domain, list(conf["moe"]["expert_names"]),
-                                    mode=str(conf.get("mode", "routed")))
+                                    mode=str(conf.get("mode", "routed")),
+                                    min_count=int(node.cfg.privacy.min_count))
     log.info("client %s: unified %.4f zero-shot %.4f", node.name, metrics["acc_unified"],
              metrics["acc_zero_shot"])
     # Uploaded: accuracies and routing shares on the client's test split (scalars).

@@ -1,8 +1,35 @@
-"""Differential privacy for the router vectors a client uploads (optional; off by default).
+"""Client-side privacy: the ``privacy.min_count`` floor on every upload, and differential
+privacy for the router vectors (optional; off by default).
 
-The router vectors (``models.lora.ffn_input_means``) are, per FFN layer ``l``, the mean FFN
-input over all tokens of all ``N`` samples the client routes on (``expert.router_data``:
-Dp ∪ proxies, or Dp alone). With DP the release is the mean of per-sample contributions
+**No aggregate of fewer than ``privacy.min_count`` private samples leaves a client.** Every
+mean, sum, count or metric a client uploads is computed over its private data (train split
+Dp or test split); before it is uploaded the client checks how many private samples it covers
+(:func:`require_min_count`) and raises :class:`PrivacyError` (naming the artifact, the count and
+``privacy.min_count``) when it would be fewer. Flower turns the exception into an error reply;
+the server records the client as rejected ("client error: ...") and goes on without it. What
+counts:
+
+* an unweighted mean/sum over m private samples (accuracies, losses, coverage, DDOME's summed
+  gate scores, the logistic sketch's positives, a trained expert's data): m;
+* a weighted mean ``Σ_i w_i c_i / Σ_i w_i`` (router vectors over the tokens of text samples,
+  FedAlign's gate-weighted descriptors h): :func:`effective_count` ``Σ w / max w``, the
+  reciprocal of the largest single sample's share. It equals m for m equal weights (and for
+  0/1 weights), and ``>= min_count`` means no sample moves the mean more than one of
+  ``min_count`` equal samples would;
+* public samples (the proxies in ``expert.router_data=union``) do not count: the server chose
+  them and can subtract their contribution;
+* the centroid sketch merges cells below the floor into their nearest cell
+  (``proxy.sketch.merge_small_cells``), so every uploaded cell count is ``>= min_count`` (with
+  ``sketch.dp_sigma > 0`` the merge runs on the noisy counts, as post-processing of the DP
+  release).
+
+The floor bounds one sample's share of each upload; it is no DP guarantee (it says nothing
+about differences between uploads, or about what trained weights memorise).
+
+**Router-vector DP** (``privacy.router_dp_*``). The router vectors
+(``models.lora.ffn_input_means``) are, per FFN layer ``l``, the mean FFN input over all tokens
+of all ``N`` samples the client routes on (``expert.router_data``: Dp ∪ proxies, or Dp alone).
+With DP the release is the mean of per-sample contributions
 
     c_i = [ (1/T_i) Σ_t z^(l)_{i,t} ]_{l=1..L}        (one vector of size L·d per sample)
     v   = (1/N) Σ_i c_i,
@@ -44,7 +71,49 @@ from metamoe import device
 from metamoe.models.text import masked_mean
 from metamoe.proxy.privacy import gaussian_epsilon
 
-__all__ = ["per_sample_ffn_means", "dp_mean", "private_router_vectors"]
+__all__ = ["PrivacyError", "effective_count", "require_min_count", "sample_token_counts",
+           "per_sample_ffn_means", "dp_mean", "private_router_vectors"]
+
+
+class PrivacyError(RuntimeError):
+    """A client refuses an upload that would aggregate fewer than ``privacy.min_count`` private
+    samples. The message names the artifact, the count and the floor; the server sees it as the
+    error reply's reason."""
+
+
+def effective_count(weights) -> float:
+    """How many private samples a weighted mean over ``weights`` (one per sample, >= 0)
+    effectively covers: ``Σ w / max w`` (0 for no weight). m equal weights give m."""
+    w = np.asarray(weights, dtype=np.float64).reshape(-1)
+    if w.size == 0:
+        return 0.0
+    if not np.all(np.isfinite(w)) or (w < 0).any():
+        raise ValueError("sample weights must be finite and >= 0")
+    top = float(w.max())
+    return float(w.sum() / top) if top > 0 else 0.0
+
+
+def require_min_count(artifact: str, count: float, min_count: int,
+                      what: str = "private samples") -> None:
+    """:class:`PrivacyError` unless ``count >= min_count`` (``privacy.min_count``)."""
+    if not count >= min_count:
+        shown = f"{count:.1f}" if float(count) != int(count) else str(int(count))
+        raise PrivacyError(
+            f"privacy: refusing to upload {artifact}: it would aggregate {shown} {what}, fewer "
+            f"than privacy.min_count={int(min_count)}")
+
+
+def sample_token_counts(model: nn.Module, x) -> np.ndarray:
+    """Real tokens per sample of ``x`` for ``model`` (token ids != ``model.cfg.pad_id``), the
+    weight each sample has in a mean over all tokens; 1 per sample for images."""
+    pad = getattr(getattr(model, "cfg", None), "pad_id", None)
+    n = len(x)
+    if pad is None or not isinstance(x, (np.ndarray, torch.Tensor)) or x.ndim != 2:
+        return np.ones(n)
+    a = x.numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+    if not np.issubdtype(a.dtype, np.integer):
+        return np.ones(n)
+    return (a != int(pad)).sum(1).astype(np.float64)
 
 
 @torch.no_grad()

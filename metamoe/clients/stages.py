@@ -2,7 +2,9 @@
 
 Pure functions of (config, models, local data); the ClientApp handlers in ``handlers.py``
 only decode messages, call these and encode the replies. The comment above each return says
-exactly what of it is uploaded.
+exactly what of it is uploaded. Each stage first checks that every aggregate it uploads
+covers at least ``privacy.min_count`` private samples and raises
+:class:`~metamoe.clients.privacy.PrivacyError` otherwise (``clients/privacy.py``).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
+from metamoe.clients.privacy import effective_count, require_min_count, sample_token_counts
 from metamoe.data import Domain, VisionBenchmark
 from metamoe.models.lora import ffn_input_means, inject_ffn_lora, lora_state_dict
 from metamoe.models.moe import M0_FFN, MoEMixin
@@ -29,8 +32,12 @@ def sketch_stage(cfg: DictConfig, seed: nn.Module, dom: Domain, bench: VisionBen
     """Relevance sketch of Dp on frozen M0 features (paper §3.2 / App. A).
 
     logistic: Dp (positives) vs a random public sample of the same size (negatives);
-    centroids: k-means centroids with counts of Dp alone (no public sample needed).
+    centroids: k-means centroids with counts of Dp alone (no public sample needed), no cell
+    below ``privacy.min_count`` (smaller ones are merged into their nearest cell).
     """
+    min_count = int(cfg.privacy.min_count)
+    require_min_count(f"the {cfg.sketch.kind} sketch (fit on the private train split)",
+                      len(dom.x_train), min_count)
     emb = cfg.select.embedding
     pos = features(seed, dom.x_train, emb)
     sk = cfg.sketch
@@ -54,7 +61,8 @@ def sketch_stage(cfg: DictConfig, seed: nn.Module, dom: Domain, bench: VisionBen
                              ).fit(public).cluster_centers_.astype(np.float32)
         sketch = psk.fit_centroid_sketch(pos, int(sk.centroids), centers=centers,
                                          clip_norm=sk.dp_clip, noise_multiplier=noise,
-                                         delta=sk.dp_delta, seed=rng_seed)
+                                         delta=sk.dp_delta, seed=rng_seed,
+                                         min_count=min_count)
     info = {"n_private": len(pos)}
     if sketch.privacy is not None:
         info["dp_epsilon"] = float(sketch.privacy.epsilon)
@@ -70,9 +78,22 @@ def expert_stage(cfg: DictConfig, seed: nn.Module, dom: Domain, bench: VisionBen
 
     Proxies keep their public-pool labels in the shared named-class head (as the paper keeps
     ImageNet labels next to the client classes); everything but the LoRA is frozen.
-    Returns (LoRA A/B arrays, router vectors [L, d], local metrics).
+    Returns (LoRA A/B arrays, router vectors [L, d], local metrics). Refused
+    (:class:`~metamoe.clients.privacy.PrivacyError`) when Dp, or its effective share of the
+    router vectors' tokens, is below ``privacy.min_count``: the proxies do not count (the
+    server chose them and can subtract their part of the mean).
     """
     ec = cfg.expert
+    pc = cfg.privacy
+    min_count = int(pc.min_count)
+    require_min_count("the expert (LoRA trained on the private train split) and its train "
+                      "metrics", len(dom.x_train), min_count)
+    # Router vectors: a mean over all tokens (each sample weighs by its real tokens; with
+    # router DP every sample weighs the same).
+    router_support = len(dom.x_train) if pc.router_dp_sigma > 0 else \
+        effective_count(sample_token_counts(seed, dom.x_train))
+    require_min_count("the router vectors (mean FFN input over the private train split's "
+                      "tokens)", router_support, min_count, "private samples (effective)")
     # LoRA A is drawn from torch's global RNG: seed it, so an expert depends only on
     # (config, data, rng_seed) and not on what ran before in this process.
     with seeded(rng_seed):
@@ -92,7 +113,6 @@ def expert_stage(cfg: DictConfig, seed: nn.Module, dom: Domain, bench: VisionBen
     # Uploaded: the LoRA weight deltas and the per-layer means over all of router_x.
     vectors = ffn_input_means(model, router_x).numpy().astype(np.float32)
     dp_info: dict[str, float] = {}
-    pc = cfg.privacy
     if pc.router_dp_sigma > 0:  # optional: Gaussian mechanism on the clipped mean instead
         from metamoe.clients.privacy import private_router_vectors
 
@@ -119,15 +139,22 @@ def ensemble_accuracy(moe: MoEMixin, x: torch.Tensor, y: torch.Tensor, classes: 
 
 
 def evaluate_stage(moe: MoEMixin, dom: Domain, expert_names: list[str],
-                   mode: str = "routed", *, references: bool = True) -> dict[str, float]:
+                   mode: str = "routed", *, references: bool = True,
+                   min_count: int = 1) -> dict[str, float]:
     """Accuracy of the unified model, of M0 (zero-shot) and of every single expert on this
     client's own test split, argmax over this domain's classes; plus the routing shares.
 
     ``mode``: "routed" evaluates the MoE with its router; "ensemble" (BTM) averages the
     experts' predicted probabilities instead of routing. ``references=False`` skips M0 and
-    the single experts (the unified model's accuracy and routing shares only)."""
+    the single experts (the unified model's accuracy and routing shares only).
+    ``min_count`` (``privacy.min_count``): refused when the test split is smaller, or its
+    effective share of the routed tokens is."""
     if mode not in ("routed", "ensemble"):
         raise ValueError(f"evaluation mode {mode!r} is not 'routed' or 'ensemble'")
+    require_min_count("accuracies on the private test split", len(dom.x_test), min_count)
+    require_min_count("routing shares over the private test split's tokens",
+                      effective_count(sample_token_counts(moe, dom.x_test)), min_count,
+                      "private samples (effective)")
     x, y = torch.from_numpy(dom.x_test), torch.from_numpy(dom.y_test)
     out: dict[str, float] = {"n_test": float(len(y))}
     for layer in moe.moe_layers():
@@ -155,10 +182,14 @@ def evaluate_stage(moe: MoEMixin, dom: Domain, expert_names: list[str],
 
 
 def coverage(seed: nn.Module, dom: Domain, bench: VisionBenchmark,
-             selections: dict[str, np.ndarray], emb: str = "tokens") -> dict[str, float]:
+             selections: dict[str, np.ndarray], emb: str = "tokens",
+             min_count: int = 1) -> dict[str, float]:
     """Distance from each private *test* embedding to its nearest proxy, per selection method
     (computed here, on the client): the mean (``coverage/<method>``, the issue's metric) and the
-    90th percentile (``coverage_p90/<method>``, how well the tail of Dp is covered)."""
+    90th percentile (``coverage_p90/<method>``, how well the tail of Dp is covered). Refused
+    when the test split has fewer than ``min_count`` (``privacy.min_count``) samples."""
+    require_min_count("coverage metrics over the private test split", len(dom.x_test),
+                      min_count)
     zt = torch.from_numpy(features(seed, dom.x_test, emb))
     zt = torch.nn.functional.normalize(zt, dim=1)
     out = {}

@@ -48,6 +48,19 @@ cell sum by at most ``C`` (L2) and that cell's count by 1, so the vector
 every sum coordinate; centroids ``sum / max(count, 1)`` and clamped counts
 are post-processing.  Without noise the client may run full k-means.
 
+*Minimum cell size* (``min_count``, the client's ``privacy.min_count``).  A k-means cell
+of one sample has that sample's (clipped) embedding as its centroid, so no cell of fewer
+than ``min_count`` samples is released: :func:`merge_small_cells` repeatedly takes the
+smallest cell below the floor and merges it (sum and count) into the cell whose mean is
+nearest by cosine, until every cell has at least ``min_count``.  Merging keeps every
+sample (counts still sum to ``n``; cells are never dropped), so the sketch still covers
+all of Dp; the number of cells shrinks to at most ``n // min_count``.  Fewer than
+``min_count`` samples in all is refused (``ValueError``).  With noise the merge runs on
+the *noisy* sums and counts: it is post-processing of the DP release (merging on the true
+counts would make the partition data-dependent and void the sensitivity argument), so
+there the floor holds for the released counts, and a single remaining cell (all of Dp)
+may show a noisy count below it.
+
 Both sketches are small frozen dataclasses with ``to_arrays()`` /
 ``from_arrays()`` (plain ``dict[str, np.ndarray]`` for Flower ArrayRecords)
 and ``validate()``, which raises ``ValueError`` naming the bad field; they,
@@ -73,6 +86,7 @@ __all__ = [
     "Sketch",
     "fit_centroid_sketch",
     "fit_logistic_sketch",
+    "merge_small_cells",
     "sketch_from_arrays",
 ]
 
@@ -170,6 +184,34 @@ def fit_logistic_sketch(
     return sk
 
 
+def merge_small_cells(sums: np.ndarray, counts: np.ndarray, min_count: float
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """Merge cells until every count is ``>= min_count`` (or one cell is left).
+
+    Repeatedly the smallest cell below ``min_count`` (lowest index on ties) is merged into
+    the other cell whose mean direction (``sums`` row) is nearest by cosine: its sum and
+    count are added there and it is removed.  Empty cells (count 0, zero sum) just vanish.
+    Returns the new ``(sums [k', d], counts [k'])``, float64, in the original cell order.
+    """
+    sums = np.array(sums, dtype=np.float64)
+    counts = np.array(counts, dtype=np.float64)
+    if sums.ndim != 2 or counts.shape != (sums.shape[0],):
+        raise ValueError(f"sums [k, d] and counts [k] expected, got {sums.shape}, {counts.shape}")
+    alive = list(range(len(counts)))
+    while len(alive) > 1:
+        small = [i for i in alive if counts[i] < min_count]
+        if not small:
+            break
+        i = min(small, key=lambda j: (counts[j], j))
+        others = [j for j in alive if j != i]
+        unit = l2_normalize(sums[[i] + others], dtype=np.float64)
+        j = others[int(np.argmax(unit[1:] @ unit[0]))]
+        sums[j] += sums[i]
+        counts[j] += counts[i]
+        alive.remove(i)
+    return sums[alive], counts[alive]
+
+
 def fit_centroid_sketch(
     private_emb: np.ndarray,
     k: int,
@@ -180,6 +222,7 @@ def fit_centroid_sketch(
     delta: float = 1e-5,
     temperature: float = 0.2,
     seed: int = 0,
+    min_count: int = 1,
 ) -> CentroidSketch:
     """Compute the centroid/count sketch (optionally with the Gaussian mechanism).
 
@@ -196,14 +239,22 @@ def fit_centroid_sketch(
         delta: the delta at which epsilon is reported.
         temperature: stored relevance temperature (see :class:`CentroidSketch`).
         seed: seeds k-means and the noise.
+        min_count: smallest released cell count (``privacy.min_count``); smaller cells are
+            merged into their nearest cell (:func:`merge_small_cells`, on the noisy values
+            when ``noise_multiplier`` is set).  ``ValueError`` if ``n < min_count``.
 
     Returns:
-        A validated :class:`CentroidSketch`.
+        A validated :class:`CentroidSketch` with ``<= k`` cells.
     """
     x = check_embeddings(private_emb, "private_emb")
     _check_dp_args(clip_norm, noise_multiplier, delta)
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
+    if min_count < 1:
+        raise ValueError(f"min_count must be >= 1, got {min_count}")
+    if x.shape[0] < min_count:
+        raise ValueError(f"private_emb has {x.shape[0]} rows, fewer than min_count={min_count}: "
+                         "no cell of the sketch could reach the minimum")
     rng = np.random.default_rng(seed)
     norms = np.sqrt(np.einsum("ij,ij->i", x, x))
     clipped = x * np.minimum(1.0, clip_norm / np.maximum(norms, 1e-30))[:, None]
@@ -235,6 +286,8 @@ def fit_centroid_sketch(
         counts += rng.normal(0.0, std, size=counts.shape)
         eps = gaussian_epsilon(std, sensitivity, delta)
         privacy = PrivacyReport(epsilon=eps, delta=delta, noise_std=std, sensitivity=sensitivity)
+    if min_count > 1:  # 1: no floor (every k-means cell has a sample already)
+        sums, counts = merge_small_cells(sums, counts, min_count)
     centroids = sums / np.maximum(counts, 1.0)[:, None]
     sk = CentroidSketch(
         centroids=centroids.astype(np.float32),

@@ -119,6 +119,10 @@ class CentroidSketch:
     ``r(u) = sum_j pi_j exp((cos(u, c_j) - 1) / temperature)`` with
     ``pi_j = counts_j / sum(counts)`` (see :mod:`metamoe.proxy.scoring`).
 
+    A client releases no cell of fewer than ``privacy.min_count`` samples: smaller k-means
+    cells are merged into their nearest cell before upload (``proxy.sketch.merge_small_cells``),
+    so ``k`` may be below ``sketch.centroids``.
+
     Attributes:
         centroids: float32 [k, d] cell means (only their direction is used).
         counts: float32 [k] non-negative (possibly noisy) cell counts.
