@@ -41,6 +41,7 @@ from pathlib import Path
 
 from metamoe.config import ConfigError, num_clients, resolve_config
 from metamoe.resources import CPU_FLAG, GPU_FLAG, simulation_resources
+from metamoe.server.report import code_commit
 
 ROOT = Path(__file__).resolve().parent.parent
 MARK = "METAMOE_LAUNCH_ID"
@@ -66,6 +67,9 @@ def _env(flwr_home: Path, port: int, launch_id: str, ray_env: dict[str, str] | N
         "RAY_ADDRESS": "local",
         "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
         "PYTHONUNBUFFERED": "1",
+        # The ServerApp runs from Flower's unpacked copy of the app (no git there): tell it
+        # which commit of this checkout it is, for metrics.json.
+        "METAMOE_COMMIT": env.get("METAMOE_COMMIT") or code_commit(ROOT),
         **(ray_env or {}),
         MARK: launch_id,
     })

@@ -31,8 +31,9 @@ handler per entry (``clients/client_app.py``). Nested settings a message carries
 one JSON object in its ``config`` record (:func:`encode_settings` / :func:`decode_settings`).
 
 None of these is a sample, a per-sample embedding or a per-sample gradient: the sketch is a
-classifier (or k centroids of >= 1 sample each), the expert is a weight delta, the router
-vectors are means over the whole local set, the metrics are scalars.
+classifier (or k centroids of >= privacy.min_count samples each), the expert is a weight
+delta, the router vectors are means over the whole local set, the metrics are scalars; no
+aggregate covers fewer than ``privacy.min_count`` private samples (clients/privacy.py).
 """
 
 from __future__ import annotations

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +26,24 @@ log = logging.getLogger("metamoe")
 def _acc_block(per_domain: dict[str, float]) -> dict:
     vals = [v for v in per_domain.values() if v == v]
     return {"per_domain": per_domain, "average": float(np.mean(vals)) if vals else float("nan")}
+
+
+def code_commit(root: Path | None = None) -> str:
+    """The commit of the code that ran: ``$METAMOE_COMMIT`` (set by the launcher), else the git
+    commit of the checkout this package lives in (``-dirty`` with uncommitted changes to
+    tracked files), else "unknown"."""
+    if os.environ.get("METAMOE_COMMIT"):
+        return os.environ["METAMOE_COMMIT"]
+    root = root or Path(__file__).resolve().parents[2]
+    try:
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True,
+                              text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain",
+                                "--untracked-files=no"], capture_output=True, text=True,
+                               timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return f"{head}-dirty" if dirty else head
 
 
 def build_metrics(cfg, fed: Federation, outcome: Outcome, wall_total: float,
@@ -43,6 +63,7 @@ def build_metrics(cfg, fed: Federation, outcome: Outcome, wall_total: float,
         "method": cfg.method,
         "benchmark": cfg.benchmark.name,
         "config": to_container(cfg),
+        "commit": code_commit(),
         "accuracy": _acc_block(per_domain("acc_unified")),
         "references": {
             "zero_shot": _acc_block(per_domain("acc_zero_shot")),
