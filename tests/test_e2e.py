@@ -26,7 +26,7 @@ def test_bad_config_fails_before_anything_starts(tmp_path):
 def assert_learns(m: dict, margin: float = 0.10) -> None:
     """Training visibly works: each expert beats M0 on its own domain and the unified MoE
     beats M0 on average, so a broken gradient, label offset or router fails the test (seeds
-    0-2 measured on tiny: expert - M0 >= +22 points, MoE - M0 >= +28 points)."""
+    0-2 measured on tiny_learn: expert - M0 >= +22 points, MoE - M0 >= +28 points)."""
     zs = m["references"]["zero_shot"]["per_domain"]
     for d in zs:
         own = m["references"]["experts"][d]["per_domain"][d]
@@ -39,14 +39,14 @@ def assert_learns(m: dict, margin: float = 0.10) -> None:
 def test_tiny_flwr_run_completes_and_artifact_reproduces(tmp_path, monkeypatch, cache_dir):
     home = tmp_path / "flwr-home"
     monkeypatch.setenv("METAMOE_FLWR_HOME", str(home))
-    run_dir = launch(benchmark="tiny", output_dir=str(tmp_path / "results"),
+    run_dir = launch(benchmark="tiny_learn", output_dir=str(tmp_path / "results"),
                      cache_dir=cache_dir, run_id="tiny-e2e", timeout=600)
     m = json.loads((run_dir / "metrics.json").read_text())
     for key in ("method", "benchmark", "config", "accuracy", "references", "upload_bytes",
                 "wall_seconds"):
         assert key in m
-    assert m["method"] == "metamoe" and m["benchmark"] == "tiny"
-    assert m["config"]["benchmark"]["name"] == "tiny"  # the resolved config is recorded
+    assert m["method"] == "metamoe" and m["benchmark"] == "tiny_learn"
+    assert m["config"]["benchmark"]["name"] == "tiny_learn"  # the resolved config is recorded
     assert set(m["accuracy"]["per_domain"]) == {"mnist", "uci"}
     assert all(0.0 <= v <= 1.0 for v in m["accuracy"]["per_domain"].values())
     assert set(m["references"]["experts"]) == {"mnist", "uci"}
@@ -63,7 +63,7 @@ def test_tiny_flwr_run_completes_and_artifact_reproduces(tmp_path, monkeypatch, 
 
     # The emitted artifact, loaded with one call, gives exactly the reported accuracy.
     moe = load_moe(run_dir)
-    cfg = resolve_config({"benchmark": "tiny"})
+    cfg = resolve_config({"benchmark": "tiny_learn"})
     bench = load_benchmark(cfg)
     for d in bench.domains:
         acc = accuracy(moe, torch.from_numpy(d.x_test), torch.from_numpy(d.y_test), d.classes)
@@ -98,7 +98,7 @@ def test_tiny_bf16_run_learns_and_ships_fp32_weights(tmp_path, monkeypatch, cach
     """run.precision=bf16 on the CPU: every stage under bf16 autocast, through the real
     simulation; what travels and what is saved stays float32, and training still learns."""
     monkeypatch.setenv("METAMOE_FLWR_HOME", str(tmp_path / "flwr-home"))
-    run_dir = launch(benchmark="tiny", overrides="run.precision=bf16",
+    run_dir = launch(benchmark="tiny_learn", overrides="run.precision=bf16",
                      output_dir=str(tmp_path / "results"), cache_dir=cache_dir,
                      run_id="tiny-bf16", timeout=600)
     m = json.loads((run_dir / "metrics.json").read_text())
