@@ -60,3 +60,20 @@ def test_proxy_coverage_tiny_floor_bounds_every_rule(cache_dir: str) -> None:
                 assert sum(rows[method]["sources"][client].values()) <= 40
     for client, v in seed["dpp_plain_vs_blocked"].items():
         assert v["same_set"], client
+
+
+def test_pool_scale_tiny_prints_the_specified_json(cache_dir: str) -> None:
+    lines = _bench(["bench.pool_scale", "--tiny", "--sizes", "2000,4000"],
+                   env={"METAMOE_CACHE_DIR": cache_dir})
+    assert lines[0].split()[:2] == ["N", "dim"]  # the human-readable table comes first
+    out = json.loads(lines[-1])
+    assert list(out) == ["2000", "4000"]
+    for key, row in out.items():
+        assert {"embed_images_per_s", "select_seconds", "peak_rss_gb"} <= row.keys(), key
+        assert row["embed_images_per_s"] > 0 and row["select_seconds"] > 0 and row["peak_rss_gb"] > 0
+        assert row["K"] == 10 and 0 < row["mean_picks"] <= row["m"]
+        assert row["dtype"] == "float16" and row["cache_gb"] > 0
+    # nothing in the process grows with N (the tiny sizes are far below one chunk, so this is
+    # a smoke check of the measurement, not of the 1M claim)
+    assert out["4000"]["peak_rss_ratio"] <= 1.25
+    assert not list(Path(cache_dir).glob("pool_scale-*"))  # the scratch caches are deleted

@@ -11,9 +11,12 @@ Modules (no Flower dependency):
 * :mod:`~metamoe.proxy.dpp_loops`: its plain (reference) and blocked greedy loops.
 * :mod:`~metamoe.proxy.alternatives`: baseline selection rules.
 * :mod:`~metamoe.proxy.select`: the :func:`select_proxies` entry point.
+* :mod:`~metamoe.proxy.pool_cache`: the pool's M0 embeddings in an on-disk memmap cache
+  (:func:`embed_pool`, :func:`open_pool_embeddings`), for pools that do not fit in memory.
 """
 
 from metamoe.proxy.dpp import DPPResult, greedy_dpp, greedy_dpp_batch, logdet
+from metamoe.proxy.pool_cache import PoolCacheMismatch, embed_pool, open_pool_embeddings
 from metamoe.proxy.privacy import PrivacyReport, gaussian_delta, gaussian_epsilon
 from metamoe.proxy.scoring import relevance_scores
 from metamoe.proxy.select import METHODS, SelectionResult, select_from_scores, select_proxies
@@ -31,9 +34,11 @@ __all__ = [
     "CentroidSketch",
     "DPPResult",
     "LogisticSketch",
+    "PoolCacheMismatch",
     "PrivacyReport",
     "SelectionResult",
     "Sketch",
+    "embed_pool",
     "fit_centroid_sketch",
     "fit_logistic_sketch",
     "gaussian_delta",
@@ -41,6 +46,7 @@ __all__ = [
     "greedy_dpp",
     "greedy_dpp_batch",
     "logdet",
+    "open_pool_embeddings",
     "relevance_scores",
     "select_from_scores",
     "select_proxies",

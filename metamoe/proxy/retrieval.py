@@ -10,21 +10,29 @@ Retrieval runs in two stages so that every backend returns the same picks:
      product plus a constant and ``sigmoid`` is monotone, so the top-n by
      relevance is the top-n by ``<u, w>``: the K weight vectors are the queries.
      The pool is indexed chunk by chunk (normalised rows, ``chunk_rows`` at a
-     time) and the per-chunk top-p lists are merged, so memory stays bounded
-     and the pool is never copied whole.  A GPU index is used when faiss-gpu
-     sees a GPU and ``p <= 2048`` (the faiss GPU k-selection limit).
+     time) and each chunk's top-p list is merged into a running top-p, so
+     memory stays bounded (one chunk + ``K p``) and the pool is never copied
+     whole.  A GPU index is used when faiss-gpu sees a GPU and ``p <= 2048``
+     (the faiss GPU k-selection limit).
    * ``index="ivf"``: ``IndexIVFFlat`` over the normalised pool with
      ``nlist = 4 sqrt(N)`` inverted lists, trained on a seeded sample, searched
      with ``nprobe`` lists (default 32; recall rises with nprobe, cost roughly
      ``nprobe/nlist`` of a flat scan).  Approximate; meant for pools >= 1M that
      are searched repeatedly.  The index holds its own normalised copy of the
      pool (``4 N d`` bytes).
-   * ``index="numpy"``: chunked matmul scoring of all sketches into a
-     ``[K, N]`` float32 key matrix and ``argpartition`` per row.
+   * ``index="numpy"``: chunked matmul scoring of all sketches, each chunk's
+     ``[K, chunk]`` keys merged into a running top-p per sketch
+     (``argpartition``); the ``[K, N]`` key matrix is never held.
 
    Centroid sketches have non-linear keys and always use the numpy scan.  If
    faiss cannot be imported, the faiss options fall back to numpy with a
    warning.
+
+   The pool may be a float16 or float32 array or ``np.memmap`` (the on-disk
+   cache of :mod:`metamoe.proxy.pool_cache`); every scan reads it chunk by
+   chunk and converts each chunk to float32, so a float32 memmap gives the
+   same picks as the array in memory.  Anonymous memory is O(N) only for the
+   float32 row norms (4 bytes a row).
 
 2. *Exact re-ranking*: the superset rows are gathered, normalised and re-scored
    by the same code for every backend, sorted by ``(-key, pool index)`` and cut
@@ -43,7 +51,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from metamoe.proxy.embeddings import DEFAULT_CHUNK_ROWS, l2_normalize, row_norms
-from metamoe.proxy.scoring import check_sketches, pool_keys, relevance_from_keys, sketch_keys
+from metamoe.proxy.scoring import check_sketches, iter_pool_keys, relevance_from_keys, sketch_keys
 from metamoe.proxy.sketch import LogisticSketch, Sketch
 
 try:
@@ -98,26 +106,43 @@ def _use_gpu(k: int) -> bool:
     )
 
 
+def _unit_rows(pool: np.ndarray, inv: np.ndarray, start: int, stop: int) -> np.ndarray:
+    """Rows ``start:stop`` of the pool (float16/float32, array or memmap) as contiguous
+    float32 unit vectors (zero rows stay zero): one float32 copy, normalised in place."""
+    chunk = np.array(pool[start:stop], dtype=np.float32, order="C")
+    chunk *= inv[start:stop, None]
+    return chunk
+
+
+def _merge_top(
+    vals: np.ndarray | None, ids: np.ndarray | None, new_vals: np.ndarray, new_ids: np.ndarray, p: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The running top-p (largest ``vals``) per row after adding one chunk's candidates."""
+    if vals is not None:
+        new_vals = np.concatenate([vals, new_vals], axis=1)
+        new_ids = np.concatenate([ids, new_ids], axis=1)
+    if new_vals.shape[1] > p:
+        keep = np.argpartition(-new_vals, p - 1, axis=1)[:, :p]
+        new_vals = np.take_along_axis(new_vals, keep, axis=1)
+        new_ids = np.take_along_axis(new_ids, keep, axis=1)
+    return new_vals, new_ids
+
+
 def _faiss_flat(
     pool: np.ndarray, inv: np.ndarray, queries: np.ndarray, p: int, chunk_rows: int
 ) -> np.ndarray:
     gpu = faiss.StandardGpuResources() if _use_gpu(p) else None
-    dist_parts, id_parts = [], []
+    best_d, best_i = None, None
     for start in range(0, pool.shape[0], chunk_rows):
         stop = min(start + chunk_rows, pool.shape[0])
         index = faiss.IndexFlatIP(pool.shape[1])
         if gpu is not None:
             index = faiss.index_cpu_to_gpu(gpu, 0, index)
-        index.add(np.ascontiguousarray(pool[start:stop] * inv[start:stop, None]))
+        index.add(_unit_rows(pool, inv, start, stop))
         dist, ids = index.search(queries, min(p, stop - start))
-        dist_parts.append(dist)
-        id_parts.append(ids + start)
-    dist = np.concatenate(dist_parts, axis=1)
-    ids = np.concatenate(id_parts, axis=1)
-    if dist.shape[1] > p:
-        keep = np.argpartition(-dist, p - 1, axis=1)[:, :p]
-        ids = np.take_along_axis(ids, keep, axis=1)
-    return ids
+        del index
+        best_d, best_i = _merge_top(best_d, best_i, dist, ids + start, p)
+    return best_i
 
 
 def _faiss_ivf(
@@ -129,10 +154,10 @@ def _faiss_ivf(
     sample = np.sort(rng.choice(n_rows, size=min(n_rows, 64 * nlist), replace=False))
     quantizer = faiss.IndexFlatIP(dim)
     index = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
-    index.train(np.ascontiguousarray(pool[sample] * inv[sample, None]))
+    index.train(np.ascontiguousarray(np.asarray(pool[sample], dtype=np.float32) * inv[sample, None]))
     for start in range(0, n_rows, chunk_rows):
         stop = min(start + chunk_rows, n_rows)
-        index.add(np.ascontiguousarray(pool[start:stop] * inv[start:stop, None]))
+        index.add(_unit_rows(pool, inv, start, stop))
     index.nprobe = min(nprobe, nlist)
     _, ids = index.search(queries, p)
     return ids
@@ -141,8 +166,13 @@ def _faiss_ivf(
 def _numpy_prefilter(
     pool: np.ndarray, norms: np.ndarray, sketches: Sequence[Sketch], p: int, chunk_rows: int
 ) -> list[np.ndarray]:
-    keys = pool_keys(pool, sketches, chunk_rows, norms=norms)
-    return [np.argpartition(-row, p - 1)[:p] for row in keys]
+    """The top-p rows per sketch by key, merged chunk by chunk: memory is O(K p + one
+    chunk), never the [K, N] key matrix."""
+    best_k, best_i = None, None
+    for start, stop, keys in iter_pool_keys(pool, sketches, chunk_rows, norms=norms):
+        ids = np.broadcast_to(np.arange(start, stop, dtype=np.int64), keys.shape)
+        best_k, best_i = _merge_top(best_k, best_i, keys, ids, p)
+    return list(best_i)
 
 
 def retrieve_candidates(
@@ -160,7 +190,8 @@ def retrieve_candidates(
     """Top-n candidates of ``pool_emb`` for each sketch (``n`` clamped to N).
 
     Args:
-        pool_emb: [N, d] float32 pool embeddings (validated by the caller).
+        pool_emb: [N, d] float16/float32 pool embeddings, array or memmap (validated by
+            the caller, e.g. :func:`~metamoe.proxy.embeddings.check_pool`); read in chunks.
         sketches: K validated sketches of dimension d.
         n: candidates per sketch (>= 1).
         index: "flat" (faiss exact), "ivf" (faiss approximate) or "numpy".

@@ -16,21 +16,30 @@ The key is what candidate retrieval ranks by: it is a strictly increasing
 function of ``r`` but, unlike ``r``, a float32 logit does not saturate to 1.0,
 so the top-n set is not decided by rounding ties.
 
-The pool is processed in row chunks (bounded memory).  All sketches are scored
-together: their vectors (logistic weights, normalised centroids) are stacked
-into one ``[d, c]`` matrix so each chunk costs one matmul.
+The pool is processed in row chunks (bounded memory): a float16 or float32
+array or ``np.memmap`` is read ``chunk_rows`` rows at a time and each chunk is
+converted to float32, never the whole pool (:func:`iter_pool_keys`).  All
+sketches are scored together: their vectors (logistic weights, normalised
+centroids) are stacked into one ``[d, c]`` matrix so each chunk costs one matmul.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 
-from metamoe.proxy.embeddings import DEFAULT_CHUNK_ROWS, check_embeddings, l2_normalize, row_norms
+from metamoe.proxy.embeddings import DEFAULT_CHUNK_ROWS, check_pool, float32_chunks, l2_normalize, row_norms
 from metamoe.proxy.sketch import CentroidSketch, LogisticSketch, Sketch
 
-__all__ = ["check_sketches", "pool_keys", "relevance_from_keys", "relevance_scores", "sketch_keys"]
+__all__ = [
+    "check_sketches",
+    "iter_pool_keys",
+    "pool_keys",
+    "relevance_from_keys",
+    "relevance_scores",
+    "sketch_keys",
+]
 
 
 def _columns(sketch: Sketch) -> np.ndarray:
@@ -76,6 +85,47 @@ def sketch_keys(u: np.ndarray, sketch: Sketch) -> np.ndarray:
     return _keys_from_products(sketch, u @ cols)
 
 
+def _as_pool(pool_emb: np.ndarray) -> np.ndarray:
+    """A float16/float32 array or memmap as it is; anything else as a float32 array."""
+    if isinstance(pool_emb, np.ndarray) and pool_emb.dtype in (np.float16, np.float32):
+        return pool_emb
+    return np.asarray(pool_emb, dtype=np.float32)
+
+
+def iter_pool_keys(
+    pool_emb: np.ndarray,
+    sketches: Sequence[Sketch],
+    chunk_rows: int = DEFAULT_CHUNK_ROWS,
+    norms: np.ndarray | None = None,
+) -> Iterator[tuple[int, int, np.ndarray]]:
+    """``(start, stop, keys [K, stop - start])`` for consecutive row chunks of the pool.
+
+    Memory is one float32 chunk and its ``[chunk_rows, c]`` product block; the pool
+    (array or memmap, float16 or float32) is never copied whole.
+
+    Args:
+        pool_emb: [N, d] pool embeddings (raw; normalised on the fly).
+        sketches: the K sketches.
+        chunk_rows: rows per chunk.
+        norms: optional precomputed row norms (see :func:`row_norms`).
+    """
+    pool_emb = _as_pool(pool_emb)
+    check_sketches(sketches, pool_emb.shape[1])
+    if norms is None:
+        norms = row_norms(pool_emb, chunk_rows)
+    inv = np.divide(1.0, norms, out=np.zeros_like(norms), where=norms > 0)
+    cols = [_columns(sk) for sk in sketches]
+    bounds = np.cumsum([0] + [c.shape[1] for c in cols])
+    stacked = np.concatenate(cols, axis=1)
+    for start, stop, chunk in float32_chunks(pool_emb, chunk_rows):
+        prod = chunk @ stacked
+        prod *= inv[start:stop, None]
+        keys = np.empty((len(sketches), stop - start), dtype=np.float32)
+        for i, sk in enumerate(sketches):
+            keys[i] = _keys_from_products(sk, prod[:, bounds[i] : bounds[i + 1]])
+        yield start, stop, keys
+
+
 def pool_keys(
     pool_emb: np.ndarray,
     sketches: Sequence[Sketch],
@@ -84,29 +134,19 @@ def pool_keys(
 ) -> np.ndarray:
     """Ranking keys of every pool row for every sketch, float32 [K, N].
 
-    Memory beyond the output is one ``[chunk_rows, c]`` product block.
+    Memory beyond the output is one chunk (see :func:`iter_pool_keys`); retrieval does
+    not call this (it keeps a running top-p per sketch instead of the [K, N] matrix).
 
     Args:
-        pool_emb: [N, d] float32 pool embeddings (raw; normalised on the fly).
+        pool_emb: [N, d] pool embeddings (raw; normalised on the fly).
         sketches: the K sketches.
         chunk_rows: rows per chunk.
         norms: optional precomputed row norms (see :func:`row_norms`).
     """
-    pool_emb = np.asarray(pool_emb, dtype=np.float32)
-    check_sketches(sketches, pool_emb.shape[1])
-    if norms is None:
-        norms = row_norms(pool_emb, chunk_rows)
-    inv = np.divide(1.0, norms, out=np.zeros_like(norms), where=norms > 0)
-    cols = [_columns(sk) for sk in sketches]
-    bounds = np.cumsum([0] + [c.shape[1] for c in cols])
-    stacked = np.concatenate(cols, axis=1)
+    pool_emb = _as_pool(pool_emb)
     out = np.empty((len(sketches), pool_emb.shape[0]), dtype=np.float32)
-    for start in range(0, pool_emb.shape[0], chunk_rows):
-        stop = min(start + chunk_rows, pool_emb.shape[0])
-        prod = pool_emb[start:stop] @ stacked
-        prod *= inv[start:stop, None]
-        for i, sk in enumerate(sketches):
-            out[i, start:stop] = _keys_from_products(sk, prod[:, bounds[i] : bounds[i + 1]])
+    for start, stop, keys in iter_pool_keys(pool_emb, sketches, chunk_rows, norms):
+        out[:, start:stop] = keys
     return out
 
 
@@ -114,8 +154,8 @@ def relevance_scores(
     pool_emb: np.ndarray, sketches: Sequence[Sketch], chunk_rows: int = DEFAULT_CHUNK_ROWS
 ) -> np.ndarray:
     """Relevance ``r`` in [0, 1] of every pool row for every sketch, float32 [K, N]."""
-    pool_emb = check_embeddings(pool_emb, "pool_emb")
-    keys = pool_keys(pool_emb, sketches, chunk_rows)
+    pool_emb, norms = check_pool(pool_emb, "pool_emb", chunk_rows)
+    keys = pool_keys(pool_emb, sketches, chunk_rows, norms=norms)
     for i, sk in enumerate(sketches):
         keys[i] = relevance_from_keys(sk, keys[i])
     return keys

@@ -4,7 +4,9 @@ Pipeline per client (all clients are handled together):
 
 1. score the whole pool against every sketch in chunks
    (:mod:`metamoe.proxy.scoring`) and retrieve the top-``n`` candidates by
-   relevance (:mod:`metamoe.proxy.retrieval`, faiss or numpy);
+   relevance (:mod:`metamoe.proxy.retrieval`, faiss or numpy); the pool may be
+   an in-memory array or an on-disk ``np.memmap`` (float16 or float32, see
+   :mod:`metamoe.proxy.pool_cache`), never copied whole;
 2. pick ``m`` proxies among the candidates with the chosen rule:
 
    ``"rw_dpp"`` (default) greedy MAP of the relevance-weighted DPP
@@ -41,7 +43,7 @@ import numpy as np
 
 from metamoe.proxy.alternatives import kcenter_greedy, random_subset, relevance_top_m
 from metamoe.proxy.dpp import greedy_dpp_batch
-from metamoe.proxy.embeddings import check_embeddings, l2_normalize
+from metamoe.proxy.embeddings import DEFAULT_CHUNK_ROWS, check_pool, l2_normalize
 from metamoe.proxy.retrieval import Candidates, retrieve_candidates
 from metamoe.proxy.sketch import Sketch
 
@@ -126,11 +128,16 @@ def select_proxies(
     *,
     dtype: type = np.float32,
     workers: int | None = None,
+    chunk_rows: int = DEFAULT_CHUNK_ROWS,
 ) -> dict[str, SelectionResult]:
     """Select up to ``m`` proxies per client from the public pool.
 
     Args:
-        pool_emb: [N, d] float32 pool embeddings (any norm; normalised inside).
+        pool_emb: [N, d] pool embeddings (any norm; normalised inside): a float16 or
+            float32 array or ``np.memmap`` (e.g. :func:`metamoe.proxy.pool_cache.open_pool_embeddings`),
+            read in chunks of rows and never copied whole; only the top-n candidates of
+            each client are gathered. A float32 memmap gives the same picks as the array
+            in memory; a float16 pool gives the picks of its float16-rounded values.
         sketches: client name -> validated sketch of dimension d.
         n: candidates per client retrieved by relevance (clamped to N).
         m: proxies per client (1 <= m <= n).
@@ -140,16 +147,18 @@ def select_proxies(
         index: retrieval backend, "flat" (faiss exact), "ivf" or "numpy".
         dtype: float32 (default) or float64 for candidate scoring and the DPP.
         workers: threads for the per-client DPPs (default 1, see ``greedy_dpp_batch``).
+        chunk_rows: pool rows read (and converted to float32) at a time.
 
     Returns:
         client name -> :class:`SelectionResult`, in the order of ``sketches``.
     """
-    pool = check_embeddings(pool_emb, "pool_emb")
+    pool, norms = check_pool(pool_emb, "pool_emb", chunk_rows)
     _check_args(n, m, method, eps)
     names = list(sketches)
     if not names:
         return {}
-    cands = retrieve_candidates(pool, [sketches[k] for k in names], n, index=index, dtype=dtype)
+    cands = retrieve_candidates(pool, [sketches[k] for k in names], n, index=index, dtype=dtype,
+                                norms=norms, chunk_rows=chunk_rows)
     return _pick(cands, names, m, method, seed, eps, dtype, workers)
 
 
@@ -171,7 +180,7 @@ def select_from_scores(
     smaller pool index.  Returns one result per score row (the "random"
     method seeds client ``i`` with ``(seed, crc32(str(i)))``).
     """
-    pool = check_embeddings(pool_emb, "pool_emb")
+    pool, _ = check_pool(pool_emb, "pool_emb")
     _check_args(n, m, method, eps)
     scores = np.asarray(scores)
     if scores.ndim != 2 or scores.shape[1] != pool.shape[0]:
