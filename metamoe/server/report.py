@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -29,21 +28,25 @@ def _acc_block(per_domain: dict[str, float]) -> dict:
 
 
 def code_commit(root: Path | None = None) -> str:
-    """The commit of the code that ran: ``$METAMOE_COMMIT`` (set by the launcher), else the git
-    commit of the checkout this package lives in (``-dirty`` with uncommitted changes to
-    tracked files), else "unknown"."""
+    """The commit of the code that ran: ``$METAMOE_COMMIT`` (set by the launcher), else the
+    HEAD commit of the git checkout this package lives in (read from ``.git``, no subprocess;
+    uncommitted changes are not marked), else "unknown"."""
     if os.environ.get("METAMOE_COMMIT"):
         return os.environ["METAMOE_COMMIT"]
-    root = root or Path(__file__).resolve().parents[2]
+    git = (root or Path(__file__).resolve().parents[2]) / ".git"
     try:
-        head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True,
-                              text=True, timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain",
-                                "--untracked-files=no"], capture_output=True, text=True,
-                               timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return f"{head}-dirty" if dirty else head
+        head = (git / "HEAD").read_text().strip()
+        if not head.startswith("ref: "):
+            return head
+        ref = head[5:]
+        if (git / ref).exists():
+            return (git / ref).read_text().strip()
+        for line in (git / "packed-refs").read_text().splitlines():
+            if line.endswith(" " + ref):
+                return line.split()[0]
+    except OSError:
+        pass
+    return "unknown"
 
 
 def build_metrics(cfg, fed: Federation, outcome: Outcome, wall_total: float,
