@@ -34,7 +34,7 @@ class ConfigError(ValueError):
 @dataclass
 class BenchmarkConf:
     name: str = "vision"
-    kind: str = "vision"  # vision | text (embedded) | hf_qa (the paper's QA sets + Alpaca)
+    kind: str = "vision"  # vision | text (embedded) | hf_qa (the paper's QA sets + Alpaca) | local
     domains: list[str] = field(default_factory=lambda: ["mnist", "uci", "fashion"])
     clients_per_domain: int = 1
     num_clients: int = -1  # total K, assigned round-robin to domains (-1: domains x per-domain)
@@ -43,6 +43,20 @@ class BenchmarkConf:
     max_pool: int = -1  # random subsample of the public pool (-1: all)
     data_seed: int = 0  # the fixed split of sources into train/test/pool
     data_dir: str = ""  # hf_qa: local files in the hub schemas ("" = the HF hub)
+    # local (metamoe/data/local.py): clients' own data and a public pool from disk or the hub.
+    # client_data: one path per client in partition order (simulation); a deployed SuperNode
+    # reads its own from --node-config "data=<path> [format=...]" and client_data stays empty
+    # (then num_clients says how many SuperNodes to wait for).
+    client_data: list[str] = field(default_factory=list)
+    client_format: str = "auto"  # auto | imagefolder | hf | jsonl
+    pool_data: str = ""  # a folder, a save_to_disk dir, a JSONL file / dir, or a hub id
+    pool_format: str = "auto"  # auto | imagefolder | hf | jsonl | hub
+    pool_split: str = "train"  # the split of a hub pool
+    test_fraction: float = 0.2  # a client without a test split holds out this seeded share
+    val_fraction: float = 0.0  # > 0: a seeded validation split of train, never trained on
+    # L2 penalty of the linear probe that fits a client's own head rows (clients/private_head.py;
+    # -1: class-mean rows only). Chosen on validation splits: bench/private_head.py.
+    head_l2: float = 1e-2
 
 
 @dataclass
@@ -241,7 +255,9 @@ class Config:
 RUN_CONFIG_KEYS = {"benchmark", "method", "experiment", "overrides", "seed", "run-id",
                    "output-dir", "cache-dir"}
 CHOICES = {
-    "benchmark.kind": ("vision", "text", "hf_qa"),
+    "benchmark.kind": ("vision", "text", "hf_qa", "local"),
+    "benchmark.client_format": ("auto", "imagefolder", "hf", "jsonl"),
+    "benchmark.pool_format": ("auto", "imagefolder", "hf", "jsonl", "hub"),
     "model.arch": ("vit", "bert", "causal"),
     "sketch.kind": ("logistic", "centroids"),
     "select.method": ("rw_dpp", "relevance", "random", "dpp", "kcenter"),
@@ -287,8 +303,24 @@ def _yaml(kind: str, name: str) -> DictConfig:
     return OmegaConf.load(path)
 
 
+def _split_top_commas(token: str) -> list[str]:
+    """``a=1,b=[x,y]`` -> ``["a=1", "b=[x,y]"]``: commas inside brackets stay in the value."""
+    out, depth, cur = [], 0, ""
+    for ch in token:
+        depth += ch in "[{"
+        depth -= ch in "]}"
+        if ch == "," and depth == 0:
+            out.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    return [t for t in [*out, cur] if t]
+
+
 def parse_overrides(text: str) -> list[str]:
-    items = shlex.split(text.replace(",", " ")) if text else []
+    """Dotlist items separated by spaces or commas; list values keep their commas
+    (``benchmark.client_data=[/data/a,/data/b]``)."""
+    items = [t for tok in shlex.split(text) for t in _split_top_commas(tok)] if text else []
     for it in items:
         if "=" not in it:
             raise ConfigError(f"override {it!r} is not of the form key=value")
@@ -320,9 +352,29 @@ def resolve_config(run_config: Mapping[str, Any] | None = None) -> DictConfig:
                       ("cache-dir", "cache_dir")):
         if rc.get(key):
             cfg.run[attr] = str(rc[key])
+    if cfg.benchmark.kind == "local":
+        _local_domains(cfg)
     validate(cfg)
     OmegaConf.set_readonly(cfg, True)
     return cfg
+
+
+def _local_domains(cfg: DictConfig) -> None:
+    """A local benchmark's clients are its domains, named ``client-<partition id>`` (a
+    client's own folder and class names never reach the server)."""
+    b = cfg.benchmark
+    k = len(b.client_data) if b.client_data else int(b.num_clients)
+    if k < 1:
+        raise ConfigError("benchmark.kind=local needs benchmark.client_data (one path per "
+                          "client) or, for a deployment, benchmark.num_clients")
+    if b.client_data and b.num_clients not in (-1, k):
+        raise ConfigError(f"benchmark.num_clients={b.num_clients} but benchmark.client_data "
+                          f"has {k} paths")
+    if not b.pool_data:
+        raise ConfigError("benchmark.kind=local needs benchmark.pool_data (the public pool)")
+    b.domains = [f"client-{i}" for i in range(k)]
+    b.num_clients = -1
+    b.clients_per_domain = 1
 
 
 def validate(cfg: DictConfig) -> None:
@@ -338,8 +390,16 @@ def validate(cfg: DictConfig) -> None:
     for sect in ("pretrain", "expert", "unify"):
         if cfg[sect].epochs < 0 or cfg[sect].lr <= 0 or cfg[sect].batch_size <= 0:
             raise ConfigError(f"{sect}: epochs >= 0, lr > 0 and batch_size > 0 required")
-    want = {"vision": "vit", "text": "bert", "hf_qa": "causal"}[cfg.benchmark.kind]
-    if cfg.model.arch != want:
+    want = {"vision": "vit", "text": "bert", "hf_qa": "causal"}.get(cfg.benchmark.kind)
+    if cfg.benchmark.kind == "local" and cfg.model.arch not in ("vit", "bert"):
+        raise ConfigError(f"model.arch={cfg.model.arch!r}: benchmark.kind='local' supports "
+                          "'vit' (images) and 'bert' (texts)")
+    for key in ("benchmark.test_fraction", "benchmark.val_fraction"):
+        if not 0 <= OmegaConf.select(cfg, key) < 1:
+            raise ConfigError(f"{key} must be in [0, 1), got {OmegaConf.select(cfg, key)}")
+    if cfg.benchmark.test_fraction + cfg.benchmark.val_fraction >= 1:
+        raise ConfigError("benchmark.test_fraction + benchmark.val_fraction must be below 1")
+    if want is not None and cfg.model.arch != want:
         raise ConfigError(f"model.arch={cfg.model.arch!r} does not fit benchmark.kind="
                           f"{cfg.benchmark.kind!r} (use {want!r})")
     if cfg.model.arch != "vit" and cfg.model.max_len < 8:

@@ -5,6 +5,7 @@
 #                           [--method metamoe] [--experiment NAME] [--overrides 'a.b=1 c.d=2']
 #                           [--seed 0] [--run-id ID] [--workdir DIR] [--output-dir DIR]
 #                           [--cache-dir DIR] [--timeout SECONDS] [--keep]
+#                           [--node-data PATH [--node-data PATH ...]] [--node-format FMT]
 #
 # Default: TLS (a self-signed CA + a server certificate with SAN 127.0.0.1/localhost, generated
 # here with openssl) AND SuperNode authentication (SuperLink --enable-supernode-auth; one ECDSA
@@ -12,6 +13,9 @@
 # `flwr supernode register`). `--insecure` = plaintext, no node authentication (quick trials).
 #
 # SuperNode i gets its private data through --node-config "partition-id=i num-partitions=K".
+# With --node-data (once per SuperNode, benchmark.kind=local, e.g. --benchmark local) SuperNode i
+# reads its own data from the i-th path instead: --node-config "... data=<path> [format=FMT]";
+# K is the number of --node-data paths and the server is told to wait for K nodes.
 # The connection is written to $FLWR_HOME/config.toml (Flower 1.41), FLWR_HOME is private to the
 # workdir, runtime dependency installation is off, every port is picked free at run time.
 # `flwr run --stream` exits 0 on failure, so the final status is read with `flwr ls --run-id`
@@ -24,6 +28,7 @@ REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${VENV:-$REPO/.venv}"
 INSECURE=0; CLIENTS=""; BENCHMARK="tiny"; METHOD="metamoe"; EXPERIMENT=""; OVERRIDES=""
 SEED=0; RUN_ID=""; WORKDIR=""; OUTPUT_DIR=""; CACHE_DIR=""; TIMEOUT=1800; KEEP=0
+NODE_DATA=(); NODE_FORMAT=""
 
 die() { echo "deploy_local: error: $*" >&2; exit 2; }
 while [[ $# -gt 0 ]]; do
@@ -41,7 +46,9 @@ while [[ $# -gt 0 ]]; do
     --cache-dir) CACHE_DIR="${2:?}"; shift ;;
     --timeout) TIMEOUT="${2:?}"; shift ;;
     --keep) KEEP=1 ;;  # keep the workdir (logs, certs, keys) even when it was a temp dir
-    -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
+    --node-data) NODE_DATA+=("$(cd "$(dirname "${2:?}")" && pwd)/$(basename "$2")"); shift ;;
+    --node-format) NODE_FORMAT="${2:?}"; shift ;;
+    -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
     *) die "unknown argument '$1' (see --help)" ;;
   esac
   shift
@@ -52,6 +59,10 @@ export PATH="$VENV/bin:$PATH"   # flwr spawns flower-superexec etc. by name (gui
 PY="$VENV/bin/python"
 
 # ---------------------------------------------------------------- config, K, run id
+if [[ ${#NODE_DATA[@]} -gt 0 ]]; then  # each SuperNode brings its own data: K = the paths
+  for p in "${NODE_DATA[@]}"; do [[ -e "$p" ]] || die "--node-data $p: no such file or folder"; done
+  OVERRIDES="${OVERRIDES:+$OVERRIDES }benchmark.num_clients=${#NODE_DATA[@]}"
+fi
 read -r K_CFG RUN_ID_DEFAULT < <(cd "$REPO" && "$PY" - "$BENCHMARK" "$METHOD" "$EXPERIMENT" "$OVERRIDES" "$SEED" <<'EOF'
 import sys, time
 from metamoe.config import ConfigError, num_clients, resolve_config
@@ -215,7 +226,9 @@ for i in $(seq 0 $((K - 1))); do
   mkdir -p "$WORKDIR/supernode-$i"
   ( cd "$WORKDIR/supernode-$i" && exec flower-supernode "${NODE_SEC[@]}" "${AUTH[@]}" \
       --superlink "$ADDR" --host 127.0.0.1 --port "${PORTS[$((i + 1))]}" \
-      --node-config "partition-id=$i num-partitions=$K" ) > "$LOGS/supernode-$i.log" 2>&1 &
+      --node-config "partition-id=$i num-partitions=$K${NODE_DATA:+ data=\"${NODE_DATA[$i]}\"}${NODE_FORMAT:+ format=\"$NODE_FORMAT\"}" ) \
+      > "$LOGS/supernode-$i.log" 2>&1 &
+  if [[ ${#NODE_DATA[@]} -gt 0 ]]; then log "SuperNode $i reads its own data from ${NODE_DATA[$i]}"; fi
 done
 log "$K SuperNodes started (partition-id 0..$((K - 1)))"
 

@@ -88,7 +88,7 @@ def fedavg_train(msg: Message, context: Context) -> Message:
     cfg, dom = node.cfg, node.domain
     _require_train(node, "the FedAvg update (LoRA trained on the private train split) and its "
                          "train loss")
-    model = inject_ffn_lora(copy.deepcopy(seed_model(context)), int(cfg.expert.rank),
+    model = inject_ffn_lora(copy.deepcopy(seed_model(context, node)), int(cfg.expert.rank),
                             float(cfg.expert.alpha))
     arrays = from_record(get_record(msg.content, "arrays", ArrayRecord, "server"))
     load_lora_state_dict(model, {k: torch.from_numpy(np.array(v)) for k, v in arrays.items()})
@@ -112,7 +112,7 @@ def fl_moe_train(msg: Message, context: Context) -> Message:
     _require_train(node, "the FL-MoE update (MoE trained on the private train split) and its "
                          "train loss")
     conf = decode_settings(msg.content, FL_ROUND)
-    moe = moe_from_seed(seed_model(context), MoEConfig(**conf["moe"]))
+    moe = moe_from_seed(seed_model(context, node), MoEConfig(**conf["moe"]))
     state = from_record(get_record(msg.content, "moe", ArrayRecord, "server"))
     load_moe_trainable(moe, check_arrays(state, moe_trainable_shapes(moe), "server",
                                          "MoE state"))
@@ -164,7 +164,7 @@ def _ddome_inputs(msg: Message, context: Context
     node = node_data(context)
     conf = decode_settings(msg.content, DDOME_SPEC)
     gate = gate_from_arrays(from_record(get_record(msg.content, "gate", ArrayRecord, "server")))
-    return node, seed_model(context), conf, gate
+    return node, seed_model(context, node), conf, gate
 
 
 def ddome_select(msg: Message, context: Context) -> Message:

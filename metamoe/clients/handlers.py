@@ -18,7 +18,7 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from metamoe.clients import stages
-from metamoe.clients.node import node_data, seed_model, store_seed
+from metamoe.clients.node import localize, node_data, seed_model, store_seed
 from metamoe.models.io import moe_from_state
 from metamoe.protocol import MOE_SPEC, decode_settings, from_record, get_record, to_record
 from metamoe.training import derive_seed
@@ -39,7 +39,7 @@ def sketch(msg: Message, context: Context) -> Message:
     node = node_data(context)
     cfg = node.cfg
     store_seed(msg, context)
-    arrays, info = stages.sketch_stage(cfg, seed_model(context), node.domain, node.bench,
+    arrays, info = stages.sketch_stage(cfg, seed_model(context, node), node.domain, node.bench,
                                        derive_seed(cfg.run.seed, node.partition_id))
     log.info("client %s: sketch of %d private samples (%s)", node.name, info["n_private"],
              cfg.sketch.kind)
@@ -54,7 +54,7 @@ def expert(msg: Message, context: Context) -> Message:
     cfg, bench = node.cfg, node.bench
     if "seed" in msg.content:  # methods without a sketch phase send M0 here
         store_seed(msg, context)
-    seed = seed_model(context)
+    seed = seed_model(context, node)
     sel = from_record(get_record(msg.content, "proxies", ArrayRecord, "server"))
     idx = np.asarray(sel.pop("selected"), dtype=np.int64)
     if len(idx) and (idx.min() < 0 or idx.max() >= len(bench.pool_x)):
@@ -78,6 +78,8 @@ def evaluate(msg: Message, context: Context) -> Message:
     conf = decode_settings(msg.content, MOE_SPEC)
     moe = moe_from_state(get_record(msg.content, "moe", ArrayRecord, "server")
                          .to_torch_state_dict(), conf)
+    if node.private is not None:  # this node's own classes: its head rows, made from M0
+        moe = localize(node, moe, seed_model(context) if "seed" in context.state else None)
     metrics = stages.evaluate_stage(moe, node.domain, list(conf["moe"]["expert_names"]),
                                     mode=str(conf.get("mode", "routed")),
                                     min_count=int(node.cfg.privacy.min_count))

@@ -21,7 +21,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from metamoe.data.vision import Domain, VisionBenchmark, build_vision_benchmark
 
-__all__ = ["Domain", "VisionBenchmark", "load_benchmark", "client_partition", "client_names"]
+__all__ = ["Domain", "VisionBenchmark", "load_benchmark", "client_partition", "client_names",
+           "seed_encoder"]
 
 
 @lru_cache(maxsize=4)
@@ -109,9 +110,33 @@ def _build(b: dict) -> VisionBenchmark:
     return bench
 
 
+def seed_encoder(cfg: DictConfig) -> dict:
+    """How raw items become the seed's inputs: the ViT's image transform, or the text
+    encoder's tokenizer and length (``kind: local``)."""
+    if cfg.model.arch == "vit":
+        from metamoe.data.local import image_transform
+
+        return {"modality": "image", "transform": image_transform()}
+    from metamoe.models.text import load_tokenizer
+
+    return {"modality": "text", "tokenizer": load_tokenizer(cfg.model.encoder),
+            "max_len": int(cfg.model.max_len)}
+
+
+@lru_cache(maxsize=4)
+def _load_local(bench_json: str, arch: str, encoder: str, max_len: int) -> VisionBenchmark:
+    from metamoe.data.local import local_benchmark
+
+    enc = OmegaConf.create({"model": {"arch": arch, "encoder": encoder, "max_len": max_len}})
+    return local_benchmark(json.loads(bench_json), seed_encoder(enc))
+
+
 def load_benchmark(cfg: DictConfig) -> VisionBenchmark:
     cache = cfg.run.cache_dir or os.environ.get("METAMOE_CACHE_DIR", "")
     b = OmegaConf.to_container(cfg.benchmark, resolve=True)
+    if b["kind"] == "local":  # the pool is read lazily from its own files: no array cache
+        return _load_local(json.dumps(b, sort_keys=True), str(cfg.model.arch),
+                           str(cfg.model.encoder), int(cfg.model.max_len))
     if b["kind"] in ("text", "hf_qa"):  # texts are tokenised when the benchmark is built
         b.update(tokenizer=cfg.model.encoder, max_len=int(cfg.model.max_len))
     return _load(json.dumps(b, sort_keys=True), cache)

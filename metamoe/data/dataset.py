@@ -44,6 +44,30 @@ class ArrayDataset(Dataset):
         return (self.x != pad_id).sum(1)
 
 
+class LazyDataset(Dataset):
+    """(input, label) items of inputs that decode on indexing (``x[idx]`` -> stacked array,
+    e.g. :class:`metamoe.data.local.LazyInputs`) and in-memory labels: one fancy index per
+    batch, so a batch decodes only its own rows."""
+
+    def __init__(self, x, y: np.ndarray):
+        if len(x) != len(y):
+            raise ValueError(f"{len(x)} inputs but {len(y)} labels")
+        self.x, self.y = x, torch.as_tensor(np.asarray(y))
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int):
+        return torch.as_tensor(self.x[int(i)]), self.y[int(i)]
+
+    def __getitems__(self, idx: Sequence[int]):
+        idx = np.asarray(idx, dtype=np.int64)
+        return torch.as_tensor(self.x[idx]), self.y[torch.as_tensor(idx)]
+
+    def labels(self) -> torch.Tensor:
+        return self.y
+
+
 def as_dataset(x, y=None) -> Dataset:
     """``x`` if it already is a Dataset (then ``y`` must be None), else an ArrayDataset."""
     if isinstance(x, Dataset):

@@ -21,9 +21,11 @@ from omegaconf import DictConfig
 
 from metamoe.config import config_hash
 from metamoe.data import VisionBenchmark
+from metamoe.data.dataset import ArrayDataset, LazyDataset
 from metamoe.models.io import load_seed, save_seed
 from metamoe.models.text import TextClassifier, TextConfig, encoder_fingerprint
 from metamoe.models.vit import ViT, ViTConfig
+from metamoe.proxy.pool_cache import embed_pool, pool_cache_path
 from metamoe.training import accuracy, features, seeded, train
 
 log = logging.getLogger("metamoe")
@@ -47,38 +49,51 @@ def seed_key(cfg: DictConfig) -> str:
                         "pretrain": config_hash(cfg.pretrain), "seed": int(cfg.run.seed)})
 
 
+def pool_dataset(bench: VisionBenchmark):
+    """The pool's (input, label) items as the training loop's Dataset: in-memory arrays, or
+    a lazily decoded pool (``kind: local``) read batch by batch."""
+    if isinstance(bench.pool_x, np.ndarray):
+        return ArrayDataset(bench.pool_x, bench.pool_y)
+    return LazyDataset(bench.pool_x, bench.pool_y)
+
+
 def get_seed_model(cfg: DictConfig, bench: VisionBenchmark) -> tuple[ViT, np.ndarray, dict]:
-    """(M0, L2-unnormalised pool features [N0, d], info) — from cache or built now."""
+    """(M0, L2-unnormalised pool features [N0, d], info) — from cache or built now. The
+    vision pool's features are an on-disk memmap (``proxy/pool_cache.py``, float32, so the
+    picks are those of the same features in memory), never held whole."""
     if cfg.model.arch in ("bert", "causal"):
         return _text_seed(cfg, bench)
     key = seed_key(cfg)
     path = cache_dir(cfg) / f"seed-{key}.safetensors"
-    feat_path = path.with_name(f"pool-{cfg.select.embedding}-{key}.npy")
     info: dict = {"cache_key": key, "checkpoint": str(path)}
     if path.exists():
         model = load_seed(path)
         log.info("seed model M0 loaded from cache %s", path)
         info["cached"] = True
-        if feat_path.exists():
-            feats = np.load(feat_path)
-            if feats.shape[0] == len(bench.pool_x):
-                return model, feats, info
-        feats = features(model, bench.pool_x, cfg.select.embedding)
-        _atomic_save(feat_path, lambda p: np.save(p, feats))
-        return model, feats, info
+        return model, _vision_pool_features(cfg, model, bench, key), info
     with seeded(int(cfg.run.seed)):
         model = ViT(vit_config(cfg, bench.num_classes))
     log.info("pre-training seed model M0 on the public pool (%d images, %d epochs)",
              len(bench.pool_x), cfg.pretrain.epochs)
-    hist = train(model, torch.from_numpy(bench.pool_x), torch.from_numpy(bench.pool_y),
-                 cfg.pretrain, seed=int(cfg.run.seed), desc="pre-training M0", log_every=1)
+    pool = pool_dataset(bench)
+    hist = train(model, pool, None, cfg.pretrain, seed=int(cfg.run.seed),
+                 desc="pre-training M0", log_every=1)
     info.update(cached=False, pretrain_loss=hist["loss"], pretrain_seconds=hist["seconds"])
-    feats = features(model, bench.pool_x, cfg.select.embedding)
     _atomic_save(path, lambda p: save_seed(model, p))
-    _atomic_save(feat_path, lambda p: np.save(p, feats))
-    info["zero_shot_public"] = accuracy(model, bench.pool_x[:5000], bench.pool_y[:5000])
+    feats = _vision_pool_features(cfg, model, bench, key)
+    head = np.arange(min(5000, len(bench.pool_y)))
+    info["zero_shot_public"] = accuracy(model, bench.pool_x[head], bench.pool_y[head])
     log.info("M0 cached at %s", path)
     return model, feats, info
+
+
+def _vision_pool_features(cfg: DictConfig, model: ViT, bench: VisionBenchmark, key: str
+                          ) -> np.ndarray:
+    kind = cfg.select.embedding
+    path = pool_cache_path(cache_dir(cfg), key, kind, "float32")
+    return embed_pool(model, bench.pool_x, path, pool_fp=f"{key}-{len(bench.pool_x)}",
+                      features=features, kind=kind, dtype="float32", model_fp=key,
+                      overwrite=True)
 
 
 def _text_seed(cfg: DictConfig, bench: VisionBenchmark) -> tuple[TextClassifier, np.ndarray, dict]:
