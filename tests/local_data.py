@@ -119,3 +119,27 @@ def truncate_file(path) -> Path:
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
     return path
+
+
+def write_coop(root, images_u8, labels, class_names, splits=None, *,
+               name: str = "Test") -> Path:
+    """A CoOp split: ``root/images/<class>/<i>.jpg`` (RGB, every image) plus
+    ``root/split_zhou_<name>.json`` listing ``[relpath, label, classname]`` per split.
+
+    ``splits``: ``{"train": idx, "val": idx, "test": idx}`` (index arrays into ``images_u8``;
+    any key may be left out); ``None`` puts every image in train. Returns the json's path.
+    """
+    root = Path(root)
+    rels = []
+    for i, (img, lab) in enumerate(zip(images_u8, labels)):
+        rel = f"{class_names[int(lab)]}/{i:04d}.jpg"
+        (root / "images" / rel).parent.mkdir(parents=True, exist_ok=True)
+        _pil(img, "RGB").save(root / "images" / rel, format="JPEG")
+        rels.append(rel)
+    if splits is None:
+        splits = {"train": np.arange(len(rels))}
+    obj = {s: [[rels[int(i)], int(labels[int(i)]), class_names[int(labels[int(i)])]]
+               for i in idx] for s, idx in splits.items()}
+    path = root / f"split_zhou_{name}.json"
+    path.write_text(json.dumps(obj), encoding="utf-8")
+    return path

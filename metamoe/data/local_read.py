@@ -20,13 +20,14 @@ folder (absolute path) and says what is wrong. Formats (``detect_format`` picks 
   ``test.jsonl``, ``val.jsonl``/``validation.jsonl`` and ``classes.txt`` (one name a line).
   Each non-blank line is a JSON object with a non-empty string ``"text"`` and a ``"label"``
   (a string, or an int read as ``str(v)``). Classes: ``classes.txt``, else the sorted distinct
-  train labels. Texts are held in memory.
+  train labels. Texts are held in memory. Read by ``metamoe.data.jsonl_read``.
+* ``coop`` — a CoOp ``split_zhou_<Name>.json`` (or a folder holding exactly one) listing
+  ``[relpath, label, classname]`` per split; read by ``metamoe.data.coop``, see there.
 """
 
 from __future__ import annotations
 
 import io
-import json
 import os
 import warnings
 from dataclasses import dataclass, field, replace
@@ -37,7 +38,7 @@ import numpy as np
 __all__ = ["DataError", "IMAGE_EXTENSIONS", "Source", "detect_format", "read_splits", "validate"]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
-FORMATS = ("auto", "imagefolder", "hf", "jsonl")
+FORMATS = ("auto", "imagefolder", "hf", "jsonl", "coop")
 _HF_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
 _SPLIT_NAMES = (("test", "test"), ("val", "val"), ("validation", "val"))
 
@@ -126,19 +127,24 @@ def _hf_image(value, what: str):
 
 
 def detect_format(path) -> str:
-    """``"imagefolder"``, ``"hf"`` or ``"jsonl"`` for ``path``; see the module docstring."""
+    """``"imagefolder"``, ``"hf"``, ``"jsonl"`` or ``"coop"`` for ``path``; see the module
+    docstring."""
     p = Path(path).expanduser().absolute()
     if not p.exists():
         raise DataError(f"{p}: no such file or folder")
     if p.is_file():
         if p.suffix.lower() == ".jsonl":
             return "jsonl"
-        raise DataError(f"{p}: a file that is not .jsonl; expected a .jsonl file or a folder "
-                        "(an image folder or a saved Hugging Face dataset)")
+        if p.suffix.lower() == ".json":
+            return "coop"
+        raise DataError(f"{p}: a file that is not .jsonl or .json; expected a .jsonl file, a "
+                        "CoOp split .json or a folder (an image folder or a saved HF dataset)")
     if (p / "train.jsonl").is_file():
         return "jsonl"
     if any((p / m).is_file() for m in _HF_MARKERS):
         return "hf"
+    if any(p.glob("split_zhou_*.json")):
+        return "coop"
     return "imagefolder"
 
 
@@ -150,7 +156,12 @@ def read_splits(path, fmt: str = "auto") -> dict[str, Source]:
     if not p.exists():
         raise DataError(f"{p}: no such file or folder")
     fmt = detect_format(p) if fmt == "auto" else fmt
-    return {"imagefolder": _read_imagefolder, "hf": _read_hf, "jsonl": _read_jsonl}[fmt](p)
+    if fmt in ("jsonl", "coop"):  # imported here: those modules import this one
+        from metamoe.data.coop import read_coop
+        from metamoe.data.jsonl_read import read_jsonl
+
+        return {"jsonl": read_jsonl, "coop": read_coop}[fmt](p)
+    return {"imagefolder": _read_imagefolder, "hf": _read_hf}[fmt](p)
 
 
 def validate(source: Source) -> None:
@@ -320,77 +331,4 @@ def _read_hf(root: Path) -> dict[str, Source]:
         out[key] = Source(modality, labels, names, str(root), key, _hf=ds.select_columns([item]),
                           _col=item, _rows=np.arange(len(ds), dtype=np.int64),
                           _owns_classes=key == "train")
-    return out
-
-
-def _read_jsonl_file(path: Path) -> tuple[list[str], list[str], list[str]]:
-    texts, labels, refs = [], [], []
-    for n, raw in enumerate(path.read_bytes().splitlines(), 1):
-        ref = f"{path}:{n}"
-        try:
-            line = raw.decode("utf-8-sig")
-        except UnicodeDecodeError as e:
-            raise DataError(f"{ref}: not UTF-8 text ({e})") from e
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{ref}: invalid JSON ({e.msg} at column {e.colno})") from e
-        if not isinstance(obj, dict):
-            raise DataError(f"{ref}: not a JSON object (got {type(obj).__name__})")
-        text = obj.get("text")
-        if not isinstance(text, str) or not text.strip():
-            raise DataError(f"{ref}: missing or empty 'text' (a non-empty string)")
-        lab = obj.get("label")
-        if lab is None:
-            raise DataError(f"{ref}: missing 'label'")
-        if isinstance(lab, bool) or not isinstance(lab, int | str) or lab == "":
-            raise DataError(f"{ref}: 'label' must be a non-empty string or an int, got {lab!r}")
-        texts.append(text)
-        labels.append(str(lab))
-        refs.append(ref)
-    if not texts:
-        raise DataError(f"{path}: no items (no non-blank lines)")
-    return texts, labels, refs
-
-
-def _read_classes(path: Path) -> list[str]:
-    names: list[str] = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if (name := line.strip()) in names:
-            raise DataError(f"{path}:{n}: duplicate class name {name!r}")
-        names += [name] if name else []
-    if not names:
-        raise DataError(f"{path}: no class names")
-    return names
-
-
-def _read_jsonl(root: Path) -> dict[str, Source]:
-    classes_file = None
-    if root.is_file():
-        files = {"train": root}
-    else:
-        if not (root / "train.jsonl").is_file():
-            raise DataError(f"{root}: no train.jsonl in this folder")
-        found = {n: root / f"{n}.jsonl" for n, _ in _SPLIT_NAMES}
-        found = {n: f for n, f in found.items() if f.is_file()}
-        files = {"train": root / "train.jsonl", **_extra_splits(root, found)}
-        if (root / "classes.txt").is_file():
-            classes_file = root / "classes.txt"
-    parsed = {key: _read_jsonl_file(f) for key, f in files.items()}
-    if classes_file is not None:
-        names, origin = _read_classes(classes_file), f"the class list of {classes_file}"
-    else:
-        names, origin = sorted(set(parsed["train"][1])), "train's labels"
-    index = {c: k for k, c in enumerate(names)}
-    out = {}
-    for key, (texts, labels, refs) in parsed.items():
-        for lab, ref in zip(labels, refs):
-            if lab not in index:
-                raise DataError(f"{ref}: label outside the class list: {lab!r} is not in "
-                                f"{origin} {names}")
-        ids = np.asarray([index[lab] for lab in labels], dtype=np.int64)
-        out[key] = Source("text", ids, list(names), str(files[key]), key, _texts=texts,
-                          _refs=refs, _owns_classes=key == "train")
     return out
