@@ -16,7 +16,7 @@ PYTEST_ARGS ?=
 SEEDS ?= 1
 BENCH ?= vision
 
-.PHONY: setup demo demo-text test compare deploy figures lint clean
+.PHONY: setup demo demo-text paper-cv test compare deploy figures lint clean
 
 setup: $(STAMP) $(FASHION)
 
@@ -44,6 +44,12 @@ demo: setup
 # MetaMoE on the embedded text benchmark (MiniLM seed); e.g. make demo-text ARGS="--seed 1"
 demo-text: setup
 	$(BIN)/python -m metamoe.launch --benchmark text --method metamoe $(ARGS)
+
+# The paper's Table 1 setting (CLIP ViT-B/32; Pets, Flowers102, EuroSAT; ImageNet-1k as the
+# pool): needs the HF hub (ImageNet is gated), ~150 GB of disk and a GPU. README "The paper's
+# vision setting"; e.g. make paper-cv ARGS="--overrides model.encoder=openai/clip-vit-base-patch16"
+paper-cv: setup
+	$(BIN)/python -m metamoe.launch --benchmark paper_cv --method metamoe --gpus-per-client auto $(ARGS)
 
 # Every method on one benchmark; e.g. make compare SEEDS=3, make compare BENCH=text
 compare: setup

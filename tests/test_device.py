@@ -155,3 +155,20 @@ def test_bf16_autocast_trains_fp32_weights_on_cpu():
     assert all(p.dtype == torch.float32 for p in moe.parameters())
     assert logits.dtype == torch.float32 and torch.isfinite(logits).all()
     assert hist["loss"] == hist["loss"]  # finite, reported
+
+
+def test_clip_seed_stages_run_on_meta(tmp_path, hf_masks_without_values):
+    pytest.importorskip("transformers")
+    from transformers import CLIPConfig, CLIPModel
+
+    from metamoe.models.clip import CLIPClassifier, CLIPSeedConfig
+
+    torch.manual_seed(0)
+    vc = dict(image_size=30, patch_size=2, hidden_size=32, num_hidden_layers=2,
+              num_attention_heads=4, intermediate_size=37)
+    tc = dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+              intermediate_size=37, eos_token_id=98, bos_token_id=97, pad_token_id=1)
+    CLIPModel(CLIPConfig(text_config=tc, vision_config=vc, projection_dim=32)).save_pretrained(
+        tmp_path)
+    seed = CLIPClassifier(CLIPSeedConfig(encoder=str(tmp_path), num_classes=5)).eval()
+    _every_stage_on_meta(seed, torch.randn(8, 3, 30, 30), torch.randint(0, 5, (8,)))

@@ -127,6 +127,9 @@ def localize(node: NodeData, model: nn.Module, seed: nn.Module | None) -> nn.Mod
     from metamoe.clients.private_head import private_head_rows
     from metamoe.models.moe import M0_FFN
 
+    base = model if seed is None else seed
+    if hasattr(base, "class_head"):  # CLIP: the text embeddings of the node's class names
+        return extend(model, base.class_head(list(node.private["class_names"])))
     if seed is None:
         model.set_forced(M0_FFN)
         try:

@@ -117,6 +117,11 @@ def seed_encoder(cfg: DictConfig) -> dict:
         from metamoe.data.local import image_transform
 
         return {"modality": "image", "transform": image_transform()}
+    if cfg.model.arch == "clip":  # the paper's CLIP transform at the checkpoint's input size
+        from metamoe.models.clip import clip_image_size, clip_transform
+
+        return {"modality": "image",
+                "transform": clip_transform(clip_image_size(str(cfg.model.encoder)))}
     from metamoe.models.text import load_tokenizer
 
     return {"modality": "text", "tokenizer": load_tokenizer(cfg.model.encoder),

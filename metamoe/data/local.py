@@ -2,8 +2,9 @@
 
 A client's private data is a folder it points at (``benchmark.client_data[i]`` in
 simulation, ``--node-config "data=<path>"`` on a deployed SuperNode); the pool is
-``benchmark.pool_data`` (a folder, a ``save_to_disk`` directory, JSONL, or a hub id read with
-``datasets.load_dataset``). The formats and every refusal of bad data are in
+``benchmark.pool_data`` (a folder, a ``save_to_disk`` directory, JSONL, CoOp split files, or a
+hub id read with ``datasets.load_dataset``, e.g. ``ILSVRC/imagenet-1k``; a client's path may be
+a hub id too, e.g. ``timm/oxford-iiit-pet`` for the paper's clients). The formats and every refusal of bad data are in
 ``metamoe/data/local_read.py``.
 
 Label space. The pool's P classes are public and M0's head covers them (ids 0..P-1). A
@@ -131,33 +132,37 @@ def _encode(source: Source, encoder: dict, lazy: bool):
     return (lazy_x if lazy else lazy_x[np.arange(len(source))]), source.labels
 
 
-def _hub_pool(pool: str, split: str) -> dict[str, Source]:
-    """A hub dataset as the pool (online users): saved to a local dir once, read from there."""
-    from metamoe.data.local_read import read_splits as _read
+def is_hub_id(path: str, fmt: str = "auto") -> bool:
+    """Whether a data path names a hub dataset (``owner/name`` that is not a local path)."""
+    return fmt == "hub" or (fmt == "auto" and not Path(path).expanduser().exists()
+                            and path.count("/") == 1 and not path.startswith((".", "~")))
 
+
+def _hub_splits(name: str, split: str | None) -> dict[str, Source]:
+    """A hub dataset (online users): downloaded by ``datasets`` once, saved to a local dir,
+    and read from there like any saved dataset. ``split`` None: every split it has."""
     try:
         import datasets
     except ImportError as e:  # pragma: no cover - datasets is a dependency
-        raise DataError("benchmark.pool_data names a hub dataset but `datasets` is missing") from e
-    try:
-        ds = datasets.load_dataset(pool, split=split)
-    except Exception as e:
-        raise DataError(f"benchmark.pool_data={pool!r}: not a local path, and loading it from "
-                        f"the HF hub failed ({type(e).__name__}: {e})") from e
-    cache = Path(datasets.config.HF_DATASETS_CACHE) / "metamoe-pools" / \
-        f"{pool.replace('/', '--')}-{split}"
-    if not (cache / "dataset_info.json").exists():
+        raise DataError(f"{name}: a hub dataset, but `datasets` is not installed") from e
+    tag = f"{name.replace('/', '--')}-{split or 'all'}"
+    cache = Path(datasets.config.HF_DATASETS_CACHE) / "metamoe-local" / tag
+    if not any((cache / m).exists() for m in ("dataset_info.json", "dataset_dict.json")):
+        try:
+            ds = datasets.load_dataset(name, split=split)
+        except Exception as e:
+            raise DataError(f"{name}: not a local path, and loading it from the HF hub failed "
+                            f"({type(e).__name__}: {e})") from e
         ds.save_to_disk(str(cache))
-    return _read(cache, "hf")
+    return read_splits(cache, "hf")
 
 
 def build_local_pool(b: dict, encoder: dict) -> tuple[object, np.ndarray, list[str]]:
     """(pool inputs, pool labels, pool class names) of ``benchmark`` section ``b``. Image pools
     are :class:`LazyInputs`; every pool item is listed and its labels read, not decoded."""
     pool, fmt = str(b["pool_data"]), str(b.get("pool_format", "auto"))
-    if fmt == "hub" or (fmt == "auto" and not Path(pool).exists() and "/" in pool
-                        and not pool.startswith(("/", ".", "~"))):
-        splits = _hub_pool(pool, str(b.get("pool_split", "train")))
+    if is_hub_id(pool, fmt):
+        splits = _hub_splits(pool, str(b.get("pool_split", "train")))
     else:
         splits = read_splits(Path(pool).expanduser(), fmt)
     src = splits["train"]
@@ -195,7 +200,7 @@ def local_domain(path: str, fmt: str, name: str, b: dict, encoder: dict, num_poo
     is decoded and checked here, before any training; bad data raises :class:`DataError`
     naming the file or folder."""
     p = Path(path).expanduser()
-    splits = read_splits(p, fmt)
+    splits = _hub_splits(path, None) if is_hub_id(path, fmt) else read_splits(p, fmt)
     train = splits["train"]
     for s in splits.values():
         validate(s)

@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from metamoe.models.causal import CausalConfig, CausalLMChoice
+from metamoe.models.clip import CLIPClassifier, CLIPSeedConfig
 from metamoe.models.moe import MoEConfig, moe_class
 from metamoe.models.text import TextClassifier, TextConfig
 from metamoe.models.vit import ViT, ViTConfig
@@ -28,9 +29,10 @@ MOE_FORMAT = "metamoe-moe/1"
 
 
 def seed_config(d: dict):
-    """ViTConfig, TextConfig or CausalConfig from its dict."""
+    """ViTConfig, TextConfig, CausalConfig or CLIPSeedConfig from its dict."""
     arch = d.get("arch", "vit")
-    return {"bert": TextConfig, "causal": CausalConfig}.get(arch, ViTConfig)(**d)
+    return {"bert": TextConfig, "causal": CausalConfig, "clip": CLIPSeedConfig}.get(
+        arch, ViTConfig)(**d)
 
 
 def model_config(conf: dict) -> dict:
@@ -95,7 +97,8 @@ def moe_from_state(state: dict[str, torch.Tensor], config: dict) -> nn.Module:
 def seed_from_state(state: dict[str, torch.Tensor], config: dict) -> nn.Module:
     """Rebuild M0 from a (shipped) state dict + its architecture dict."""
     arch = seed_config(config)
-    cls = {TextConfig: TextClassifier, CausalConfig: CausalLMChoice}.get(type(arch), ViT)
+    cls = {TextConfig: TextClassifier, CausalConfig: CausalLMChoice,
+           CLIPSeedConfig: CLIPClassifier}.get(type(arch), ViT)
     model = cls(arch)
     return _load(model, state, "seed model")
 

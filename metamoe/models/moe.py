@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from metamoe.models.causal import CausalConfig, CausalLMChoice
+from metamoe.models.clip import CLIPClassifier, CLIPSeedConfig
 from metamoe.models.lora import lora_key
 from metamoe.models.text import TextClassifier, TextConfig, masked_mean
 from metamoe.models.vit import FFN, ViT, ViTConfig
@@ -284,6 +285,17 @@ class MoEText(MoEMixin, TextClassifier):
             layer.intermediate.mlp = MoEFFN(layer.intermediate.mlp, moe_cfg)
 
 
+class MoECLIP(MoEMixin, CLIPClassifier):
+    """The CLIP M0 (vision tower + class-name head) with every MLP replaced by a
+    :class:`MoEFFN`."""
+
+    def __init__(self, clip_cfg: CLIPSeedConfig, moe_cfg: MoEConfig):
+        super().__init__(clip_cfg)
+        self.moe_cfg = moe_cfg
+        for layer in self.vision.encoder.layers:
+            layer.mlp = MoEFFN(layer.mlp, moe_cfg)
+
+
 class MoECausal(MoEMixin, CausalLMChoice):
     """The causal-LM M0 with every (gated) MLP replaced by a :class:`MoEFFN`."""
 
@@ -296,7 +308,8 @@ class MoECausal(MoEMixin, CausalLMChoice):
 
 def moe_class(seed_cfg) -> type:
     """The MoE model class for a seed model's config (ViT / Text / CausalConfig)."""
-    return {"bert": MoEText, "causal": MoECausal}.get(getattr(seed_cfg, "arch", "vit"), MoEViT)
+    return {"bert": MoEText, "causal": MoECausal, "clip": MoECLIP}.get(
+        getattr(seed_cfg, "arch", "vit"), MoEViT)
 
 
 def unify_moe_config(cfg, names: list[str]) -> MoEConfig:

@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from pathlib import Path
 
 import numpy as np
 import torch
 from omegaconf import DictConfig
+from torch import nn
 
 from metamoe.config import config_hash
 from metamoe.data import VisionBenchmark
@@ -63,6 +65,8 @@ def get_seed_model(cfg: DictConfig, bench: VisionBenchmark) -> tuple[ViT, np.nda
     picks are those of the same features in memory), never held whole."""
     if cfg.model.arch in ("bert", "causal"):
         return _text_seed(cfg, bench)
+    if cfg.model.arch == "clip":
+        return _clip_seed(cfg, bench)
     key = seed_key(cfg)
     path = cache_dir(cfg) / f"seed-{key}.safetensors"
     info: dict = {"cache_key": key, "checkpoint": str(path)}
@@ -94,6 +98,31 @@ def _vision_pool_features(cfg: DictConfig, model: ViT, bench: VisionBenchmark, k
     return embed_pool(model, bench.pool_x, path, pool_fp=f"{key}-{len(bench.pool_x)}",
                       features=features, kind=kind, dtype="float32", model_fp=key,
                       overwrite=True)
+
+
+def _clip_seed(cfg: DictConfig, bench: VisionBenchmark) -> tuple[nn.Module, np.ndarray, dict]:
+    """CLIP M0: the public checkpoint as it is, with the zero-shot head over the pool's class
+    names (nothing is trained); the pool's CLS features go to the on-disk cache."""
+    from metamoe.models.clip import CLIPClassifier, CLIPSeedConfig
+
+    m = cfg.model
+    model = CLIPClassifier(CLIPSeedConfig(encoder=str(m.encoder), num_classes=bench.num_classes,
+                                          template=str(m.template)))
+    model.set_class_head(list(bench.class_names))
+    model.eval()
+    key = config_hash({"encoder": model.cfg.fingerprint, "benchmark": config_hash(cfg.benchmark),
+                       "n": len(bench.pool_y)})
+    kind = cfg.select.embedding
+    path = pool_cache_path(cache_dir(cfg), key, kind, "float32")
+    t0 = time.perf_counter()
+    feats = embed_pool(model, bench.pool_x, path, pool_fp=key, features=features, kind=kind,
+                       dtype="float32", model_fp=model.cfg.fingerprint, batch_size=256,
+                       overwrite=True)
+    info = {"cache_key": key, "encoder": m.encoder, "encoder_fingerprint": model.cfg.fingerprint,
+            "pool_embed_seconds": time.perf_counter() - t0}
+    head = np.arange(min(2000, len(bench.pool_y)))
+    info["zero_shot_public"] = accuracy(model, bench.pool_x[head], bench.pool_y[head])
+    return model, feats, info
 
 
 def _text_seed(cfg: DictConfig, bench: VisionBenchmark) -> tuple[TextClassifier, np.ndarray, dict]:
