@@ -76,6 +76,7 @@ class Runtime:
 
     def batch(self, t: torch.Tensor) -> torch.Tensor:
         """A batch on the device: pinned and non-blocking from the CPU to a GPU."""
+        t = torch.as_tensor(t)  # lazily decoded inputs arrive as numpy arrays
         if t.device == self.device:
             return t
         if self.is_cuda and t.device.type == "cpu":

@@ -236,16 +236,19 @@ def test_oneshot_suite_end_to_end(tmp_path, monkeypatch, cache_dir):
 
 @pytest.mark.slow
 def test_each_oneshot_method_alone_matches_its_suite_row(tmp_path, monkeypatch, cache_dir):
-    """Every one-shot baseline also runs as its own ``flwr run``, and sharing client phases in
-    the suite changes nothing: same accuracies, same upload bytes, same client training."""
+    """One-shot baselines also run as their own ``flwr run``, and sharing client phases in the
+    suite changes nothing: same accuracies, same upload bytes, same client training. The suite
+    computes five rows; three of them (an ensemble, a merge, a routed MoE: one per kind of
+    server step) also run alone, to keep the test suite within CI's time."""
     from metamoe.compare import compare
     from metamoe.models.io import load_moe
 
     monkeypatch.setenv("METAMOE_FLWR_HOME", str(tmp_path / "flwr-home"))
-    rows = ["separate_experts", "btm", "model_soup", "btx", "flexolmo"]
-    kw = dict(benchmark="tiny", seeds=1, methods=rows, cache_dir=cache_dir, timeout=900)
-    shared = compare(output_dir=str(tmp_path / "shared"), share=True, **kw)
-    alone = compare(output_dir=str(tmp_path / "alone"), share=False, **kw)
+    suite_rows = ["separate_experts", "btm", "model_soup", "btx", "flexolmo"]
+    rows = ["btm", "model_soup", "flexolmo"]
+    kw = dict(benchmark="tiny", seeds=1, cache_dir=cache_dir, timeout=900)
+    shared = compare(output_dir=str(tmp_path / "shared"), share=True, methods=suite_rows, **kw)
+    alone = compare(output_dir=str(tmp_path / "alone"), share=False, methods=rows, **kw)
     ts, ta = (json.loads((d / "table.json").read_text()) for d in (shared, alone))
     (suite_dir,) = (shared / "runs").iterdir()
     suite = json.loads((suite_dir / "metrics.json").read_text())
@@ -257,6 +260,6 @@ def test_each_oneshot_method_alone_matches_its_suite_row(tmp_path, monkeypatch, 
         assert m["method"] == r and m["private"] is True
         for c in ("mnist", "uci"):  # the client phase is the same computation
             assert m["expert_train"][c]["train_loss"] == suite["expert_train"][c]["train_loss"]
-        if r in ("model_soup", "btx", "flexolmo"):  # a unified model is emitted and loads
+        if r in ("model_soup", "flexolmo"):  # a unified model is emitted and loads
             moe = load_moe(run_dir)
             assert sum(p.numel() for p in moe.parameters()) > 0

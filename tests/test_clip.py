@@ -18,6 +18,7 @@ from metamoe import load_moe
 from metamoe.clients.node import _local_node, localize
 from metamoe.config import resolve_config
 from metamoe.data import load_benchmark
+from metamoe.data.local import LazyInputs
 from metamoe.launch import launch
 from metamoe.models.clip import CLIPClassifier, CLIPSeedConfig, clip_transform
 from metamoe.models.moe import M0_FFN, MoEConfig, moe_from_seed
@@ -74,8 +75,11 @@ def test_clip_transform_is_the_papers():
     x = tf(Image.new("L", (500, 300), 128))
     assert x.shape == (3, 224, 224) and x.dtype == np.float32
     assert np.allclose(x[0], (128 / 255 - 0.48145466) / 0.26862954, atol=1e-3)
-    np.random.seed(0)
-    assert clip_transform(30, train=True)(Image.new("RGB", (50, 40))).shape == (3, 30, 30)
+    aug = clip_transform(30, train=True)
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 50, 3), np.uint8))
+    a, b = aug(img, np.random.default_rng(1)), aug(img, np.random.default_rng(1))
+    assert a.shape == (3, 30, 30) and np.array_equal(a, b)  # seeded crops and flips
+    assert not all(np.array_equal(a, aug(img, np.random.default_rng(s))) for s in range(2, 6))
 
 
 def _images(n: int, classes: int, seed: int, size: int = 40) -> tuple[np.ndarray, np.ndarray]:
@@ -127,5 +131,7 @@ def test_tiny_clip_pipeline_end_to_end(tiny_clip, tmp_path, monkeypatch, cache_d
         node = _local_node(cfg, i, bench, {})
         local = localize(node, copy.deepcopy(moe), seed)
         d = node.domain
-        acc = accuracy(local, torch.from_numpy(d.x_test), torch.from_numpy(d.y_test), d.classes)
+        # CLIP-sized client data stay on disk, decoded per batch (augmented for training)
+        assert isinstance(d.x_test, LazyInputs) and isinstance(d.x_train_aug, LazyInputs)
+        acc = accuracy(local, d.x_test, d.y_test, d.classes)
         assert np.isclose(acc, m["accuracy"]["per_domain"][f"client-{i}"], atol=1e-9)

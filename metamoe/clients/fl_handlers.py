@@ -39,6 +39,7 @@ from metamoe.clients.ddome import ddome_local_train, ddome_pick, ddome_predict
 from metamoe.clients.fl_local import fl_moe_local_train, moe_local_stats
 from metamoe.clients.node import NodeData, node_data, seed_model, store_seed
 from metamoe.clients.privacy import require_min_count
+from metamoe.data.dataset import as_inputs
 from metamoe.models.gate import GateMLP, gate_from_arrays
 from metamoe.models.lora import inject_ffn_lora, load_lora_state_dict, lora_state_dict
 from metamoe.models.moe import MoEConfig, MoEMixin, build_moe, moe_from_seed
@@ -93,7 +94,7 @@ def fedavg_train(msg: Message, context: Context) -> Message:
     arrays = from_record(get_record(msg.content, "arrays", ArrayRecord, "server"))
     load_lora_state_dict(model, {k: torch.from_numpy(np.array(v)) for k, v in arrays.items()})
     rnd = int(get_record(msg.content, CONFIG, ConfigRecord, "server").get("server-round", 0))
-    x, y = torch.from_numpy(dom.x_train), torch.from_numpy(dom.y_train)
+    x, y = as_inputs(dom.x_train), torch.from_numpy(dom.y_train)
     params = [p for p in model.parameters() if p.requires_grad]
     hist = train(model, x, y, cfg.fl, params=params,
                  seed=derive_seed(cfg.run.seed, node.partition_id, rnd),
@@ -119,7 +120,7 @@ def fl_moe_train(msg: Message, context: Context) -> Message:
     global_p = None
     if "global_p" in msg.content:
         global_p = from_record(get_record(msg.content, "global_p", ArrayRecord, "server"))["p"]
-    x, y = torch.from_numpy(dom.x_train), torch.from_numpy(dom.y_train)
+    x, y = as_inputs(dom.x_train), torch.from_numpy(dom.y_train)
     rnd = int(conf.get("round", 0))
     hist = fl_moe_local_train(cfg, moe, x, y, derive_seed(cfg.run.seed, node.partition_id, rnd),
                               global_p, float(conf.get("lambda_g", 0.0)))
@@ -190,7 +191,7 @@ def ddome_train(msg: Message, context: Context) -> Message:
         raise ValueError(f"anchor for expert {anchor} received experts {sorted(loras)}")
     moe, ids = _ddome_model(seed, conf, loras)
     feats = torch.from_numpy(features(seed, dom.x_train, "cls"))
-    x, y = torch.from_numpy(dom.x_train), torch.from_numpy(dom.y_train)
+    x, y = as_inputs(dom.x_train), torch.from_numpy(dom.y_train)
     rnd = int(conf.get("round", 0))
     hist = ddome_local_train(cfg, moe, gate, feats, x, y, ids, anchor,
                              derive_seed(cfg.run.seed, node.partition_id, rnd))
@@ -215,7 +216,7 @@ def ddome_evaluate(msg: Message, context: Context) -> Message:
     moe, ids = _ddome_model(seed, conf, loras)
     if ids != list(range(len(ids))):
         raise ValueError(f"evaluate.ddome needs experts 0..M-1, got {ids}")
-    x, y = torch.from_numpy(dom.x_test), torch.from_numpy(dom.y_test)
+    x, y = as_inputs(dom.x_test), torch.from_numpy(dom.y_test)
     feats = torch.from_numpy(features(seed, dom.x_test, "cls"))  # unlabelled test inputs
     pred, chosen = ddome_predict(moe, gate, feats, x, dom.classes, int(conf["top_k"]))
     out = {"n_test": float(len(y)), "acc_unified": float((pred == y).float().mean()),

@@ -19,6 +19,7 @@ from torch import nn
 
 from metamoe.clients.privacy import effective_count, require_min_count, sample_token_counts
 from metamoe.data import Domain, VisionBenchmark
+from metamoe.data.dataset import as_inputs, concat_inputs
 from metamoe.models.lora import ffn_input_means, inject_ffn_lora, lora_state_dict
 from metamoe.models.moe import M0_FFN, MoEMixin
 from metamoe.proxy import sketch as psk
@@ -98,17 +99,21 @@ def expert_stage(cfg: DictConfig, seed: nn.Module, dom: Domain, bench: VisionBen
     # (config, data, rng_seed) and not on what ran before in this process.
     with seeded(rng_seed):
         model = inject_ffn_lora(copy.deepcopy(seed), ec.rank, ec.alpha)
-    xp = torch.from_numpy(dom.x_train)
+    # Inputs stay lazily decoded where the client's data is (CLIP-sized images); expert
+    # training reads the augmented view of the train split when there is one.
+    xp = as_inputs(dom.x_train)
     yp = torch.from_numpy(dom.y_train)
+    xp_train = xp if dom.x_train_aug is None else dom.x_train_aug
     if ec.use_proxies and len(proxy_idx):
         xq = torch.from_numpy(bench.pool_x[proxy_idx])
         yq = torch.from_numpy(bench.pool_y[proxy_idx])
-        x, y = torch.cat([xp, xq]), torch.cat([yp, yq])
+        x, y = concat_inputs(xp, xq), torch.cat([yp, yq])
+        x_train = x if xp_train is xp else concat_inputs(xp_train, xq)
     else:
-        xq, x, y = xp[:0], xp, yp
+        xq, x, y, x_train = yp[:0], xp, yp, xp_train
     params = [p for p in model.parameters() if p.requires_grad]
-    hist = train(model, x, y, ec, params=params, seed=rng_seed, desc=f"expert[{dom.name}]",
-                 log_every=1)
+    hist = train(model, x_train, y, ec, params=params, seed=rng_seed,
+                 desc=f"expert[{dom.name}]", log_every=1)
     router_x = x if ec.router_data == "union" else xp
     # Uploaded: the LoRA weight deltas and the per-layer means over all of router_x.
     vectors = ffn_input_means(model, router_x).numpy().astype(np.float32)
@@ -155,7 +160,7 @@ def evaluate_stage(moe: MoEMixin, dom: Domain, expert_names: list[str],
     require_min_count("routing shares over the private test split's tokens",
                       effective_count(sample_token_counts(moe, dom.x_test)), min_count,
                       "private samples (effective)")
-    x, y = torch.from_numpy(dom.x_test), torch.from_numpy(dom.y_test)
+    x, y = as_inputs(dom.x_test), torch.from_numpy(dom.y_test)
     out: dict[str, float] = {"n_test": float(len(y))}
     for layer in moe.moe_layers():
         layer.record, layer.route_counts = True, torch.zeros_like(layer.route_counts)

@@ -120,8 +120,9 @@ def seed_encoder(cfg: DictConfig) -> dict:
     if cfg.model.arch == "clip":  # the paper's CLIP transform at the checkpoint's input size
         from metamoe.models.clip import clip_image_size, clip_transform
 
-        return {"modality": "image",
-                "transform": clip_transform(clip_image_size(str(cfg.model.encoder)))}
+        size = clip_image_size(str(cfg.model.encoder))
+        return {"modality": "image", "transform": clip_transform(size), "lazy": True,
+                "train_transform": clip_transform(size, train=True)}
     from metamoe.models.text import load_tokenizer
 
     return {"modality": "text", "tokenizer": load_tokenizer(cfg.model.encoder),

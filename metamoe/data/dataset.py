@@ -68,8 +68,54 @@ class LazyDataset(Dataset):
         return self.y
 
 
+class ConcatInputs(Dataset):
+    """Two input collections one after the other (a client's lazily decoded data, then the
+    proxies it was sent): ``x[idx]`` / ``__getitems__`` as :class:`LazyDataset` reads them."""
+
+    inputs_only = True
+
+    def __init__(self, a, b):
+        self.a, self.b = a, b
+
+    def __len__(self) -> int:
+        return len(self.a) + len(self.b)
+
+    def __getitem__(self, idx):
+        if isinstance(idx, (int, np.integer)):
+            i = int(idx)
+            return torch.as_tensor(self.a[i] if i < len(self.a) else self.b[i - len(self.a)])
+        rows = np.arange(len(self))[idx] if isinstance(idx, slice) else np.asarray(idx).reshape(-1)
+        out = [None] * len(rows)
+        first = rows < len(self.a)
+        for part, sel, off in ((self.a, first, 0), (self.b, ~first, len(self.a))):
+            if sel.any():
+                vals = torch.as_tensor(np.asarray(part[rows[sel] - off]))
+                for k, v in zip(np.flatnonzero(sel), vals):
+                    out[k] = v
+        return torch.stack(out)
+
+    def __getitems__(self, idx) -> torch.Tensor:
+        return self[np.asarray(idx, dtype=np.int64)]
+
+
+def concat_inputs(a, b):
+    """``a`` then ``b``: one tensor when both are in memory (as ``torch.cat``), else a
+    :class:`ConcatInputs` that decodes lazily."""
+    if isinstance(a, (np.ndarray, torch.Tensor)) and isinstance(b, (np.ndarray, torch.Tensor)):
+        return torch.cat([torch.as_tensor(a), torch.as_tensor(b)])
+    return ConcatInputs(a, b)
+
+
+def as_inputs(x):
+    """In-memory inputs as a tensor (``torch.from_numpy``: no copy); lazy inputs as they are."""
+    return torch.from_numpy(x) if isinstance(x, np.ndarray) else x
+
+
 def as_dataset(x, y=None) -> Dataset:
-    """``x`` if it already is a Dataset (then ``y`` must be None), else an ArrayDataset."""
+    """``x`` if it already is a Dataset (then ``y`` must be None), else an ArrayDataset;
+    lazily decoded inputs (``inputs_only``) with labels ``y`` become a :class:`LazyDataset`."""
+    if getattr(x, "inputs_only", False) and y is not None:
+        return LazyDataset(x, np.asarray(y))
     if isinstance(x, Dataset):
         if y is not None:
             raise ValueError("pass labels inside the Dataset's items, not as a second argument")

@@ -13,9 +13,12 @@ that score them (``clients/private_head.py``), never leave it. The server sees t
 ``client-<partition id>`` with its sample count.
 
 Inputs. Images are decoded and converted to the seed's input by the seed's own transform
-(:func:`image_transform`: the ViT's 28x28 grey in [-1, 1]); a client's data is decoded (and so
-checked, file by file) once, when the node first needs it, and held at the seed's input size
-(3 KB an image). The pool is never decoded whole: :class:`LazyInputs` decodes the rows a stage
+(:func:`image_transform`: the ViT's 28x28 grey in [-1, 1]; CLIP: ``models/clip.clip_transform``).
+A client's data is decoded (and so checked, file by file) once, when the node first needs it;
+for the ViT it is then held at the seed's input size (3 KB an image), for CLIP (600 KB an
+image at 224x224) it stays on disk and :class:`LazyInputs` decodes each batch, with the
+paper's random crop and flip for expert training (``Domain.x_train_aug``) and the centre crop
+everywhere else. The pool is never decoded whole: :class:`LazyInputs` decodes the rows a stage
 indexes (a client's proxies and sketch negatives; the server's batches). Texts are tokenised
 by the seed's tokenizer as for the embedded text benchmark.
 """
@@ -27,6 +30,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import torch
+from torch.utils.data import Dataset
 
 from metamoe.data.local_read import DataError, Source, read_splits, validate
 from metamoe.data.vision import MEAN, STD, Domain, VisionBenchmark
@@ -80,18 +85,31 @@ def image_transform(size: int = IMAGE_SIZE, channels: int = IMAGE_CHANNELS
     return tf
 
 
-class LazyInputs:
-    """A pool's inputs, decoded only for the rows asked for: ``x[i]`` one input,
-    ``x[idx]`` (int array or slice) a stacked float32 array; ``len(x)`` its size."""
+class LazyInputs(Dataset):
+    """Inputs decoded only for the rows asked for: ``x[i]`` one input, ``x[idx]`` (int array
+    or slice) a stacked float32 array; ``len(x)`` its size. A map-style Dataset of inputs too
+    (``__getitems__``: one tensor per batch), so the training loop reads it batch by batch;
+    with labels it becomes :class:`~metamoe.data.dataset.LazyDataset` (``as_dataset``)."""
 
-    def __init__(self, source: Source, transform: Callable[[object], np.ndarray]):
-        self.source, self.transform = source, transform
+    inputs_only = True  # items are inputs; labels are given beside them
+
+    def __init__(self, source: Source, transform: Callable[..., np.ndarray],
+                 seed: int | None = None):
+        """``seed``: a random transform (augmentation) draws item i's k-th decoding from
+        ``default_rng([seed, i, k])``, so a seeded training order gives the same crops."""
+        self.source, self.transform, self.seed = source, transform, seed
+        self._draws: dict[int, int] = {}
 
     def __len__(self) -> int:
         return len(self.source)
 
     def _one(self, i: int) -> np.ndarray:
         try:
+            if self.seed is not None:
+                k = self._draws.get(int(i), 0)
+                self._draws[int(i)] = k + 1
+                rng = np.random.default_rng([int(self.seed), int(i), k])
+                return self.transform(self.source.load(int(i)), rng)
             return self.transform(self.source.load(int(i)))
         except DataError:
             raise
@@ -108,6 +126,9 @@ class LazyInputs:
 
     def get_batch(self, start: int, stop: int) -> np.ndarray:  # proxy/pool_cache.py's batches
         return self[start:stop]
+
+    def __getitems__(self, idx) -> torch.Tensor:
+        return torch.from_numpy(self[np.asarray(idx, dtype=np.int64)])
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -220,14 +241,17 @@ def local_domain(path: str, fmt: str, name: str, b: dict, encoder: dict, num_poo
         train = train.subset(np.sort(np.random.default_rng(seed).permutation(len(train))[:cap[0]]))
     if cap[1] >= 0 and cap[1] < len(test):
         test = test.subset(np.sort(np.random.default_rng(seed).permutation(len(test))[:cap[1]]))
-    xtr, ytr = _encode(train, encoder, lazy=False)
-    xte, yte = _encode(test, encoder, lazy=False)
+    lazy = bool(encoder.get("lazy", False))  # CLIP-sized inputs: decoded per batch
+    xtr, ytr = _encode(train, encoder, lazy=lazy)
+    xte, yte = _encode(test, encoder, lazy=lazy)
     classes = list(range(off, off + len(train.class_names)))
     dom = Domain(name, xtr, np.asarray(ytr, np.int64) + off, xte, np.asarray(yte, np.int64) + off,
                  classes, f"local data of {name}")
+    if lazy and encoder.get("train_transform") is not None:  # augmented view for training
+        dom.x_train_aug = LazyInputs(train, encoder["train_transform"], seed=seed)
     local = {"class_names": list(train.class_names), "n_train": len(train), "n_test": len(test)}
     if val is not None:
-        xv, yv = _encode(val, encoder, lazy=False)
+        xv, yv = _encode(val, encoder, lazy=lazy)
         local.update(x_val=xv, y_val=np.asarray(yv, np.int64) + off, n_val=len(val))
     log.info("%s: %d train / %d test items in %d classes from its own data", name, len(train),
              len(test), len(classes))

@@ -56,6 +56,8 @@ class Domain:
     y_test: np.ndarray
     classes: list[int]  # global label ids this domain is evaluated over
     description: str = ""
+    # Inputs may also be lazily decoded (metamoe/data/local.py LazyInputs: x[idx] -> array).
+    x_train_aug: object = None  # the train split under the seed's training augmentation
 
 
 @dataclass

@@ -180,26 +180,27 @@ def class_text_embeddings(encoder: str, names: tuple[str, ...], template: str
 def clip_transform(image_size: int, train: bool = False):
     """The paper's CLIP transform, any PIL image -> float32 [3, S, S]: resize the shorter side
     to S·256/224 (256 for S = 224), centre crop S (``train``: a random crop and a horizontal
-    flip, drawn from numpy's global RNG), CLIP's normalisation."""
+    flip drawn from the ``rng`` passed with the image), CLIP's normalisation."""
     from PIL import Image
 
     resize = int(round(image_size * 256 / 224))
     mean = np.asarray(CLIP_MEAN, np.float32)[:, None, None]
     std = np.asarray(CLIP_STD, np.float32)[:, None, None]
 
-    def tf(img) -> np.ndarray:
+    def tf(img, rng: np.random.Generator | None = None) -> np.ndarray:
         img = img.convert("RGB")
+        rng = rng if rng is not None else np.random.default_rng(0)
         w, h = img.size
         s = resize / min(w, h)
         img = img.resize((max(resize, round(w * s)), max(resize, round(h * s))), Image.BICUBIC)
         w, h = img.size
         if train:
-            left = np.random.randint(0, w - image_size + 1)
-            top = np.random.randint(0, h - image_size + 1)
+            left = int(rng.integers(0, w - image_size + 1))
+            top = int(rng.integers(0, h - image_size + 1))
         else:
             left, top = (w - image_size) // 2, (h - image_size) // 2
         img = img.crop((left, top, left + image_size, top + image_size))
-        if train and np.random.rand() < 0.5:
+        if train and rng.random() < 0.5:
             img = img.transpose(Image.FLIP_LEFT_RIGHT)
         x = np.asarray(img, dtype=np.float32).transpose(2, 0, 1) / 255.0
         return (x - mean) / std
