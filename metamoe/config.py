@@ -223,6 +223,11 @@ class PrivacyConf:
     router_dp_sigma: float = 0.0  # noise multiplier z (0: off)
     router_dp_clip: float = 12.0  # L2 clip C of one sample's [L, d] mean (~95th pct)
     router_dp_delta: float = 1e-5
+    # Optional DP-SGD for the expert (metamoe/dpsgd.py): Poisson-sampled batches, per-sample
+    # gradients clipped to expert_dp_clip, Gaussian noise z * clip; Opacus' RDP accountant.
+    expert_dp_sigma: float = 0.0  # noise multiplier z (0: off)
+    expert_dp_clip: float = 1.0  # L2 clip C of one sample's gradient (all LoRA tensors)
+    expert_dp_delta: float = 1e-5
 
 
 @dataclass
@@ -433,7 +438,12 @@ def validate(cfg: DictConfig) -> None:
     dev = str(cfg.run.device)
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", dev):
         raise ConfigError(f"run.device={dev!r} is not one of auto, cpu, cuda, cuda:N")
-    for key in ("privacy.router_dp_sigma", "sketch.dp_sigma"):
+    if cfg.privacy.expert_dp_sigma > 0 and cfg.privacy.expert_dp_clip <= 0:
+        raise ConfigError(f"privacy.expert_dp_clip must be > 0, got {cfg.privacy.expert_dp_clip}")
+    if cfg.privacy.expert_dp_sigma > 0 and cfg.run.precision == "fp16":
+        raise ConfigError("privacy.expert_dp_sigma > 0 (DP-SGD) does not support "
+                          "run.precision=fp16 (loss scaling); use bf16 or fp32")
+    for key in ("privacy.router_dp_sigma", "sketch.dp_sigma", "privacy.expert_dp_sigma"):
         if OmegaConf.select(cfg, key) < 0:
             raise ConfigError(f"{key} must be >= 0 (0 turns DP off), got {OmegaConf.select(cfg, key)}")
     if cfg.privacy.min_count < 1:

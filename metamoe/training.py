@@ -23,6 +23,7 @@ from torch.utils.data import Dataset
 from metamoe import device
 from metamoe.config import OptimConf
 from metamoe.data.dataset import as_dataset, batches, dataset_labels, dataset_lengths
+from metamoe.dpsgd import DPSGD, noisy_gradients
 from metamoe.progress import Progress
 
 log = logging.getLogger("metamoe")
@@ -88,6 +89,7 @@ def train(
     seed: int = 0,
     desc: str = "train",
     log_every: int = 0,
+    dp: DPSGD | None = None,
 ) -> dict:
     """Mini-batch training of ``model``; returns {"loss": last-epoch mean, ...}.
 
@@ -98,7 +100,9 @@ def train(
     default is every parameter with ``requires_grad``. Shuffling is seeded by ``seed``.
     ``log_every`` > 0 reports every epoch (a bar on a terminal, a log line otherwise:
     ``metamoe/progress.py``). The model and each batch go to the current runtime's device (``metamoe/device.py``); the
-    forward pass runs under its autocast.
+    forward pass runs under its autocast. ``dp``: DP-SGD (``metamoe/dpsgd.py``): Poisson-sampled
+    batches, per-sample clipping and Gaussian noise; the result then also holds ``dp_steps``
+    and ``dp_sample_rate`` for the accountant.
     """
     data = as_dataset(x, y)
     n = len(data)
@@ -121,6 +125,8 @@ def train(
     checked = rt.device.type != "meta"  # meta tensors carry no values to check
     # Dropout (text encoders) draws from torch's global RNG: seed it too, inside a fork.
     report = Progress(cfg.epochs, desc, unit="epoch") if log_every else None
+    if dp is not None:
+        return _train_dp(model, data, cfg, opt, loss_fn, dp, gen, seed, desc, report, t0)
     with seeded(seed):
         for epoch in range(cfg.epochs):
             order = torch.randperm(n, generator=gen) if cfg.shuffle else torch.arange(n)
@@ -152,6 +158,49 @@ def train(
         report.close()
     model.eval()
     return {"loss": epoch_loss, "seconds": time.perf_counter() - t0, "examples": n}
+
+
+def _train_dp(model: nn.Module, data: Dataset, cfg, opt, loss_fn, dp: DPSGD,
+              gen: torch.Generator, seed: int, desc: str, report, t0: float) -> dict:
+    """The DP-SGD epochs of :func:`train`: ``ceil(N / batch_size)`` Poisson-sampled steps per
+    epoch at rate q = batch_size / N (``metamoe/dpsgd.py``)."""
+    rt = device.current()
+    if rt.grad_scaler() is not None:
+        raise ValueError(f"{desc}: DP-SGD does not support fp16 loss scaling; use bf16 or fp32")
+    n = len(data)
+    q = min(1.0, cfg.batch_size / n)
+    wanted = {id(p) for g in opt.param_groups for p in g["params"]}
+    params = {k: p for k, p in model.named_parameters() if id(p) in wanted}
+    vectorised = loss_fn is cross_entropy_loss
+    noise_gen = torch.Generator().manual_seed(derive_seed(seed, 7919))
+    steps = math.ceil(n / cfg.batch_size)
+    epoch_loss = float("nan")
+    with seeded(seed):
+        for _ in range(cfg.epochs):
+            total, seen = 0.0, 0
+            for _ in range(steps):
+                idx = torch.nonzero(torch.rand(n, generator=gen) < q).flatten()
+                xb = yb = torch.zeros(0, dtype=torch.long)
+                if len(idx):
+                    xb, yb = next(batches(data, [idx], 0, rt.is_cuda))
+                    xb, yb = rt.batch(xb), rt.batch(yb)
+                with rt.autocast():
+                    noisy_gradients(model, params, loss_fn, xb, yb, dp, q * n, noise_gen,
+                                    vectorised)
+                    if len(idx):
+                        with torch.no_grad():
+                            total += float(loss_fn(model, xb, yb)) * len(yb)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                seen += len(idx)
+            epoch_loss = total / max(seen, 1)
+            if report is not None:
+                report.step(info=f"loss {epoch_loss:.4f} (DP-SGD)")
+    if report is not None:
+        report.close()
+    model.eval()
+    return {"loss": epoch_loss, "seconds": time.perf_counter() - t0, "examples": n,
+            "dp_steps": steps * cfg.epochs, "dp_sample_rate": q}
 
 
 def finetune(moe: nn.Module, x: np.ndarray, y: np.ndarray, section: DictConfig, seed: int,

@@ -22,7 +22,7 @@ LAYERS = [  # (module prefix, layer); the longest matching prefix wins
     ("metamoe.config", 0), ("metamoe.logging_utils", 0), ("metamoe.protocol", 0),
     ("metamoe.device", 0), ("metamoe.progress", 0),
     ("metamoe.models", 1), ("metamoe.proxy", 1),
-    ("metamoe.data", 2), ("metamoe.training", 2),
+    ("metamoe.data", 2), ("metamoe.training", 2), ("metamoe.dpsgd", 1),
     ("metamoe.clients", 3), ("metamoe.strategies", 3),
     ("metamoe.clients.client_app", 4), ("metamoe.server", 4),
     ("metamoe.resources", 5), ("metamoe.launch", 5), ("metamoe.compare", 5),

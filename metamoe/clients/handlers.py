@@ -66,7 +66,7 @@ def expert(msg: Message, context: Context) -> Message:
         metrics.update(stages.coverage(seed, node.domain, bench, sel, cfg.select.embedding,
                                        min_count=int(cfg.privacy.min_count)))
     log.info("client %s: expert trained on %d samples (%d proxies), loss %.3f", node.name,
-             metrics["n_train"], metrics["n_proxies"], metrics["train_loss"])
+             metrics["n_train"], metrics["n_proxies"], metrics.get("train_loss", float("nan")))
     # Uploaded: the expert's LoRA, its router vectors and scalars (stages.expert_stage).
     return Message(RecordDict({"expert": to_record(lora),
                                "router": to_record({"vectors": vectors}),

@@ -20,6 +20,7 @@ from torch import nn
 from metamoe.clients.privacy import effective_count, require_min_count, sample_token_counts
 from metamoe.data import Domain, VisionBenchmark
 from metamoe.data.dataset import as_inputs, concat_inputs
+from metamoe.dpsgd import DPSGD, dpsgd_epsilon
 from metamoe.models.lora import ffn_input_means, inject_ffn_lora, lora_state_dict
 from metamoe.models.moe import M0_FFN, MoEMixin
 from metamoe.proxy import sketch as psk
@@ -112,8 +113,10 @@ def expert_stage(cfg: DictConfig, seed: nn.Module, dom: Domain, bench: VisionBen
     else:
         xq, x, y, x_train = yp[:0], xp, yp, xp_train
     params = [p for p in model.parameters() if p.requires_grad]
+    dp = DPSGD(float(pc.expert_dp_sigma), float(pc.expert_dp_clip), float(pc.expert_dp_delta)) \
+        if pc.expert_dp_sigma > 0 else None
     hist = train(model, x_train, y, ec, params=params, seed=rng_seed,
-                 desc=f"expert[{dom.name}]", log_every=1)
+                 desc=f"expert[{dom.name}]", log_every=1, dp=dp)
     router_x = x if ec.router_data == "union" else xp
     # Uploaded: the LoRA weight deltas and the per-layer means over all of router_x.
     vectors = ffn_input_means(model, router_x).numpy().astype(np.float32)
@@ -128,6 +131,14 @@ def expert_stage(cfg: DictConfig, seed: nn.Module, dom: Domain, bench: VisionBen
     metrics = {"n_train": int(len(x)), "n_private": int(len(xp)), "n_proxies": int(len(xq)),
                "train_loss": float(hist["loss"]), "train_seconds": float(hist["seconds"]),
                "train_acc_private": accuracy(model, xp, yp, dom.classes), **dp_info}
+    if dp is not None:  # the expert is post-processing of DP-SGD; metrics over Dp are not
+        metrics.pop("train_acc_private")
+        metrics.pop("train_loss")
+        metrics.update(expert_dp_epsilon=dpsgd_epsilon(dp.noise_multiplier,
+                                                       hist["dp_sample_rate"],
+                                                       hist["dp_steps"], dp.delta),
+                       expert_dp_delta=dp.delta, expert_dp_steps=float(hist["dp_steps"]),
+                       expert_dp_sample_rate=float(hist["dp_sample_rate"]))
     return lora, vectors, metrics
 
 

@@ -89,7 +89,31 @@ def build_metrics(cfg, fed: Federation, outcome: Outcome, wall_total: float,
         "seed_model": seed_info,
     }
     metrics.update(outcome.extra)
+    totals = privacy_totals(metrics)
+    if totals:
+        metrics["privacy_total"] = totals
     return metrics
+
+
+def privacy_totals(metrics: dict) -> dict[str, dict[str, float]]:
+    """Per client, the (ε, δ) of everything it uploaded from its train split (sketch, router
+    vectors, expert), replace-one adjacency, basic composition (``metamoe/dpsgd.py``); ∞ when
+    one of those uploads had no DP. Empty when no client used any DP."""
+    from metamoe.dpsgd import compose, replace_one
+
+    out = {}
+    for c, rt in metrics.get("expert_train", {}).items():
+        sk = metrics.get("sketch_dp", {}).get(c)
+        if sk is None and "router_dp_epsilon" not in rt and "expert_dp_epsilon" not in rt:
+            continue
+        parts = [(sk["dp_epsilon"], sk["dp_delta"]) if sk else (float("inf"), 0.0),
+                 (rt["router_dp_epsilon"], rt["router_dp_delta"]) if "router_dp_epsilon" in rt
+                 else (float("inf"), 0.0),
+                 replace_one(rt["expert_dp_epsilon"], rt["expert_dp_delta"])
+                 if "expert_dp_epsilon" in rt else (float("inf"), 0.0)]
+        eps, delta = compose(parts)
+        out[c] = {"epsilon": eps, "delta": delta}
+    return out
 
 
 def accuracy_table(metrics: dict) -> str:
@@ -160,18 +184,21 @@ def write_report(run_dir: Path, metrics: dict) -> None:
                 f"{v.get(m, float('nan')):.4f}" + (f" ({q[m]:.4f})" if m in q else "")
                 for m in methods) + " |")
     dp_rows = []
-    for c in metrics.get("upload_bytes", {}):
+    for c, tot in metrics.get("privacy_total", {}).items():
         sk = metrics.get("sketch_dp", {}).get(c, {})
         rt = metrics.get("expert_train", {}).get(c, {})
-        if sk or "router_dp_epsilon" in rt:
-            dp_rows.append(f"| {c} | {sk.get('dp_epsilon', float('inf')):.3g} | "
-                           f"{sk.get('dp_delta', float('nan')):.1e} | "
-                           f"{rt.get('router_dp_epsilon', float('inf')):.3g} | "
-                           f"{rt.get('router_dp_delta', float('nan')):.1e} |")
+        dp_rows.append(f"| {c} | {sk.get('dp_epsilon', float('inf')):.3g} | "
+                       f"{rt.get('router_dp_epsilon', float('inf')):.3g} | "
+                       f"{rt.get('expert_dp_epsilon', float('inf')):.3g} | "
+                       f"{tot['epsilon']:.3g} | {tot['delta']:.1e} |")
     if dp_rows:
-        lines += ["", "## Differential privacy (Gaussian mechanism, analytic accounting)", "",
-                  "| client | sketch ε | sketch δ | router vectors ε | router vectors δ |",
-                  "|---|---|---|---|---|", *dp_rows]
+        lines += ["", "## Differential privacy", "",
+                  "Sketch and router vectors: Gaussian mechanisms (analytic accounting, "
+                  "replace-one); expert: DP-SGD (Opacus' RDP accountant, add/remove); total: "
+                  "everything a client uploads from its train split, replace-one, basic "
+                  "composition (metamoe/dpsgd.py). ∞: that upload has no DP.", "",
+                  "| client | sketch ε | router vectors ε | expert ε (add/remove) | total ε | "
+                  "total δ |", "|---|---|---|---|---|---|", *dp_rows]
     if metrics.get("missing") or metrics.get("rejected"):
         lines += ["", "## Missing or rejected clients", ""]
         for phase, who in metrics.get("missing", {}).items():
