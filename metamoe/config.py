@@ -148,7 +148,7 @@ class UnifyConf(OptimConf):
     renormalize: bool = False  # authors' code: renormalised top-k (router gets no gradient)
     logit_scale: float = 1.0
     # dot (paper): logits z̃ · e_p; euclidean: -½‖z̃ - e_p‖², the nearest router vector wins
-    # (the dot product favours the longest e_p; README "Router score")
+    # (the dot product favours the longest e_p; docs/results.md "Router score")
     router_score: str = "dot"
     router_init: str = "vectors"  # vectors | random (BTX)
     data: str = "proxies"  # proxies | random_public (BTX)
