@@ -104,7 +104,7 @@ def expert_stage(cfg: DictConfig, seed: nn.Module, dom: Domain, bench: VisionBen
     # training reads the augmented view of the train split when there is one.
     xp = as_inputs(dom.x_train)
     yp = torch.from_numpy(dom.y_train)
-    xp_train = xp if dom.x_train_aug is None else dom.x_train_aug
+    xp_train = xp if dom.x_train_aug is None else dom.x_train_aug.restart()
     if ec.use_proxies and len(proxy_idx):
         xq = torch.from_numpy(bench.pool_x[proxy_idx])
         yq = torch.from_numpy(bench.pool_y[proxy_idx])

@@ -103,6 +103,11 @@ class LazyInputs(Dataset):
     def __len__(self) -> int:
         return len(self.source)
 
+    def restart(self) -> LazyInputs:
+        """Draw the augmentations from the start again (a new training run)."""
+        self._draws.clear()
+        return self
+
     def _one(self, i: int) -> np.ndarray:
         try:
             if self.seed is not None:
