@@ -475,3 +475,36 @@ def _test_images(m, n: int = 32) -> torch.Tensor:
     """The first ``n`` test images of the run's first domain (built benchmark is cached)."""
     bench = load_benchmark(OmegaConf.create(m["config"]))
     return torch.from_numpy(bench.domains[0].x_test[:n])
+
+
+def test_fedavg_round_with_dp_sgd_reports_epsilon_not_loss(tiny):
+    """privacy.expert_dp_* applies to every FL round: the reply carries ε of the rounds so far
+    (a function of public settings) instead of the train loss, and the server's round history
+    and per-client total pick it up."""
+    from metamoe.dpsgd import dpsgd_epsilon
+    from metamoe.server.report import privacy_totals
+
+    rc, cfg, bench, seed = tiny
+    ov = OVR + " privacy.expert_dp_sigma=1.0 privacy.expert_dp_clip=1.0"
+    init = {k: v.numpy() for k, v in fresh_loras(seed, cfg.expert.rank, cfg.expert.alpha,
+                                                  [derive_seed(0, 0)])[0].items()}
+    eps = []
+    for rnd in (1, 2):
+        ctx = make_ctx(rc, 0, "fedavg", ov)
+        send_seed(ctx, seed)
+        rep = call(ctx, RecordDict({"arrays": to_record(init),
+                                    "config": ConfigRecord({"server-round": rnd})}), "train")
+        m = rep.content["metrics"]
+        assert "train_loss" not in m and float(m["dp_delta"]) == 1e-5
+        eps.append(float(m["dp_epsilon"]))
+    q = cfg.fl.batch_size / 300
+    steps = cfg.fl.epochs * int(np.ceil(300 / cfg.fl.batch_size))
+    assert eps[0] == pytest.approx(dpsgd_epsilon(1.0, q, steps, 1e-5))
+    assert eps[1] == pytest.approx(dpsgd_epsilon(1.0, q, 2 * steps, 1e-5)) and eps[1] > eps[0]
+    metrics = {"method": "fedavg", "config": {"privacy": {"expert_dp_delta": 1e-5}},
+               "fl_rounds": [{"round": 1, "dp_epsilon": {"mnist": eps[0]}},
+                             {"round": 2, "dp_epsilon": {"mnist": eps[1]}}]}
+    tot = privacy_totals(metrics)["mnist"]
+    assert tot["dpsgd_epsilon"] == eps[1] and tot["epsilon"] == pytest.approx(2 * eps[1])
+    metrics["method"] = "fedalign_moe"  # its routing statistics p, h have no DP
+    assert privacy_totals(metrics)["mnist"]["epsilon"] == float("inf")

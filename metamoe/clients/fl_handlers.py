@@ -38,7 +38,7 @@ from torch import nn
 from metamoe.clients.ddome import ddome_local_train, ddome_pick, ddome_predict
 from metamoe.clients.fl_local import fl_moe_local_train, moe_local_stats
 from metamoe.clients.node import NodeData, node_data, seed_model, store_seed
-from metamoe.clients.privacy import require_min_count
+from metamoe.clients.privacy import expert_dp, require_min_count, round_dp_metrics
 from metamoe.data.dataset import as_inputs
 from metamoe.models.gate import GateMLP, gate_from_arrays
 from metamoe.models.lora import inject_ffn_lora, load_lora_state_dict, lora_state_dict
@@ -96,14 +96,20 @@ def fedavg_train(msg: Message, context: Context) -> Message:
     rnd = int(get_record(msg.content, CONFIG, ConfigRecord, "server").get("server-round", 0))
     x, y = as_inputs(dom.x_train), torch.from_numpy(dom.y_train)
     params = [p for p in model.parameters() if p.requires_grad]
+    dp = expert_dp(cfg)
     hist = train(model, x, y, cfg.fl, params=params,
                  seed=derive_seed(cfg.run.seed, node.partition_id, rnd),
-                 desc=f"fedavg[{node.name}]")
+                 desc=f"fedavg[{node.name}]", dp=dp)
     log.info("client %s: fedavg round %d loss %.4f", node.name, rnd, hist["loss"])
     lora = {k: v.numpy().astype(np.float32) for k, v in lora_state_dict(model).items()}
-    # Uploaded: the LoRA weights after local training + |Dp| and the mean train loss.
-    return Message(RecordDict({"arrays": to_record(lora), "metrics": MetricRecord(
-        {"num-examples": node.n_private, "train_loss": float(hist["loss"])})}), reply_to=msg)
+    metrics = {"num-examples": node.n_private, "train_loss": float(hist["loss"])}
+    if dp is not None:  # DP-SGD: no metric over Dp; the ε of the rounds so far
+        metrics.pop("train_loss")
+        metrics.update(round_dp_metrics(dp, hist, rnd))
+    # Uploaded: the LoRA weights after local training + |Dp| and the mean train loss (with
+    # DP-SGD: ε and δ instead of the loss).
+    return Message(RecordDict({"arrays": to_record(lora), "metrics": MetricRecord(metrics)}),
+                   reply_to=msg)
 
 
 def fl_moe_train(msg: Message, context: Context) -> Message:
@@ -122,11 +128,15 @@ def fl_moe_train(msg: Message, context: Context) -> Message:
         global_p = from_record(get_record(msg.content, "global_p", ArrayRecord, "server"))["p"]
     x, y = as_inputs(dom.x_train), torch.from_numpy(dom.y_train)
     rnd = int(conf.get("round", 0))
+    dp = expert_dp(cfg)
     hist = fl_moe_local_train(cfg, moe, x, y, derive_seed(cfg.run.seed, node.partition_id, rnd),
-                              global_p, float(conf.get("lambda_g", 0.0)))
+                              global_p, float(conf.get("lambda_g", 0.0)), dp=dp)
     log.info("client %s: %s round %d loss %.4f", node.name, conf.get("method"), rnd,
              hist["loss"])
     metrics = {"num-examples": node.n_private, "train_loss": float(hist["loss"])}
+    if dp is not None:  # DP-SGD: no metric over Dp; the ε of the rounds so far
+        metrics.pop("train_loss")
+        metrics.update(round_dp_metrics(dp, hist, rnd))
     content = {"moe": to_record(moe_trainable_state(moe))}
     if conf.get("stats"):
         p, h, withheld = moe_local_stats(moe, x, str(conf.get("descriptor", "output")),

@@ -27,7 +27,8 @@ def _capture_gates(moe: MoEMixin):
 
 
 def fl_moe_local_train(cfg, moe: MoEMixin, x: torch.Tensor, y: torch.Tensor, rng_seed: int,
-                       global_p: np.ndarray | None = None, lambda_g: float = 0.0) -> dict:
+                       global_p: np.ndarray | None = None, lambda_g: float = 0.0,
+                       dp=None) -> dict:
     """Local epochs on Dp of router + λ + all experts, CE plus (FedAlign) the regulariser
     λ_g Σ_l KL(P̄_l ‖ p̂_l), p̂_l the batch-mean gate distribution of layer l."""
     f = cfg.fl
@@ -56,7 +57,7 @@ def fl_moe_local_train(cfg, moe: MoEMixin, x: torch.Tensor, y: torch.Tensor, rng
         return loss + lambda_g * kl
 
     return train(moe, x, y, f, params=groups, loss_fn=loss_fn, seed=rng_seed,
-                 desc="fl-moe")
+                 desc="fl-moe", dp=dp)
 
 
 @torch.no_grad()

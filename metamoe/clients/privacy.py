@@ -188,3 +188,26 @@ def private_router_vectors(model: nn.Module, x: torch.Tensor, clip: float,
     """DP router vectors [L, d] of ``model`` on ``x`` (see the module docstring)."""
     contrib = per_sample_ffn_means(model, x).numpy()
     return dp_mean(contrib, clip, noise_multiplier, delta, seed)
+
+
+def expert_dp(cfg):
+    """The DP-SGD settings of ``privacy.expert_dp_*`` (:class:`metamoe.dpsgd.DPSGD`), or None
+    when it is off. The same setting applies to every method's local training: the one-shot
+    expert and each FL round (FedAvg, FedAvg-MoE, FedAlign-MoE)."""
+    from metamoe.dpsgd import DPSGD
+
+    pc = cfg.privacy
+    if pc.expert_dp_sigma <= 0:
+        return None
+    return DPSGD(float(pc.expert_dp_sigma), float(pc.expert_dp_clip), float(pc.expert_dp_delta))
+
+
+def round_dp_metrics(dp, hist: dict, rnd: int) -> dict[str, float]:
+    """What an FL client reports of its DP-SGD after round ``rnd`` (1-based; it trains in every
+    round): ε of all its rounds so far (add/remove, Opacus' RDP accountant) and δ. Both are
+    functions of public settings only."""
+    from metamoe.dpsgd import dpsgd_epsilon
+
+    steps = int(hist["dp_steps"]) * max(int(rnd), 1)
+    return {"dp_epsilon": dpsgd_epsilon(dp.noise_multiplier, hist["dp_sample_rate"], steps,
+                                        dp.delta), "dp_delta": dp.delta}

@@ -102,6 +102,15 @@ def privacy_totals(metrics: dict) -> dict[str, dict[str, float]]:
     from metamoe.dpsgd import compose, replace_one
 
     out = {}
+    rounds = metrics.get("fl_rounds") or []
+    last = next((r["dp_epsilon"] for r in reversed(rounds) if "dp_epsilon" in r), None)
+    if last is not None:  # FL: every round's update (DP-SGD); FedAlign's p and h have no DP
+        delta = float(metrics["config"]["privacy"]["expert_dp_delta"])
+        stats = metrics.get("method") == "fedalign_moe"
+        for c, eps in last.items():
+            e, d = compose([replace_one(eps, delta)] + ([(float("inf"), 0.0)] if stats else []))
+            out[c] = {"epsilon": e, "delta": d, "dpsgd_epsilon": float(eps)}
+        return out
     for c, rt in metrics.get("expert_train", {}).items():
         sk = metrics.get("sketch_dp", {}).get(c)
         if sk is None and "router_dp_epsilon" not in rt and "expert_dp_epsilon" not in rt:
@@ -112,7 +121,8 @@ def privacy_totals(metrics: dict) -> dict[str, dict[str, float]]:
                  replace_one(rt["expert_dp_epsilon"], rt["expert_dp_delta"])
                  if "expert_dp_epsilon" in rt else (float("inf"), 0.0)]
         eps, delta = compose(parts)
-        out[c] = {"epsilon": eps, "delta": delta}
+        out[c] = {"epsilon": eps, "delta": delta,
+                  "dpsgd_epsilon": float(rt.get("expert_dp_epsilon", float("inf")))}
     return out
 
 
@@ -189,7 +199,7 @@ def write_report(run_dir: Path, metrics: dict) -> None:
         rt = metrics.get("expert_train", {}).get(c, {})
         dp_rows.append(f"| {c} | {sk.get('dp_epsilon', float('inf')):.3g} | "
                        f"{rt.get('router_dp_epsilon', float('inf')):.3g} | "
-                       f"{rt.get('expert_dp_epsilon', float('inf')):.3g} | "
+                       f"{tot['dpsgd_epsilon']:.3g} | "
                        f"{tot['epsilon']:.3g} | {tot['delta']:.1e} |")
     if dp_rows:
         lines += ["", "## Differential privacy", "",
@@ -197,7 +207,8 @@ def write_report(run_dir: Path, metrics: dict) -> None:
                   "replace-one); expert: DP-SGD (Opacus' RDP accountant, add/remove); total: "
                   "everything a client uploads from its train split, replace-one, basic "
                   "composition (metamoe/dpsgd.py). ∞: that upload has no DP.", "",
-                  "| client | sketch ε | router vectors ε | expert ε (add/remove) | total ε | "
+                  "| client | sketch ε | router vectors ε | DP-SGD ε (expert or FL rounds, "
+                  "add/remove) | total ε | "
                   "total δ |", "|---|---|---|---|---|---|", *dp_rows]
     if metrics.get("missing") or metrics.get("rejected"):
         lines += ["", "## Missing or rejected clients", ""]

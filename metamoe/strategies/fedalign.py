@@ -194,7 +194,8 @@ class FedAvgMoE(FLStrategy):
                                                                  atol=1e-3):
                         raise UploadError(f"client {name}: routing distribution p is not a "
                                           "probability vector per layer")
-                return arrays, n, stats, float(m.get("train_loss", float("nan")))
+                return arrays, n, stats, float(m.get("train_loss", float("nan"))), \
+                    m.get("dp_epsilon")
 
             with fed.phase("train"):
                 got = fed.exchange(f"train-r{r}", FL_MOE_TRAIN,
@@ -204,6 +205,9 @@ class FedAvgMoE(FLStrategy):
             n = [got[nid][1] for nid in order]
             rec = {"round": r, "clients": [fed.client_name(nid) for nid in order],
                    "train_loss": {fed.client_name(nid): got[nid][3] for nid in order}}
+            if any(got[nid][4] is not None for nid in order):  # DP-SGD: ε of the rounds so far
+                rec["dp_epsilon"] = {fed.client_name(nid): float(got[nid][4]) for nid in order
+                                     if got[nid][4] is not None}
             if self.align:
                 p = np.stack([got[nid][2]["p"] for nid in order])
                 h = np.stack([got[nid][2]["h"] for nid in order])

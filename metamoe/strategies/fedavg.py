@@ -54,14 +54,20 @@ class CountingFedAvg(FedAvg):
             if set(content) != {"arrays", "metrics"}:
                 raise UploadError(f"client {who}: unexpected records "
                                   f"{sorted(set(content) - {'arrays', 'metrics'})}")
+            self._eps[who] = m.get("dp_epsilon")
             return float(m.get("train_loss", float("nan"))), content
 
         # The same screening as every other phase (errors, strays, size, validation, bytes).
+        self._eps: dict = {}
         ok = fed.collect(f"train-r{server_round}", fed.clients, replies, validate)
         accepted = {id(content) for _, content in ok.values()}
         valid = [rep for rep in replies if id(rep.content) in accepted]
         losses = {fed.client_name(nid): loss for nid, (loss, _) in ok.items()}
-        self.history.append({"round": server_round, "train_loss": losses})
+        rec = {"round": server_round, "train_loss": losses}
+        eps = {fed.client_name(nid): self._eps.get(fed.client_name(nid)) for nid in ok}
+        if any(v is not None for v in eps.values()):  # DP-SGD: ε of each client's rounds so far
+            rec["dp_epsilon"] = {c: float(v) for c, v in eps.items() if v is not None}
+        self.history.append(rec)
         return super().aggregate_train(server_round, valid)
 
 
