@@ -228,6 +228,10 @@ class PrivacyConf:
     expert_dp_sigma: float = 0.0  # noise multiplier z (0: off)
     expert_dp_clip: float = 1.0  # L2 clip C of one sample's gradient (all LoRA tensors)
     expert_dp_delta: float = 1e-5
+    # > 0: one noise multiplier for sketch, router vectors and expert (or every FL round),
+    # calibrated on each client so that its total (replace-one) ε is at most this
+    # (clients/privacy.dp_sigmas); the *_sigma keys are then ignored.
+    target_epsilon: float = 0.0
 
 
 @dataclass
@@ -440,10 +444,15 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"run.device={dev!r} is not one of auto, cpu, cuda, cuda:N")
     if cfg.privacy.expert_dp_sigma > 0 and cfg.privacy.expert_dp_clip <= 0:
         raise ConfigError(f"privacy.expert_dp_clip must be > 0, got {cfg.privacy.expert_dp_clip}")
-    if cfg.privacy.expert_dp_sigma > 0 and cfg.run.precision == "fp16":
+    dp_on = cfg.privacy.expert_dp_sigma > 0 or cfg.privacy.target_epsilon > 0
+    if cfg.privacy.target_epsilon > 0 and cfg.sketch.kind == "centroids":
+        raise ConfigError("privacy.target_epsilon calibrates the logistic sketch's noise; "
+                          "with sketch.kind=centroids set the *_sigma keys instead")
+    if dp_on and cfg.run.precision == "fp16":
         raise ConfigError("privacy.expert_dp_sigma > 0 (DP-SGD) does not support "
                           "run.precision=fp16 (loss scaling); use bf16 or fp32")
-    for key in ("privacy.router_dp_sigma", "sketch.dp_sigma", "privacy.expert_dp_sigma"):
+    for key in ("privacy.router_dp_sigma", "sketch.dp_sigma", "privacy.expert_dp_sigma",
+                "privacy.target_epsilon"):
         if OmegaConf.select(cfg, key) < 0:
             raise ConfigError(f"{key} must be >= 0 (0 turns DP off), got {OmegaConf.select(cfg, key)}")
     if cfg.privacy.min_count < 1:

@@ -7,7 +7,8 @@ noise-only step), every sample's gradient of the trainable parameters is clipped
 ``clip``, the clipped gradients are summed, Gaussian noise of std ``noise_multiplier · clip``
 is added to the sum, and the result is divided by the expected batch size qN. Per-sample
 gradients come from ``torch.func`` (``vmap`` of ``grad`` over the batch) for the plain
-cross-entropy loss, and otherwise from one backward pass per sample (the reference; tests
+cross-entropy loss, and otherwise — or when the model cannot be vmapped, e.g. the text seed
+trims each batch to its longest text — from one backward pass per sample (the reference; tests
 check that the two agree).
 
 Accounting: :func:`dpsgd_epsilon` is Opacus' RDP accountant for the Poisson-subsampled Gaussian
@@ -70,7 +71,13 @@ def noisy_gradients(model: nn.Module, params: dict[str, nn.Parameter], loss_fn, 
     """Set ``p.grad`` of every parameter in ``params`` to the DP-SGD gradient of this batch
     (``len(yb)`` may be 0: noise only)."""
     if len(yb):
-        g = per_sample_grads(model, params, loss_fn, xb, yb, vectorised)
+        if vectorised and not getattr(model, "_dp_loop", False):
+            try:
+                g = per_sample_grads(model, params, loss_fn, xb, yb, True)
+            except RuntimeError:  # e.g. a data-dependent shape (text batches trimmed to length)
+                model._dp_loop = True
+        if not vectorised or getattr(model, "_dp_loop", False):
+            g = per_sample_grads(model, params, loss_fn, xb, yb, False)
         norms = torch.sqrt(sum(v.flatten(1).float().pow(2).sum(1) for v in g.values()))
         factor = (dp.clip / (norms + 1e-6)).clamp(max=1.0)
     for k, p in params.items():

@@ -131,3 +131,23 @@ def test_dp_config_errors():
     with pytest.raises(ConfigError, match="fp16"):
         resolve_config({"benchmark": "tiny", "overrides":
                         "privacy.expert_dp_sigma=1 run.precision=fp16"})
+
+
+def test_target_epsilon_calibrates_one_noise_multiplier_per_client():
+    from metamoe.clients.privacy import dp_sigmas
+    from metamoe.dpsgd import replace_one
+    from metamoe.proxy.privacy import gaussian_epsilon
+
+    cfg = resolve_config({"benchmark": "vision", "experiment": "dp_eps4"})
+    z = dp_sigmas(cfg, 3500)
+    assert z["sketch"] == z["router"] == z["expert"] > 0
+    n = 3500 + cfg.select.m
+    q, steps = cfg.expert.batch_size / n, cfg.expert.epochs * math.ceil(n / cfg.expert.batch_size)
+    total = (2 * gaussian_epsilon(z["expert"], 1.0, 1e-5)
+             + replace_one(dpsgd_epsilon(z["expert"], q, steps, 1e-5), 1e-5)[0])
+    assert 3.95 <= total <= 4.0
+    assert dp_sigmas(cfg, 300)["expert"] > z["expert"]  # a smaller client needs more noise
+    fl = dp_sigmas(cfg, 3500, fl=True)
+    assert fl["sketch"] == fl["router"] == 0 and 0 < fl["expert"]
+    off = dp_sigmas(resolve_config({"benchmark": "vision"}), 3500)
+    assert off == {"sketch": 0.0, "router": 0.0, "expert": 0.0}

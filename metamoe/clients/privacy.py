@@ -190,16 +190,55 @@ def private_router_vectors(model: nn.Module, x: torch.Tensor, clip: float,
     return dp_mean(contrib, clip, noise_multiplier, delta, seed)
 
 
-def expert_dp(cfg):
-    """The DP-SGD settings of ``privacy.expert_dp_*`` (:class:`metamoe.dpsgd.DPSGD`), or None
-    when it is off. The same setting applies to every method's local training: the one-shot
-    expert and each FL round (FedAvg, FedAvg-MoE, FedAlign-MoE)."""
+def dp_sigmas(cfg, n_private: int, fl: bool = False) -> dict[str, float]:
+    """The noise multipliers z of this client's mechanisms: ``sketch``, ``router`` and
+    ``expert`` (DP-SGD), 0 = off. As configured (``sketch.dp_sigma``,
+    ``privacy.router_dp_sigma``, ``privacy.expert_dp_sigma``), or, with
+    ``privacy.target_epsilon`` > 0, one z for all three, the smallest that keeps the client's
+    total (replace-one, basic composition: ``metamoe/dpsgd.py``) at or below the target for
+    its own |Dp| (plus ``select.m`` proxies in the expert's training set). ``fl``: the FL
+    baselines, whose only upload from Dp is every round's update (``fl.rounds`` x DP-SGD)."""
+    pc = cfg.privacy
+    target = float(pc.target_epsilon)
+    if target <= 0:
+        return {"sketch": float(cfg.sketch.dp_sigma), "router": float(pc.router_dp_sigma),
+                "expert": float(pc.expert_dp_sigma)}
+    from metamoe.dpsgd import dpsgd_epsilon, replace_one
+    from metamoe.proxy.privacy import gaussian_epsilon
+
+    sect = cfg.fl if fl else cfg.expert
+    n = int(n_private) + (0 if fl or not cfg.expert.use_proxies else int(cfg.select.m))
+    q = min(1.0, sect.batch_size / n)
+    steps = int(sect.epochs) * math.ceil(n / sect.batch_size) * (int(cfg.fl.rounds) if fl else 1)
+    delta = float(pc.expert_dp_delta)
+
+    def total(z: float) -> float:
+        e = replace_one(dpsgd_epsilon(z, q, steps, delta), delta)[0]
+        if not fl:  # sketch and router vectors: Gaussian mechanisms, ε depends on z and δ only
+            e += gaussian_epsilon(z, 1.0, float(cfg.sketch.dp_delta))
+            e += gaussian_epsilon(z, 1.0, float(pc.router_dp_delta))
+        return e
+
+    lo, hi = 0.2, 200.0
+    if total(hi) > target:
+        raise ValueError(f"privacy.target_epsilon={target} is below what z={hi} reaches here")
+    for _ in range(50):  # bisection: total(z) decreases in z
+        mid = (lo * hi) ** 0.5
+        lo, hi = (mid, hi) if total(mid) > target else (lo, mid)
+    return {"sketch": 0.0 if fl else hi, "router": 0.0 if fl else hi, "expert": hi}
+
+
+def expert_dp(cfg, n_private: int, fl: bool = False):
+    """The DP-SGD settings (:class:`metamoe.dpsgd.DPSGD`) of this client's local training, or
+    None when it is off (:func:`dp_sigmas`). The same settings apply to every method's local
+    training: the one-shot expert and each FL round (FedAvg, FedAvg-MoE, FedAlign-MoE)."""
     from metamoe.dpsgd import DPSGD
 
-    pc = cfg.privacy
-    if pc.expert_dp_sigma <= 0:
+    z = dp_sigmas(cfg, n_private, fl)["expert"]
+    if z <= 0:
         return None
-    return DPSGD(float(pc.expert_dp_sigma), float(pc.expert_dp_clip), float(pc.expert_dp_delta))
+    pc = cfg.privacy
+    return DPSGD(z, float(pc.expert_dp_clip), float(pc.expert_dp_delta))
 
 
 def round_dp_metrics(dp, hist: dict, rnd: int) -> dict[str, float]:

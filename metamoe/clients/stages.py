@@ -17,10 +17,10 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from metamoe.clients.privacy import effective_count, require_min_count, sample_token_counts
+from metamoe.clients.privacy import dp_sigmas, effective_count, expert_dp, require_min_count, sample_token_counts
 from metamoe.data import Domain, VisionBenchmark
 from metamoe.data.dataset import as_inputs, concat_inputs
-from metamoe.dpsgd import DPSGD, dpsgd_epsilon
+from metamoe.dpsgd import dpsgd_epsilon
 from metamoe.models.lora import ffn_input_means, inject_ffn_lora, lora_state_dict
 from metamoe.models.moe import M0_FFN, MoEMixin
 from metamoe.proxy import sketch as psk
@@ -44,7 +44,8 @@ def sketch_stage(cfg: DictConfig, seed: nn.Module, dom: Domain, bench: VisionBen
     pos = features(seed, dom.x_train, emb)
     sk = cfg.sketch
     rng = np.random.default_rng(rng_seed)
-    noise = float(sk.dp_sigma) if sk.dp_sigma > 0 else None
+    z = dp_sigmas(cfg, len(dom.x_train))["sketch"]  # privacy.target_epsilon may set it
+    noise = z if z > 0 else None
     # Public data only from here on: a seeded random sample of the pool.
     n_pub = len(pos) if sk.num_negatives < 0 else int(sk.num_negatives)
     pub_idx = np.sort(rng.choice(len(bench.pool_x), size=min(n_pub, len(bench.pool_x)),
@@ -92,7 +93,8 @@ def expert_stage(cfg: DictConfig, seed: nn.Module, dom: Domain, bench: VisionBen
                       "metrics", len(dom.x_train), min_count)
     # Router vectors: a mean over all tokens (each sample weighs by its real tokens; with
     # router DP every sample weighs the same).
-    router_support = len(dom.x_train) if pc.router_dp_sigma > 0 else \
+    z = dp_sigmas(cfg, len(dom.x_train))
+    router_support = len(dom.x_train) if z["router"] > 0 else \
         effective_count(sample_token_counts(seed, dom.x_train))
     require_min_count("the router vectors (mean FFN input over the private train split's "
                       "tokens)", router_support, min_count, "private samples (effective)")
@@ -113,19 +115,18 @@ def expert_stage(cfg: DictConfig, seed: nn.Module, dom: Domain, bench: VisionBen
     else:
         xq, x, y, x_train = yp[:0], xp, yp, xp_train
     params = [p for p in model.parameters() if p.requires_grad]
-    dp = DPSGD(float(pc.expert_dp_sigma), float(pc.expert_dp_clip), float(pc.expert_dp_delta)) \
-        if pc.expert_dp_sigma > 0 else None
+    dp = expert_dp(cfg, len(dom.x_train))
     hist = train(model, x_train, y, ec, params=params, seed=rng_seed,
                  desc=f"expert[{dom.name}]", log_every=1, dp=dp)
     router_x = x if ec.router_data == "union" else xp
     # Uploaded: the LoRA weight deltas and the per-layer means over all of router_x.
     vectors = ffn_input_means(model, router_x).numpy().astype(np.float32)
     dp_info: dict[str, float] = {}
-    if pc.router_dp_sigma > 0:  # optional: Gaussian mechanism on the clipped mean instead
+    if z["router"] > 0:  # optional: Gaussian mechanism on the clipped mean instead
         from metamoe.clients.privacy import private_router_vectors
 
         vectors, dp_info = private_router_vectors(model, router_x, pc.router_dp_clip,
-                                                  pc.router_dp_sigma, pc.router_dp_delta,
+                                                  z["router"], pc.router_dp_delta,
                                                   seed=rng_seed + 7)
     lora = {k: v.numpy().astype(np.float32) for k, v in lora_state_dict(model).items()}
     metrics = {"n_train": int(len(x)), "n_private": int(len(xp)), "n_proxies": int(len(xq)),
