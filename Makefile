@@ -46,7 +46,7 @@ demo-text: setup
 	$(BIN)/python -m metamoe.launch --benchmark text --method metamoe $(ARGS)
 
 # The paper's Table 1 setting (CLIP ViT-B/32; Pets, Flowers102, EuroSAT; ImageNet-1k as the
-# pool): needs the HF hub (ImageNet is gated), ~150 GB of disk and a GPU. README "The paper's
+# pool): needs the HF hub (ImageNet is gated), ~160 GB of disk and a GPU. README "The paper's
 # vision setting"; e.g. make paper-cv ARGS="--overrides model.encoder=openai/clip-vit-base-patch16"
 paper-cv: setup
 	$(BIN)/python -m metamoe.launch --benchmark paper_cv --method metamoe --gpus-per-client auto $(ARGS)

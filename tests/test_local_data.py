@@ -177,3 +177,32 @@ def test_text_pool_and_client_from_jsonl(tmp_path):
     assert node.private["n_test"] == 10  # the seeded 20 % of 50
     splits = read_splits(client)
     assert len(splits["train"]) == 50
+
+
+def test_hub_ids_as_client_data_and_pool(fed, monkeypatch):
+    """``owner/name`` that is not a local path is read with datasets.load_dataset (offline
+    here: the hub is replaced by the same data saved to disk) without a copy of it."""
+    import datasets
+
+    cfg, tmp = fed
+    hx, hy = _digits(40, 4, seed=5)
+    px, py = _digits(60, 3, seed=6)
+    local = {"org/client-set": write_hf(tmp / "hub-c", hx, hy, ["a", "b", "c", "d"],
+                                        test=_digits(20, 4, seed=7)),
+             "org/pool-set": write_hf(tmp / "hub-p", px, py, ["u", "v", "w"])}
+    calls = []
+
+    def fake_load(name, split=None):
+        calls.append((name, split))
+        obj = datasets.load_from_disk(str(local[name]))
+        return obj if split is None or not isinstance(obj, datasets.DatasetDict) else obj[split]
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load)
+    hub = resolve_config({"benchmark": "local", "cache-dir": str(tmp / "cache"), "overrides":
+                          "benchmark.client_data=[org/client-set,org/client-set] "
+                          "benchmark.pool_data=org/pool-set model.dim=16 model.heads=2"})
+    bench = load_benchmark(hub)
+    assert bench.class_names == ["u", "v", "w"] and len(bench.pool_x) == 60
+    node = _local_node(hub, 0, bench, {})
+    assert node.private["class_names"] == ["a", "b", "c", "d"] and node.private["n_test"] == 20
+    assert ("org/pool-set", "train") in calls and ("org/client-set", None) in calls

@@ -165,22 +165,21 @@ def is_hub_id(path: str, fmt: str = "auto") -> bool:
 
 
 def _hub_splits(name: str, split: str | None) -> dict[str, Source]:
-    """A hub dataset (online users): downloaded by ``datasets`` once, saved to a local dir,
-    and read from there like any saved dataset. ``split`` None: every split it has."""
+    """A hub dataset (online users), downloaded once into the HF cache by ``datasets`` and read
+    from its Arrow files like a saved dataset (rows decoded on access, never all at once).
+    ``split`` None: every split it has."""
     try:
         import datasets
     except ImportError as e:  # pragma: no cover - datasets is a dependency
         raise DataError(f"{name}: a hub dataset, but `datasets` is not installed") from e
-    tag = f"{name.replace('/', '--')}-{split or 'all'}"
-    cache = Path(datasets.config.HF_DATASETS_CACHE) / "metamoe-local" / tag
-    if not any((cache / m).exists() for m in ("dataset_info.json", "dataset_dict.json")):
-        try:
-            ds = datasets.load_dataset(name, split=split)
-        except Exception as e:
-            raise DataError(f"{name}: not a local path, and loading it from the HF hub failed "
-                            f"({type(e).__name__}: {e})") from e
-        ds.save_to_disk(str(cache))
-    return read_splits(cache, "hf")
+    from metamoe.data.local_read import _read_hf
+
+    try:
+        ds = datasets.load_dataset(name, split=split)
+    except Exception as e:
+        raise DataError(f"{name}: not a local path, and loading it from the HF hub failed "
+                        f"({type(e).__name__}: {e})") from e
+    return _read_hf(Path(name), obj=ds)
 
 
 def build_local_pool(b: dict, encoder: dict) -> tuple[object, np.ndarray, list[str]]:

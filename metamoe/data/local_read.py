@@ -307,11 +307,13 @@ def _hf_labels(ds, col: str, where: str, train_names: list[str] | None):
     return out, names
 
 
-def _read_hf(root: Path) -> dict[str, Source]:
+def _read_hf(root: Path, obj=None) -> dict[str, Source]:
+    """A dataset saved with ``save_to_disk`` at ``root``, or ``obj`` (a loaded Dataset /
+    DatasetDict, e.g. from the hub; ``root`` then names it in messages)."""
     import datasets
 
     try:
-        obj = datasets.load_from_disk(str(root))
+        obj = datasets.load_from_disk(str(root)) if obj is None else obj
     except Exception as e:
         raise DataError(f"{root}: not a saved Hugging Face dataset (datasets.load_from_disk "
                         f"failed: {type(e).__name__}: {e})") from e
