@@ -38,7 +38,7 @@ from torch import nn
 from metamoe.clients.ddome import ddome_local_train, ddome_pick, ddome_predict
 from metamoe.clients.fl_local import fl_moe_local_train, moe_local_stats
 from metamoe.clients.node import NodeData, node_data, seed_model, store_seed
-from metamoe.clients.privacy import expert_dp, require_min_count, round_dp_metrics
+from metamoe.clients.privacy import dp_sigmas, expert_dp, require_min_count, round_dp_metrics
 from metamoe.data.dataset import as_inputs
 from metamoe.models.gate import GateMLP, gate_from_arrays
 from metamoe.models.lora import inject_ffn_lora, load_lora_state_dict, lora_state_dict
@@ -96,7 +96,7 @@ def fedavg_train(msg: Message, context: Context) -> Message:
     rnd = int(get_record(msg.content, CONFIG, ConfigRecord, "server").get("server-round", 0))
     x, y = as_inputs(dom.x_train), torch.from_numpy(dom.y_train)
     params = [p for p in model.parameters() if p.requires_grad]
-    dp = expert_dp(cfg, node.n_private, fl=True)
+    dp = expert_dp(cfg, dp_sigmas(cfg, node.n_private, fl=True)["expert"])
     hist = train(model, x, y, cfg.fl, params=params,
                  seed=derive_seed(cfg.run.seed, node.partition_id, rnd),
                  desc=f"fedavg[{node.name}]", dp=dp)
@@ -128,7 +128,7 @@ def fl_moe_train(msg: Message, context: Context) -> Message:
         global_p = from_record(get_record(msg.content, "global_p", ArrayRecord, "server"))["p"]
     x, y = as_inputs(dom.x_train), torch.from_numpy(dom.y_train)
     rnd = int(conf.get("round", 0))
-    dp = expert_dp(cfg, node.n_private, fl=True)
+    dp = expert_dp(cfg, dp_sigmas(cfg, node.n_private, fl=True)["expert"])
     hist = fl_moe_local_train(cfg, moe, x, y, derive_seed(cfg.run.seed, node.partition_id, rnd),
                               global_p, float(conf.get("lambda_g", 0.0)), dp=dp)
     log.info("client %s: %s round %d loss %.4f", node.name, conf.get("method"), rnd,

@@ -95,9 +95,8 @@ def _read_local(path: str, fmt: str, name: str, bench_json: str, arch: str, enco
                 max_len: int, num_pool: int) -> tuple[Domain, dict]:
     from metamoe.data.local import local_domain
 
-    enc = seed_encoder(OmegaConf.create({"model": {"arch": arch, "encoder": encoder,
-                                                   "max_len": max_len}}))
-    return local_domain(path, fmt, name, json.loads(bench_json), enc, num_pool)
+    return local_domain(path, fmt, name, json.loads(bench_json),
+                        seed_encoder(arch, encoder, max_len), num_pool)
 
 
 def store_seed(msg: Message, context: Context) -> None:

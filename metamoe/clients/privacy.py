@@ -228,13 +228,13 @@ def dp_sigmas(cfg, n_private: int, fl: bool = False) -> dict[str, float]:
     return {"sketch": 0.0 if fl else hi, "router": 0.0 if fl else hi, "expert": hi}
 
 
-def expert_dp(cfg, n_private: int, fl: bool = False):
-    """The DP-SGD settings (:class:`metamoe.dpsgd.DPSGD`) of this client's local training, or
-    None when it is off (:func:`dp_sigmas`). The same settings apply to every method's local
-    training: the one-shot expert and each FL round (FedAvg, FedAvg-MoE, FedAlign-MoE)."""
+def expert_dp(cfg, z: float):
+    """The DP-SGD settings (:class:`metamoe.dpsgd.DPSGD`) of this client's local training at
+    noise multiplier ``z`` (``dp_sigmas(...)["expert"]``), or None when ``z`` is 0. The same
+    settings apply to every method's local training: the one-shot expert and each FL round
+    (FedAvg, FedAvg-MoE, FedAlign-MoE)."""
     from metamoe.dpsgd import DPSGD
 
-    z = dp_sigmas(cfg, n_private, fl)["expert"]
     if z <= 0:
         return None
     pc = cfg.privacy

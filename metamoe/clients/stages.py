@@ -115,7 +115,7 @@ def expert_stage(cfg: DictConfig, seed: nn.Module, dom: Domain, bench: VisionBen
     else:
         xq, x, y, x_train = yp[:0], xp, yp, xp_train
     params = [p for p in model.parameters() if p.requires_grad]
-    dp = expert_dp(cfg, len(dom.x_train))
+    dp = expert_dp(cfg, z["expert"])
     hist = train(model, x_train, y, ec, params=params, seed=rng_seed,
                  desc=f"expert[{dom.name}]", log_every=1, dp=dp)
     router_x = x if ec.router_data == "union" else xp

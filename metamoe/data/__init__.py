@@ -110,31 +110,30 @@ def _build(b: dict) -> VisionBenchmark:
     return bench
 
 
-def seed_encoder(cfg: DictConfig) -> dict:
-    """How raw items become the seed's inputs: the ViT's image transform, or the text
-    encoder's tokenizer and length (``kind: local``)."""
-    if cfg.model.arch == "vit":
+def seed_encoder(arch: str, encoder: str, max_len: int) -> dict:
+    """How raw items become the inputs of the seed ``model.arch`` / ``model.encoder`` /
+    ``model.max_len`` (``kind: local``): the ViT's image transform, CLIP's, or the text
+    encoder's tokenizer and length."""
+    if arch == "vit":
         from metamoe.data.local import image_transform
 
         return {"modality": "image", "transform": image_transform()}
-    if cfg.model.arch == "clip":  # the paper's CLIP transform at the checkpoint's input size
+    if arch == "clip":  # the paper's CLIP transform at the checkpoint's input size
         from metamoe.models.clip import clip_image_size, clip_transform
 
-        size = clip_image_size(str(cfg.model.encoder))
+        size = clip_image_size(encoder)
         return {"modality": "image", "transform": clip_transform(size), "lazy": True,
                 "train_transform": clip_transform(size, train=True)}
     from metamoe.models.text import load_tokenizer
 
-    return {"modality": "text", "tokenizer": load_tokenizer(cfg.model.encoder),
-            "max_len": int(cfg.model.max_len)}
+    return {"modality": "text", "tokenizer": load_tokenizer(encoder), "max_len": int(max_len)}
 
 
 @lru_cache(maxsize=4)
 def _load_local(bench_json: str, arch: str, encoder: str, max_len: int) -> VisionBenchmark:
     from metamoe.data.local import local_benchmark
 
-    enc = OmegaConf.create({"model": {"arch": arch, "encoder": encoder, "max_len": max_len}})
-    return local_benchmark(json.loads(bench_json), seed_encoder(enc))
+    return local_benchmark(json.loads(bench_json), seed_encoder(arch, encoder, max_len))
 
 
 def load_benchmark(cfg: DictConfig) -> VisionBenchmark:

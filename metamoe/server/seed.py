@@ -91,13 +91,19 @@ def get_seed_model(cfg: DictConfig, bench: VisionBenchmark) -> tuple[ViT, np.nda
     return model, feats, info
 
 
-def _vision_pool_features(cfg: DictConfig, model: ViT, bench: VisionBenchmark, key: str
-                          ) -> np.ndarray:
+def _pool_features(cfg: DictConfig, model: nn.Module, bench: VisionBenchmark, key: str,
+                   pool_fp: str, model_fp: str, batch_size: int = 1024) -> np.ndarray:
+    """M0's ``select.embedding`` features of the pool, through the on-disk cache (float32)."""
     kind = cfg.select.embedding
     path = pool_cache_path(cache_dir(cfg), key, kind, "float32")
-    return embed_pool(model, bench.pool_x, path, pool_fp=f"{key}-{len(bench.pool_x)}",
-                      features=features, kind=kind, dtype="float32", model_fp=key,
+    return embed_pool(model, bench.pool_x, path, pool_fp=pool_fp, features=features, kind=kind,
+                      dtype="float32", model_fp=model_fp, batch_size=batch_size,
                       overwrite=True)
+
+
+def _vision_pool_features(cfg: DictConfig, model: ViT, bench: VisionBenchmark, key: str
+                          ) -> np.ndarray:
+    return _pool_features(cfg, model, bench, key, f"{key}-{len(bench.pool_x)}", key)
 
 
 def _clip_seed(cfg: DictConfig, bench: VisionBenchmark) -> tuple[nn.Module, np.ndarray, dict]:
@@ -112,12 +118,8 @@ def _clip_seed(cfg: DictConfig, bench: VisionBenchmark) -> tuple[nn.Module, np.n
     model.eval()
     key = config_hash({"encoder": model.cfg.fingerprint, "benchmark": config_hash(cfg.benchmark),
                        "n": len(bench.pool_y)})
-    kind = cfg.select.embedding
-    path = pool_cache_path(cache_dir(cfg), key, kind, "float32")
     t0 = time.perf_counter()
-    feats = embed_pool(model, bench.pool_x, path, pool_fp=key, features=features, kind=kind,
-                       dtype="float32", model_fp=model.cfg.fingerprint, batch_size=256,
-                       overwrite=True)
+    feats = _pool_features(cfg, model, bench, key, key, model.cfg.fingerprint, batch_size=256)
     info = {"cache_key": key, "encoder": m.encoder, "encoder_fingerprint": model.cfg.fingerprint,
             "pool_embed_seconds": time.perf_counter() - t0}
     head = np.arange(min(2000, len(bench.pool_y)))
