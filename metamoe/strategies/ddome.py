@@ -14,12 +14,16 @@
   trained it (untrained experts keep their weights). Test time on the client's unlabelled test
   inputs: top-K experts by summed gate scores, then per sample the single expert with the
   highest gate score among them. No unified MoE artifact is emitted for DDOME.
+
+``fl.aggregation`` (mean | median | trimmed | krum, ``strategies/robust.py``) replaces the
+n-weighted average of the gate and of each expert (over the clients that trained it); the rule
+is recorded in the Outcome's ``extra`` as ``fl_aggregation``.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 from flwr.app import ArrayRecord, MetricRecord, RecordDict
@@ -44,6 +48,7 @@ from metamoe.protocol import (
 )
 from metamoe.strategies.base import Federation, Outcome, register
 from metamoe.strategies.fl_common import FLStrategy, fedavg_states, n_examples
+from metamoe.strategies.robust import aggregator
 from metamoe.training import derive_seed, seeded
 
 log = logging.getLogger("metamoe")
@@ -51,15 +56,17 @@ log = logging.getLogger("metamoe")
 
 def ddome_aggregate(gates: Sequence[dict[str, np.ndarray]], n: Sequence[float],
                     trained: Sequence[dict[int, dict[str, np.ndarray]]],
-                    prev_experts: list[dict[str, np.ndarray]]
+                    prev_experts: list[dict[str, np.ndarray]],
+                    combine: Callable[..., dict[str, np.ndarray]] = fedavg_states
                     ) -> tuple[dict[str, np.ndarray], list[dict[str, np.ndarray]]]:
-    """DDOME server step: the gate averaged over every participant, expert e over the
-    clients that trained it (n-weighted); experts nobody trained keep their weights."""
-    gate = fedavg_states(gates, n)
+    """DDOME server step: the gate combined over every participant, expert e over the
+    clients that trained it; experts nobody trained keep their weights. ``combine(states, n)``
+    is the n-weighted FedAvg by default, or a robust rule (``robust.aggregator``)."""
+    gate = combine(gates, n)
     experts = []
     for e, prev in enumerate(prev_experts):
         who = [(t[e], w) for t, w in zip(trained, n, strict=False) if e in t]
-        experts.append(fedavg_states([s for s, _ in who], [w for _, w in who]) if who
+        experts.append(combine([s for s, _ in who], [w for _, w in who]) if who
                        else prev)
     return gate, experts
 
@@ -129,7 +136,8 @@ class DDOME(FLStrategy):
                 got = fed.exchange(f"train-r{r}", DDOME_TRAIN, payloads, val_train)
             ids = sorted(got, key=lambda nid: fed.clients[nid].partition_id)
             gate, experts = ddome_aggregate([got[i][0] for i in ids], [got[i][1] for i in ids],
-                                            [got[i][2] for i in ids], experts)
+                                            [got[i][2] for i in ids], experts,
+                                            aggregator(f))
             rec = {"round": r, "experts": {fed.client_name(i): subsets[i] for i in ids},
                    "anchors": {fed.client_name(i): anchors[i] for i in ids if i in anchors},
                    "train_loss": {fed.client_name(i): got[i][3] for i in ids}}
@@ -153,4 +161,5 @@ class DDOME(FLStrategy):
                       if k.startswith("ddome_chosen/") and v > 0] for c, m in evals.items()}
         return Outcome(evaluations=evals, model=None,
                        extra={"fl_rounds": history, "ddome_test_experts": chosen,
-                              "ddome_M": M, "ddome_K": K})
+                              "ddome_M": M, "ddome_K": K,
+                              "fl_aggregation": str(f.aggregation)})

@@ -20,6 +20,11 @@
       layer l ← Σ_{a_i>0} a_i n_i θ_i(e) / Σ a_i n_i; all a_i = 0 → keep θ^t(e); all S_ij equal
       (std 0, e.g. N = 2) → FedAvg. Ablations: ``fl.align_gate=false`` (FedAvg gate),
       ``fl.align_lambda_g=0``, ``fl.align_experts=false`` (FedAvg experts), fixed threshold.
+
+``fl.aggregation`` (mean | median | trimmed | krum, ``strategies/robust.py``) replaces FedAvg-MoE's
+n-weighted average of the states. FedAlign-MoE refuses anything but ``mean``: its own
+routing-consistency / semantic aggregation is the method. The rule is recorded in the Outcome's
+``extra`` as ``fl_aggregation``.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ from collections.abc import Sequence
 import numpy as np
 from flwr.app import ArrayRecord, RecordDict
 
-from metamoe.config import num_clients
+from metamoe.config import ConfigError, num_clients
 from metamoe.models.lora import fresh_loras
 from metamoe.models.moe import EXPERT_TENSORS, MoEConfig, build_moe
 from metamoe.models.moe_state import load_moe_trainable, moe_trainable_shapes, moe_trainable_state
@@ -47,6 +52,7 @@ from metamoe.protocol import (
 )
 from metamoe.strategies.base import Federation, Outcome, register
 from metamoe.strategies.fl_common import FLStrategy, fedavg_states, n_examples, weighted_mean
+from metamoe.strategies.robust import aggregator
 from metamoe.training import derive_seed
 
 log = logging.getLogger("metamoe")
@@ -157,6 +163,14 @@ class FedAvgMoE(FLStrategy):
     name = "fedavg_moe"
     align = False
 
+    def __init__(self, cfg, seed_model, bench, pool_features):
+        super().__init__(cfg, seed_model, bench, pool_features)
+        if self.align and str(cfg.fl.aggregation) != "mean":
+            raise ConfigError(f"fl.aggregation={cfg.fl.aggregation} is not offered for "
+                              f"{self.name}: its routing-consistency / semantic aggregation is "
+                              "the method itself; use fl.aggregation=mean")
+        self.aggregate = aggregator(cfg.fl)
+
     def run(self, fed: Federation, node_ids: list[int]) -> Outcome:
         self.start(fed, node_ids)
         f, ec = self.cfg.fl, self.cfg.expert
@@ -214,13 +228,14 @@ class FedAvgMoE(FLStrategy):
                 state, global_p, diag = fedalign_aggregate(states, n, p, h, state, f)
                 rec.update(diag)
             else:
-                state = fedavg_states(states, n)
+                state = self.aggregate(states, n)
             history.append(rec)
             log.info("%s round %d/%d: losses %s", self.name, r, f.rounds, rec["train_loss"])
         load_moe_trainable(moe, state)
         evals = self.evaluate_moe(fed, moe)
         return Outcome(evaluations=evals, model=moe, model_extra=self.model_extra(),
-                       extra={"fl_rounds": history, "lambdas": moe.lambdas()})
+                       extra={"fl_rounds": history, "lambdas": moe.lambdas(),
+                              "fl_aggregation": str(f.aggregation)})
 
 
 @register("fedalign_moe")

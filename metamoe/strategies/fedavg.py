@@ -6,7 +6,15 @@
   The result is emitted as a 1-expert MoE (exactly M0 + the LoRA) so that the common
   ``evaluate`` handler and the artifact format apply.
 
-Upload bytes of Flower's FedAvg replies are counted in :meth:`CountingFedAvg.aggregate_train`.
+``fl.aggregation`` swaps the Flower strategy the rounds run on (robust aggregation against a
+poisoned upload): ``mean`` → ``FedAvg``, ``median`` → ``FedMedian``, ``trimmed`` →
+``FedTrimmedAvg(beta=fl.trim_beta)``, ``krum`` → ``Krum(num_malicious_nodes=fl.krum_malicious)``.
+Every choice keeps this project's reply screening and byte counting (:class:`Counting`, mixed
+in front of the Flower class by :func:`counting_strategy`); the rule is recorded in the
+Outcome's ``extra`` as ``fl_aggregation``. ``fedavg_moe`` and ``ddome`` apply the same rules
+through ``strategies/robust.py``.
+
+Upload bytes of Flower's replies are counted in :meth:`Counting.aggregate_train`.
 """
 
 from __future__ import annotations
@@ -15,7 +23,7 @@ from collections.abc import Iterable
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
-from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy import FedAvg, FedMedian, FedTrimmedAvg, Krum
 
 from metamoe.models.lora import fresh_loras, lora_shapes
 from metamoe.models.moe import MoEConfig, build_moe
@@ -25,10 +33,11 @@ from metamoe.strategies.fl_common import FLStrategy, n_examples
 from metamoe.training import derive_seed
 
 
-class CountingFedAvg(FedAvg):
-    """Flower's FedAvg plus this project's upload rules: each reply is validated (exact LoRA
-    shapes, finite values, size limit; bad ones rejected and logged on the Federation) and its
-    bytes are added to ``fed.upload_bytes`` under the client's name."""
+class Counting:
+    """Mixed in front of a Flower strategy (FedAvg or a subclass): this project's upload rules.
+    Each reply is validated (exact LoRA shapes, finite values, size limit; bad ones rejected
+    and logged on the Federation) and its bytes are added to ``fed.upload_bytes`` under the
+    client's name; the Flower class then aggregates the valid replies by its own rule."""
 
     def __init__(self, fed: Federation, shapes: dict[str, tuple[int, ...]], **kw):
         super().__init__(**kw)
@@ -71,6 +80,38 @@ class CountingFedAvg(FedAvg):
         return super().aggregate_train(server_round, valid)
 
 
+class CountingFedAvg(Counting, FedAvg):
+    """Flower's FedAvg (n-weighted mean) with the project's upload rules."""
+
+
+class CountingFedMedian(Counting, FedMedian):
+    """Flower's FedMedian (coordinate-wise median) with the project's upload rules."""
+
+
+class CountingFedTrimmedAvg(Counting, FedTrimmedAvg):
+    """Flower's FedTrimmedAvg (coordinate-wise trimmed mean) with the project's upload rules."""
+
+
+class CountingKrum(Counting, Krum):
+    """Flower's Krum (one client's update, the most central) with the project's upload rules."""
+
+
+COUNTING = {"mean": CountingFedAvg, "median": CountingFedMedian,
+            "trimmed": CountingFedTrimmedAvg, "krum": CountingKrum}
+
+
+def counting_strategy(fed: Federation, shapes: dict[str, tuple[int, ...]], fl, **kw) -> FedAvg:
+    """The Flower strategy of ``fl.aggregation`` (with its knob), with the upload rules."""
+    rule = str(fl.aggregation)
+    if rule not in COUNTING:
+        raise ValueError(f"fl.aggregation={rule!r}: one of {', '.join(COUNTING)}")
+    if rule == "trimmed":
+        kw["beta"] = float(fl.trim_beta)
+    elif rule == "krum":
+        kw["num_malicious_nodes"] = int(fl.krum_malicious)
+    return COUNTING[rule](fed, shapes, **kw)
+
+
 @register("fedavg")
 class FedAvgDense(FLStrategy):
     name = "fedavg"
@@ -80,10 +121,10 @@ class FedAvgDense(FLStrategy):
         mc, ec, f = self.seed_model.cfg, self.cfg.expert, self.cfg.fl
         init = fresh_loras(self.seed_model, int(ec.rank), float(ec.alpha),
                            [derive_seed(self.cfg.run.seed, 0)])[0]
-        strat = CountingFedAvg(fed, lora_shapes(mc.depth, mc.dim, mc.mlp_hidden, int(ec.rank)),
-                               fraction_train=1.0, fraction_evaluate=0.0,
-                               min_train_nodes=int(fed.cfg.federation.min_clients),
-                               min_available_nodes=len(fed.clients))
+        strat = counting_strategy(fed, lora_shapes(mc.depth, mc.dim, mc.mlp_hidden, int(ec.rank)),
+                                  f, fraction_train=1.0, fraction_evaluate=0.0,
+                                  min_train_nodes=int(fed.cfg.federation.min_clients),
+                                  min_available_nodes=len(fed.clients))
         with fed.phase("train"):
             result = strat.start(grid=fed.grid, initial_arrays=to_record(
                 {k: v.numpy() for k, v in init.items()}), num_rounds=int(f.rounds),
@@ -96,4 +137,5 @@ class FedAvgDense(FLStrategy):
                         [lora], None)
         evals = self.evaluate_moe(fed, moe)
         return Outcome(evaluations=evals, model=moe, model_extra=self.model_extra(),
-                       extra={"fl_rounds": strat.history})
+                       extra={"fl_rounds": strat.history,
+                              "fl_aggregation": str(f.aggregation)})

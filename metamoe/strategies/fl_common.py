@@ -9,11 +9,13 @@ Fair budget (``conf/method/*.yaml``): ``fl.rounds`` R x ``fl.epochs`` E local ep
 R=4 x E=2 = 8 passes over Dp per client, as MetaMoE's one expert training (expert.epochs=8 over
 Dp ∪ 500 proxies); same optimizer (Adam, lr 3e-3). The iterative methods use no public data.
 
-Upload bytes per client are counted by ``Federation.exchange``; for Flower's FedAvg the reply
-bytes are counted in :meth:`CountingFedAvg.aggregate_train`.
+Upload bytes per client are counted by ``Federation.exchange``; for Flower's strategies (FedAvg
+or the robust rule of ``fl.aggregation``) the reply bytes are counted in
+:meth:`fedavg.Counting.aggregate_train`.
 
 One module per method here: ``fedavg.py``,
-``fedalign.py`` (FedAvg-MoE and FedAlign-MoE), ``ddome.py``.
+``fedalign.py`` (FedAvg-MoE and FedAlign-MoE), ``ddome.py``; ``robust.py`` holds the robust
+aggregation rules (``fl.aggregation``) that FedAvg-MoE and DDOME apply to their states.
 """
 
 from __future__ import annotations
