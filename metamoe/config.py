@@ -202,6 +202,43 @@ class FLConf(OptimConf):
     ddome_anchors: bool = True  # client p < M anchors expert p (one-to-one)
     ddome_gate_hidden: int = 64
     ddome_gate_lr: float = 1e-3
+    # How the server combines the clients' updates each round (robust aggregation against a
+    # poisoned update): mean (FedAvg, weighted by num-examples) | median (FedMedian) |
+    # trimmed (FedTrimmedAvg, trim_beta cut from each end) | krum (Krum, krum_malicious
+    # assumed attackers). fedavg uses Flower's own strategies; fedavg_moe and ddome the same
+    # rules element-wise over their states (strategies/robust.py).
+    aggregation: str = "mean"
+    trim_beta: float = 0.2
+    krum_malicious: int = 1
+
+
+@dataclass
+class ScreenConf:
+    """Server-side screening of each client's expert upload before unify
+    (``metamoe/strategies/screen.py``), from what the server legitimately holds: M0, the public
+    pool and each client's proxies with their public labels. Thresholds chosen on clean runs
+    (``python -m bench.attacks --clean``; docs/results.md "Poisoned uploads")."""
+    enabled: bool = True
+    # the expert on its own proxies against M0: loss ratio expert/M0, accuracy drop (0-1)
+    max_proxy_loss_ratio: float = 2.0
+    max_proxy_acc_drop: float = 0.25
+    # ||ΔW||_F / ||W0||_F of the LoRA delta, max over layers and fc1/fc2
+    max_delta_ratio: float = 2.0
+    # robust z-score of log(delta ratio) against the other clients (median / MAD), applied
+    # when at least min_clients_z experts are uploaded
+    max_delta_z: float = 8.0
+    min_clients_z: int = 5
+    # router vectors against the FFN-input means of the client's proxies under its expert:
+    # norm ratio per layer within [1/r, r]; direction (centred cosine) no worse than the best
+    # match among the other clients' proxies by more than max_router_gap
+    router_norm_range: float = 3.0
+    max_router_gap: float = 0.5
+    # two uploads whose LoRA deltas have cosine >= this are one replayed upload
+    max_duplicate_cos: float = 0.99
+    # robust by construction: router rows longer than router_clip x the norm of the
+    # client's proxies' FFN-input mean are shortened to it before the router is built
+    # (0: off)
+    router_clip: float = 2.0
 
 
 @dataclass
@@ -261,6 +298,7 @@ class Config:
     federation: FederationConf = field(default_factory=FederationConf)
     fl: FLConf = field(default_factory=FLConf)
     privacy: PrivacyConf = field(default_factory=PrivacyConf)
+    screen: ScreenConf = field(default_factory=ScreenConf)
     run: RunConf = field(default_factory=RunConf)
 
 
@@ -285,6 +323,7 @@ CHOICES = {
     "fl.align_score": ("expert", "client", "usage"),
     "fl.align_threshold": ("adaptive", "fixed"),
     "fl.align_descriptor": ("output", "delta", "input"),
+    "fl.aggregation": ("mean", "median", "trimmed", "krum"),
     "run.precision": ("fp32", "bf16", "fp16"),
 }
 
@@ -458,6 +497,21 @@ def validate(cfg: DictConfig) -> None:
     if cfg.privacy.min_count < 1:
         raise ConfigError(f"privacy.min_count must be >= 1 (1: no floor), got "
                           f"{cfg.privacy.min_count}")
+    if not 0.0 <= cfg.fl.trim_beta < 0.5:
+        raise ConfigError(f"fl.trim_beta must be in [0, 0.5), got {cfg.fl.trim_beta}")
+    if cfg.fl.krum_malicious < 0:
+        raise ConfigError(f"fl.krum_malicious must be >= 0, got {cfg.fl.krum_malicious}")
+    sc = cfg.screen
+    for key in ("max_proxy_loss_ratio", "max_delta_ratio", "max_delta_z", "max_duplicate_cos"):
+        if sc[key] <= 0:
+            raise ConfigError(f"screen.{key} must be positive, got {sc[key]}")
+    if sc.router_norm_range <= 1:
+        raise ConfigError(f"screen.router_norm_range must be > 1, got {sc.router_norm_range}")
+    if sc.router_clip != 0 and sc.router_clip < 1:
+        raise ConfigError(f"screen.router_clip must be 0 (off) or >= 1, got {sc.router_clip}")
+    if not 0 <= sc.max_proxy_acc_drop <= 1 or sc.max_router_gap < 0:
+        raise ConfigError("screen.max_proxy_acc_drop must be in [0, 1] and "
+                          "screen.max_router_gap >= 0")
 
 
 def num_clients(cfg: DictConfig) -> int:

@@ -210,6 +210,20 @@ def write_report(run_dir: Path, metrics: dict) -> None:
                   "| client | sketch ε | router vectors ε | DP-SGD ε (expert or FL rounds, "
                   "add/remove) | total ε | "
                   "total δ |", "|---|---|---|---|---|---|", *dp_rows]
+    scr = metrics.get("screening")
+    if scr:
+        def f(st, k, fmt=".2f"):
+            return format(st[k], fmt) if k in st else "–"
+        rows = [f"| {c} | {f(st, 'proxy_loss_ratio')} | {f(st, 'proxy_acc_drop', '+.3f')} | "
+                f"{f(st, 'delta_ratio', '.3g')} | {f(st, 'router_norm_ratio_min')}–"
+                f"{f(st, 'router_norm_ratio_max')} | {f(st, 'router_gap', '+.2f')} | "
+                f"{'accepted' if scr['decision'][c] == 'accepted' else 'REJECTED'} |"
+                for c, st in scr["stats"].items()]
+        lines += ["", "## Screening of the expert uploads", "",
+                  "From M0, the public pool and each client's proxies only "
+                  "(metamoe/strategies/screen.py); reasons under \"Missing or rejected\".", "",
+                  "| client | proxy loss ÷ M0's | proxy acc drop | ‖ΔW‖/‖W0‖ | router norm ÷ "
+                  "proxies' | router gap | decision |", "|---|---|---|---|---|---|---|", *rows]
     if metrics.get("missing") or metrics.get("rejected"):
         lines += ["", "## Missing or rejected clients", ""]
         for phase, who in metrics.get("missing", {}).items():

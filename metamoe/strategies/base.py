@@ -198,23 +198,23 @@ class Federation:
             nid = rep.metadata.src_node_id
             who = self.client_name(nid)
             if rep.has_error():
-                self._reject(phase, who, f"client error: {rep.error.reason}")
+                self.reject(phase, who, f"client error: {rep.error.reason}")
                 continue
             if nid not in expected or nid in out:
-                self._reject(phase, who, "unexpected or duplicate reply")
+                self.reject(phase, who, "unexpected or duplicate reply")
                 continue
             nbytes = record_nbytes(rep.content)
             if nbytes > limit:
-                self._reject(phase, who, f"upload of {nbytes} bytes exceeds "
+                self.reject(phase, who, f"upload of {nbytes} bytes exceeds "
                                          f"federation.max_upload_mb={self.cfg.federation.max_upload_mb}")
                 continue
             try:
                 out[nid] = validate(nid, rep.content)
             except UploadError as e:
-                self._reject(phase, who, str(e))
+                self.reject(phase, who, str(e))
                 continue
             except Exception as e:  # a validator must never take the server down
-                self._reject(phase, who, f"invalid upload: {type(e).__name__}: {e}")
+                self.reject(phase, who, f"invalid upload: {type(e).__name__}: {e}")
                 continue
             self.upload_bytes[self.client_name(nid)] += nbytes
         gone = [self.client_name(n) for n in expected if n not in out]
@@ -227,7 +227,8 @@ class Federation:
                              f"federation.min_clients={need}; missing/rejected: {gone}")
         return out
 
-    def _reject(self, phase: str, who: str, reason: str) -> None:
+    def reject(self, phase: str, who: str, reason: str) -> None:
+        """Log and record a rejected upload (``metrics.json["rejected"]``)."""
         log.warning("phase %s: REJECTED upload from %s: %s", phase, who, reason)
         self.rejected.append({"phase": phase, "client": who, "reason": reason})
 

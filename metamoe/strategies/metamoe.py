@@ -82,6 +82,7 @@ class MetaMoE(PhaseStrategy):
                                         for c, e in experts.items()}),
                         {"order": list(experts), "metrics": {c: e[2] for c, e in experts.items()}})
         extra.update(self.expert_extras(experts))
+        experts = self.screen(fed, experts, selections, extra)
 
         used = {c: selections[c] for c in experts}
         saved = ck.load("unify") if ck else None

@@ -33,7 +33,8 @@ from metamoe.protocol import (
 )
 from metamoe.proxy import sketch as psk
 from metamoe.proxy.select import select_proxies
-from metamoe.strategies.base import Federation, Strategy
+from metamoe.strategies.base import Federation, PhaseError, Strategy
+from metamoe.strategies.screen import screen_experts
 from metamoe.training import finetune
 
 log = logging.getLogger("metamoe")
@@ -115,6 +116,38 @@ class PhaseStrategy(Strategy):
         metrics = check_metrics(get_record(content, "metrics", MetricRecord, name),
                                 ["n_train"], name)
         return lora, router["vectors"], metrics
+
+    # ---------------------------------------------------------------- screening
+    def screen(self, fed: Federation, experts: dict[str, tuple], selections,
+               extra: dict) -> dict[str, tuple]:
+        """Screen the expert uploads (``strategies/screen.py``) before unify: rejected clients
+        are logged and recorded like malformed uploads and take no further part (no expert, no
+        proxies in the unify data, no evaluation); the others' router vectors come back clipped.
+        Statistics and decisions go to ``metrics.json["screening"]``."""
+        sc = self.cfg.screen
+        if not sc.enabled or not experts:
+            return experts
+        method = self.cfg.select.method
+        proxies = {c: np.asarray(selections[c][method], np.int64) for c in experts
+                   if c in selections}
+        with fed.phase("screen"):
+            stats, rejected, vectors = screen_experts(
+                self.seed_model, self.bench.pool_x, self.bench.pool_y, experts, proxies, sc,
+                int(self.cfg.expert.rank), float(self.cfg.expert.alpha))
+        extra["screening"] = {"stats": stats,
+                              "decision": {c: rejected.get(c, "accepted") for c in experts}}
+        for c, why in rejected.items():
+            fed.reject("screen", c, why)
+        if rejected:
+            fed.missing["screen"] = sorted(rejected)
+            fed.drop_missing([nid for nid, info in fed.clients.items()
+                              if info.name not in rejected])
+        kept = {c: (e[0], vectors[c], e[2]) for c, e in experts.items() if c not in rejected}
+        need = int(self.cfg.federation.min_clients)
+        if len(kept) < need:
+            raise PhaseError(f"phase screen: only {len(kept)} experts passed screening, "
+                             f"federation.min_clients={need}; rejected: {rejected}")
+        return kept
 
     # ---------------------------------------------------------------- phase 4: unify
     def unify_moe_config(self, names: list[str]) -> MoEConfig:
