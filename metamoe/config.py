@@ -224,8 +224,9 @@ class ScreenConf:
     max_proxy_acc_drop: float = 0.25
     # ||ΔW||_F / ||W0||_F of the LoRA delta, max over layers and fc1/fc2
     max_delta_ratio: float = 2.0
-    # robust z-score of log(delta ratio) against the other clients (median / MAD), applied
-    # when at least min_clients_z experts are uploaded
+    # the delta ratio over the clients' median (with three or more clients), and its robust
+    # z-score, log scale, against the other clients (median / MAD; min_clients_z or more)
+    max_delta_vs_median: float = 4.0
     max_delta_z: float = 8.0
     min_clients_z: int = 5
     # router vectors against the FFN-input means of the client's proxies under its expert:
@@ -502,7 +503,8 @@ def validate(cfg: DictConfig) -> None:
     if cfg.fl.krum_malicious < 0:
         raise ConfigError(f"fl.krum_malicious must be >= 0, got {cfg.fl.krum_malicious}")
     sc = cfg.screen
-    for key in ("max_proxy_loss_ratio", "max_delta_ratio", "max_delta_z", "max_duplicate_cos"):
+    for key in ("max_proxy_loss_ratio", "max_delta_ratio", "max_delta_vs_median", "max_delta_z",
+                "max_duplicate_cos"):
         if sc[key] <= 0:
             raise ConfigError(f"screen.{key} must be positive, got {sc[key]}")
     if sc.router_norm_range <= 1:

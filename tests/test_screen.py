@@ -52,7 +52,7 @@ def fed():
         with torch.no_grad():
             for p in m.parameters():
                 if p.requires_grad:  # a small delta: A kept, B drawn (it starts at 0)
-                    p.copy_(p * 0.05 if p.abs().sum() > 0 else torch.randn_like(p) * 0.02)
+                    p.copy_(p * 0.05 if p.abs().sum() > 0 else torch.randn_like(p) * 2.0)
         proxies[name] = np.arange(40 * k, 40 * k + 30)
         vec = ffn_input_means(m, torch.from_numpy(pool_x[proxies[name]])).numpy()
         experts[name] = ({k2: v.numpy() for k2, v in lora_state_dict(m).items()}, vec, {})
@@ -97,6 +97,10 @@ def test_scaled_delta_is_rejected(fed):
     stats, rejected, _ = run(fed, experts, max_delta_ratio=50 * r0)
     assert set(rejected) == {"c"} and "LoRA delta" in rejected["c"]
     assert stats["c"]["delta_ratio"] == pytest.approx(100 * r0, rel=1e-4)
+    # with no absolute bound, the median of the three clients still exposes it
+    stats, rejected, _ = run(fed, experts, max_delta_ratio=1e9)
+    assert set(rejected) == {"c"} and "the clients' median" in rejected["c"]
+    assert stats["c"]["delta_vs_median"] > 50
 
 
 def test_copied_router_vectors_are_rejected(fed):

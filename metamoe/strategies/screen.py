@@ -9,8 +9,9 @@ proxies with their public labels — and nothing a client did not upload:
   server chose for that client. Honest experts were trained on those proxies (or at least on
   data they resemble); one trained on permuted labels, or a scaled delta, loses on them:
   ``proxy_loss_ratio`` (expert / M0 cross-entropy) and ``proxy_acc_drop`` (M0 - expert).
-* **size of the delta**: ``delta_ratio`` = max over layers and fc1/fc2 of ‖ΔW‖_F / ‖W0‖_F,
-  and ``delta_z``, its robust z-score (log scale, median / MAD) among the clients.
+* **size of the delta**: ``delta_ratio`` = max over layers and fc1/fc2 of ‖ΔW‖_F / ‖W0‖_F;
+  ``delta_vs_median``, it over the clients' median (three or more clients), and ``delta_z``,
+  its robust z-score (log scale, median / MAD) among ``screen.min_clients_z`` or more.
 * **router vectors against the proxies**: the FFN-input means of the client's proxies under
   its expert, μ_p, are what its router vectors v_p partly average (``expert.router_data``
   union). ``router_norm_ratio_{min,max}`` = ‖v_l‖ / ‖μ_l‖ over layers (a scaled vector is
@@ -39,7 +40,7 @@ from torch import nn
 from metamoe.models.lora import FFN_TARGETS, inject_ffn_lora, load_lora_state_dict, lora_key
 from metamoe.training import predict_logits
 
-STATS = ("proxy_loss_ratio", "proxy_acc_drop", "delta_ratio", "delta_z", "router_norm_ratio_min",
+STATS = ("proxy_loss_ratio", "proxy_acc_drop", "delta_ratio", "delta_vs_median", "delta_z", "router_norm_ratio_min",
          "router_norm_ratio_max", "router_fit", "router_gap")
 
 
@@ -115,6 +116,10 @@ def screen_experts(seed: nn.Module, pool_x, pool_y: np.ndarray, experts: dict[st
         st["router_norm_ratio_min"], st["router_norm_ratio_max"] = float(ratio.min()), \
             float(ratio.max())
     logs = {n: math.log(max(stats[n]["delta_ratio"], 1e-30)) for n in names}
+    if len(names) >= 3:  # the median of three or more is not moved by one client
+        med = float(np.median([stats[n]["delta_ratio"] for n in names]))
+        for n in names:
+            stats[n]["delta_vs_median"] = stats[n]["delta_ratio"] / max(med, 1e-30)
     if len(names) >= int(sc.min_clients_z):
         med = float(np.median(list(logs.values())))
         mad = 1.4826 * float(np.median([abs(v - med) for v in logs.values()]))
@@ -140,6 +145,9 @@ def screen_experts(seed: nn.Module, pool_x, pool_y: np.ndarray, experts: dict[st
         if st["delta_ratio"] > sc.max_delta_ratio:
             why.append(f"LoRA delta {st['delta_ratio']:.3g}x M0's weight norm "
                        f"(screen.max_delta_ratio={sc.max_delta_ratio})")
+        if st.get("delta_vs_median", 0.0) > sc.max_delta_vs_median:
+            why.append(f"LoRA delta {st['delta_vs_median']:.2f}x the clients' median "
+                       f"(screen.max_delta_vs_median={sc.max_delta_vs_median})")
         if st.get("delta_z", 0.0) > sc.max_delta_z:
             why.append(f"LoRA delta norm robust z-score {st['delta_z']:.1f} against the other "
                        f"clients (screen.max_delta_z={sc.max_delta_z})")
