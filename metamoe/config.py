@@ -233,7 +233,7 @@ class ScreenConf:
     # norm ratio per layer within [1/r, r]; direction (centred cosine) no worse than the best
     # match among the other clients' proxies by more than max_router_gap
     router_norm_range: float = 3.0
-    max_router_gap: float = 0.5
+    max_router_gap: float = 0.8
     # two uploads whose LoRA deltas have cosine >= this are one replayed upload
     max_duplicate_cos: float = 0.99
     # robust by construction: router rows longer than router_clip x the norm of the
