@@ -71,8 +71,9 @@ def permuted_expert(cfg, seed, dom, bench, idx: np.ndarray, rng_seed: int):
 class Run:
     """One benchmark's clients, sketches, selections and honest experts, in-process."""
 
-    def __init__(self, benchmark: str, seed: int):
-        self.cfg = cfg = resolve_config({"benchmark": benchmark, "seed": seed})
+    def __init__(self, benchmark: str, seed: int, overrides: str = ""):
+        self.cfg = cfg = resolve_config({"benchmark": benchmark, "seed": seed,
+                                         "overrides": overrides})
         self.bench = load_benchmark(cfg)
         self.m0, pool, _ = get_seed_model(cfg, self.bench)
         self.strategy = MetaMoE(cfg, self.m0, self.bench, pool)
