@@ -19,21 +19,19 @@ import json
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, Context, Message
-from flwr.serverapp import ServerApp
-from flwr.simulation import run_simulation
 
 from bench.attacks import permuted_expert, scale_delta
-from metamoe.clients import client_app as ca
 from metamoe.clients import stages
 from metamoe.clients.node import node_data, seed_model
 from metamoe.config import resolve_config
 from metamoe.data import client_names
 from metamoe.protocol import EXPERT, IDENTIFY, SKETCH, from_record, to_record
 from metamoe.proxy.sketch import sketch_from_arrays
-from metamoe.server import server_app as sa
 from metamoe.server.seed import get_seed_model
 from metamoe.strategies.metamoe import MetaMoE
 from metamoe.training import derive_seed
+from tests.flower_sim import simulate as simulate_apps
+from tests.flower_sim import with_run_config
 
 pytestmark = [pytest.mark.attacks, pytest.mark.slow]
 
@@ -59,12 +57,10 @@ def _victim_proxies(cfg, view: Context, victim: int) -> ArrayRecord:
     return to_record({"selected": sel[method], **{k: v for k, v in sel.items() if k != method}})
 
 
-def make_apps(run_config: dict, attacks: dict[int, tuple[str, int | None]]):
+def attack_mod(run_config: dict, attacks: dict[int, tuple[str, int | None]]):
     def mod(msg: Message, ctx: Context, call_next) -> Message:
         def view(pid: int) -> Context:
-            return Context(run_id=ctx.run_id, node_id=ctx.node_id,
-                           node_config={**ctx.node_config, "partition-id": pid},
-                           state=ctx.state, run_config=dict(run_config))
+            return with_run_config(ctx, run_config, **{"partition-id": pid})
 
         pid = int(ctx.node_config["partition-id"])
         mtype = msg.metadata.message_type
@@ -105,23 +101,13 @@ def make_apps(run_config: dict, attacks: dict[int, tuple[str, int | None]]):
             c["expert"], c["router"] = to_record(lora), to_record({"vectors": vec})
         return reply
 
-    client = ca.build_client_app(mods=[mod])
-    server = ServerApp()
-
-    @server.main()
-    def main(grid, context):
-        context.run_config = dict(run_config)
-        sa.main(grid, context)
-
-    return server, client
+    return mod
 
 
 def simulate(tmp, run_id: str, attacks: dict, cache: str) -> dict:
     rc = {"benchmark": "tiny_learn", "run-id": run_id, "output-dir": str(tmp / "results"),
           "cache-dir": cache, "overrides": OVERRIDES}
-    server, client = make_apps(rc, attacks)
-    run_simulation(server_app=server, client_app=client, num_supernodes=8,
-                   backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}})
+    simulate_apps(rc, 8, attack_mod(rc, attacks))
     run_dir = tmp / "results" / run_id
     return json.loads((run_dir / "metrics.json").read_text()) | \
         {"report": (run_dir / "report.md").read_text()}

@@ -15,6 +15,7 @@ from metamoe.config import ConfigError, resolve_config
 from metamoe.data import load_benchmark
 from metamoe.launch import launch
 from metamoe.training import accuracy
+from tests.flower_sim import simulate as simulate_apps
 
 
 def test_bad_config_fails_before_anything_starts(tmp_path):
@@ -109,33 +110,10 @@ def test_tiny_bf16_run_learns_and_ships_fp32_weights(tmp_path, monkeypatch, cach
 
 
 def simulate(benchmark: str, out: Path, cache_dir: str, run_id: str, nodes: int = 2) -> dict:
-    """One run of the real ServerApp and ClientApp in Flower's simulation engine, in this
-    process (no ``flwr run`` subprocess: the launcher has its own tests above)."""
-    from flwr.app import Context
-    from flwr.serverapp import ServerApp
-    from flwr.simulation import run_simulation
-
-    from metamoe.clients import client_app as ca
-    from metamoe.server import server_app as sa
-
-    rc = {"benchmark": benchmark, "run-id": run_id, "output-dir": str(out),
-          "cache-dir": cache_dir}
-
-    def with_config(msg, ctx, call_next):  # run_simulation hands the apps an empty run_config
-        return call_next(msg, Context(run_id=ctx.run_id, node_id=ctx.node_id,
-                                      node_config=ctx.node_config, state=ctx.state,
-                                      run_config=dict(rc)))
-
-    server = ServerApp()
-
-    @server.main()
-    def main(grid, context):
-        context.run_config = dict(rc)
-        sa.main(grid, context)
-
-    run_simulation(server_app=server, client_app=ca.build_client_app(mods=[with_config]),
-                   num_supernodes=nodes,
-                   backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}})
+    """One run of the real apps in Flower's simulation engine, in this process (no ``flwr run``
+    subprocess: the launcher has its own tests above)."""
+    simulate_apps({"benchmark": benchmark, "run-id": run_id, "output-dir": str(out),
+                   "cache-dir": cache_dir}, nodes)
     return json.loads((out / run_id / "metrics.json").read_text())
 
 

@@ -17,13 +17,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message
-from flwr.serverapp import ServerApp
-from flwr.simulation import run_simulation
 
-from metamoe.clients import client_app as ca
-from metamoe.server import server_app as sa
 from metamoe.strategies import PhaseError
 from metamoe.strategies.base import Checkpoint
+from tests.flower_sim import simulate as simulate_apps
+from tests.flower_sim import with_run_config
 
 pytestmark = [pytest.mark.faults, pytest.mark.slow]
 
@@ -58,14 +56,10 @@ def _corrupt(reply: Message, kind: str) -> None:
     expert[key] = Array(a)
 
 
-def make_apps(run_config: dict, faults: dict[tuple[str, int], str], calls_dir: Path):
-    """Our ServerApp/ClientApp handlers, with the tiny config and a fault-injecting mod."""
+def fault_mod(run_config: dict, faults: dict[tuple[str, int], str], calls_dir: Path):
+    """A mod that logs every message a node handles and injects ``faults``."""
 
     def inject(msg: Message, ctx: Context, call_next) -> Message:
-        # run_simulation passes an empty run_config (and it is read-only): hand the handlers
-        # a Context with the tiny config that shares this node's state.
-        view = Context(run_id=ctx.run_id, node_id=ctx.node_id, node_config=ctx.node_config,
-                       state=ctx.state, run_config=dict(run_config))
         pid = int(ctx.node_config["partition-id"])
         mtype = msg.metadata.message_type
         with open(calls_dir / f"calls-{os.getpid()}.log", "a") as f:
@@ -73,20 +67,12 @@ def make_apps(run_config: dict, faults: dict[tuple[str, int], str], calls_dir: P
         kind = faults.get((mtype, pid))
         if kind == "drop":
             raise RuntimeError(f"injected dropout of partition {pid} in {mtype}")
-        reply = call_next(msg, view)
+        reply = call_next(msg, with_run_config(ctx, run_config))
         if kind:
             _corrupt(reply, kind)
         return reply
 
-    client = ca.build_client_app(mods=[inject])
-    server = ServerApp()
-
-    @server.main()
-    def main(grid, context):
-        context.run_config = dict(run_config)
-        sa.main(grid, context)
-
-    return server, client
+    return inject
 
 
 def simulate(tmp: Path, run_id: str, nodes: int, faults: dict, overrides: str = "",
@@ -95,9 +81,7 @@ def simulate(tmp: Path, run_id: str, nodes: int, faults: dict, overrides: str = 
     calls.mkdir(parents=True)
     rc = {"benchmark": "tiny", "run-id": run_id, "output-dir": str(tmp / "results"),
           "cache-dir": cache or str(tmp / "cache"), "overrides": overrides}
-    server, client = make_apps(rc, faults, calls)
-    run_simulation(server_app=server, client_app=client, num_supernodes=nodes,
-                   backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}})
+    simulate_apps(rc, nodes, fault_mod(rc, faults, calls))
     return calls
 
 

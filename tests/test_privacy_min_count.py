@@ -35,6 +35,7 @@ from metamoe.clients.privacy import (
 from metamoe.config import ConfigError, resolve_config
 from metamoe.proxy.scoring import relevance_scores
 from metamoe.proxy.sketch import CentroidSketch, fit_centroid_sketch, merge_small_cells, sketch_from_arrays
+from tests.flower_sim import simulate, with_run_config
 
 MIN = 20  # the default privacy.min_count
 COS = 0.999
@@ -387,34 +388,15 @@ def _simulate(tmp: Path, cache: str, run_id: str, method: str, small: int,
     """Flower simulation of ``method`` on tiny with 3 nodes; partition ``small`` runs with a
     floor above its whole private set (train 150, test 100), i.e. it is a client whose data
     is below ``privacy.min_count``."""
-    from flwr.app import Context
-    from flwr.serverapp import ServerApp
-    from flwr.simulation import run_simulation
-
-    from metamoe.clients import client_app as ca
-    from metamoe.server import server_app as sa
-
     rc = {"benchmark": "tiny", "method": method, "run-id": run_id,
           "output-dir": str(tmp / "results"), "cache-dir": cache, "overrides": overrides}
+    small_rc = dict(rc, overrides=overrides + " privacy.min_count=100000")
 
     def inject(msg, ctx, call_next):
-        conf = dict(rc)
-        if int(ctx.node_config["partition-id"]) == small:
-            conf["overrides"] = overrides + " privacy.min_count=100000"
-        return call_next(msg, Context(run_id=ctx.run_id, node_id=ctx.node_id,
-                                      node_config=ctx.node_config, state=ctx.state,
-                                      run_config=conf))
+        small_node = int(ctx.node_config["partition-id"]) == small
+        return call_next(msg, with_run_config(ctx, small_rc if small_node else rc))
 
-    server = ServerApp()
-
-    @server.main()
-    def main(grid, context):
-        context.run_config = dict(rc)
-        sa.main(grid, context)
-
-    run_simulation(server_app=server, client_app=ca.build_client_app(mods=[inject]),
-                   num_supernodes=3,
-                   backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}})
+    simulate(rc, 3, inject)
     return json.loads((tmp / "results" / run_id / "metrics.json").read_text())
 
 

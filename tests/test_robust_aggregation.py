@@ -18,9 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, Context, Message, Metadata, MetricRecord, RecordDict
-from flwr.serverapp import ServerApp
 from flwr.serverapp.strategy import FedAvg, FedMedian, FedTrimmedAvg, Krum
-from flwr.simulation import run_simulation
 from omegaconf import OmegaConf
 
 from metamoe.config import ConfigError, resolve_config
@@ -32,6 +30,7 @@ from metamoe.strategies.fedalign import FedAlignMoE, FedAvgMoE
 from metamoe.strategies.fedavg import counting_strategy
 from metamoe.strategies.fl_common import fedavg_states
 from metamoe.strategies.robust import aggregate_states, aggregator
+from tests.flower_sim import simulate, with_run_config
 
 
 def agg(states, rule, n=None, beta=0.2, f=1):
@@ -193,14 +192,9 @@ def test_counting_strategy_is_the_flower_class_and_still_screens(rule, cls):
 POISONED, SCALE = 2, 100.0
 
 
-def _apps(run_config: dict, dump: Path):
-    from metamoe.clients import client_app as ca
-    from metamoe.server import server_app as sa
-
+def _poison(run_config: dict, dump: Path):
     def poison(msg: Message, ctx: Context, call_next) -> Message:
-        view = Context(run_id=ctx.run_id, node_id=ctx.node_id, node_config=ctx.node_config,
-                       state=ctx.state, run_config=dict(run_config))
-        reply = call_next(msg, view)  # the real handler ran
+        reply = call_next(msg, with_run_config(ctx, run_config))  # the real handler ran
         if msg.metadata.message_type != "train" or reply.has_error():
             return reply
         pid = int(ctx.node_config["partition-id"])
@@ -211,15 +205,7 @@ def _apps(run_config: dict, dump: Path):
         np.savez(dump / f"r{rnd}-p{pid}-{os.getpid()}.npz", **arrays)
         return reply
 
-    client = ca.build_client_app(mods=[poison])
-    server = ServerApp()
-
-    @server.main()
-    def main(grid, context):
-        context.run_config = dict(run_config)
-        sa.main(grid, context)
-
-    return server, client
+    return poison
 
 
 @pytest.mark.slow
@@ -232,9 +218,7 @@ def test_e2e_fedavg_median_survives_a_scaled_reply(tmp_path, cache_dir):
     rc = {"benchmark": "tiny", "method": "fedavg", "run-id": "median",
           "output-dir": str(tmp_path / "results"), "cache-dir": cache_dir,
           "overrides": "benchmark.num_clients=3 fl.aggregation=median fl.rounds=2 fl.epochs=1"}
-    server, client = _apps(rc, dump)
-    run_simulation(server_app=server, client_app=client, num_supernodes=3,
-                   backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}})
+    simulate(rc, 3, _poison(rc, dump))
     run_dir = tmp_path / "results" / "median"
     m = json.loads((run_dir / "metrics.json").read_text())
     assert m["fl_aggregation"] == "median" and m["config"]["fl"]["aggregation"] == "median"
