@@ -37,7 +37,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from metamoe.models.lora import FFN_TARGETS, inject_ffn_lora, load_lora_state_dict, lora_key
+from metamoe.models.lora import (
+    FFN_TARGETS,
+    ffn_input_means,
+    inject_ffn_lora,
+    load_lora_state_dict,
+    lora_key,
+)
 from metamoe.training import predict_logits
 
 STATS = ("proxy_loss_ratio", "proxy_acc_drop", "delta_ratio", "delta_vs_median", "delta_z", "router_norm_ratio_min",
@@ -84,8 +90,6 @@ def screen_experts(seed: nn.Module, pool_x, pool_y: np.ndarray, experts: dict[st
 
     ``proxies[c]``: pool indices the server chose for client c. Returns (statistics per client,
     {rejected client: reason}, router vectors of the accepted clients after the clip)."""
-    from metamoe.models.lora import ffn_input_means
-
     names = list(experts)
     scale = alpha / rank
     labelled = pool_y >= 0
