@@ -17,13 +17,20 @@ train.expert        ``expert`` FFN-LoRA A/B          clients.stages.expert_stage
 evaluate            ``metrics`` accuracies, coverage clients.stages.evaluate_stage
 query.fl_seed       ``info`` acknowledgement         clients.fl_handlers.fl_seed
 train               ``arrays`` FFN-LoRA weights      clients.fl_handlers.fedavg_train
-train.fl_moe        router rows, λ, experts' LoRA,   clients.fl_handlers.fl_moe_train,
-                    mean routing distribution and    clients.fl_local (means over the whole
-                    per-expert mean outputs          local set)
-query.ddome_select  K expert indices from gate       clients.fl_handlers.ddome_select
-                    scores summed over Dp
-train.ddome         gate MLP + selected experts      clients.fl_handlers.ddome_train
-evaluate.ddome      accuracies (scalars)             clients.fl_handlers.ddome_evaluate
+                    ``metrics`` |Dp|, loss or ε
+train.fl_moe        ``moe`` router rows, λ, the      clients.fl_handlers.fl_moe_train
+                    experts' LoRA
+                    ``stats`` (FedAlign) mean        clients.fl_local.moe_local_stats (means
+                    routing distribution and         over the whole local set)
+                    per-expert mean outputs
+                    ``metrics`` |Dp|, loss or ε
+query.ddome_select  ``select`` K expert indices      clients.fl_handlers.ddome_select
+                    from gate scores summed over Dp
+                    ``metrics`` |Dp|
+train.ddome         ``gate`` gate MLP                clients.fl_handlers.ddome_train
+                    ``experts`` the K experts' LoRA
+                    ``metrics`` |Dp|, loss
+evaluate.ddome      ``metrics`` accuracies           clients.fl_handlers.ddome_evaluate
 ==================  ===============================  =========================================
 
 Every message type is a constant below (``MESSAGE_TYPES``); the ClientApp registers one

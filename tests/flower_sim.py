@@ -25,28 +25,32 @@ def with_run_config(ctx: Context, run_config: dict, **node_config) -> Context:
                    run_config=dict(run_config))
 
 
-def server_app(run_config: dict) -> ServerApp:
+def server_app(run_config: dict, grid: Callable | None = None) -> ServerApp:
+    """The project's ServerApp with the test's run config (and its Grid wrapped by ``grid``,
+    e.g. a recorder)."""
     from metamoe.server import server_app as sa
 
     server = ServerApp()
 
     @server.main()
-    def main(grid, context):
+    def main(g, context):
         context.run_config = dict(run_config)
-        sa.main(grid, context)
+        sa.main(grid(g) if grid else g, context)
 
     return server
 
 
-def simulate(run_config: dict, nodes: int, mod: Mod | None = None) -> None:
-    """One run: the project's ServerApp and ClientApp (behind ``mod``, or a mod that only
-    injects ``run_config``) on ``nodes`` simulated SuperNodes, one CPU each."""
+def simulate(run_config: dict, nodes: int, mod: Mod | None = None,
+             grid: Callable | None = None) -> None:
+    """One run: the project's ServerApp (its Grid wrapped by ``grid``) and ClientApp (behind
+    ``mod``, or a mod that only injects ``run_config``) on ``nodes`` simulated SuperNodes, one
+    CPU each."""
     from metamoe.clients import client_app as ca
 
     if mod is None:
         def mod(msg, ctx, call_next):
             return call_next(msg, with_run_config(ctx, run_config))
 
-    run_simulation(server_app=server_app(run_config), client_app=ca.build_client_app(mods=[mod]),
-                   num_supernodes=nodes,
+    run_simulation(server_app=server_app(run_config, grid),
+                   client_app=ca.build_client_app(mods=[mod]), num_supernodes=nodes,
                    backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}})

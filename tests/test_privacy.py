@@ -2,13 +2,11 @@
 the tiny vision and the tiny text benchmark, and prove that none of it is a private sample, a
 per-sample embedding or a per-sample gradient.
 
-How the run is driven: ``flwr.simulation.run_simulation`` (real Flower runtime, Ray backend)
-with the project's ServerApp ``main`` and ClientApp handlers. run_simulation gives both sides an
-empty ``run_config``, so the tiny config is injected: on the server by a wrapper ``main`` that
-passes the project's ``main`` a copy of its ``Context`` carrying that run_config; on the clients
-by a Flower *mod* (a Context copy: same node, same state) on a wrapper ClientApp whose handlers
-call the project's ``app`` unchanged. The recorder wraps the ServerApp's ``Grid``: every reply
-any client sends reaches the server through it.
+How the run is driven: ``tests/upload_audit.py record_run`` — the project's ServerApp and
+ClientApp in Flower's simulation (real Flower runtime, Ray backend), the tiny config injected
+on both sides (``tests/flower_sim.py``), behind a recording ``Grid``: every reply any client
+sends reaches the server through it. The other upload paths (every sketch kind, DP, the
+baselines) are audited the same way in ``tests/test_privacy_paths.py``.
 
 Checks on every upload:
 1. whitelist: (message type, record key, record kind) is listed in metamoe/protocol.py's table;
@@ -28,126 +26,13 @@ from __future__ import annotations
 
 import copy
 import os
-import re
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-COS_MAX = 0.95
-
-
-def _whitelist() -> set[tuple[str, str]]:
-    """(message type, record key) pairs of the table in metamoe/protocol.py's docstring."""
-    import metamoe.protocol as protocol
-
-    pairs, mtype = set(), None
-    for line in protocol.__doc__.splitlines():
-        m = re.match(r"^(\S+)?\s+``(\w[\w-]*)``", line)
-        if not m or line.startswith("="):
-            continue
-        mtype = m.group(1) or mtype
-        pairs.add((mtype, m.group(2)))
-    return pairs
-
-
-def _run(tmp_path: Path, run_config: dict, sent: dict) -> list[tuple[str, int, dict]]:
-    from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
-    from flwr.clientapp import ClientApp
-    from flwr.serverapp import ServerApp
-    from flwr.simulation import run_simulation
-
-    from metamoe.clients.client_app import app as project_client_app
-    from metamoe.server.server_app import main as project_main
-
-    uploads: list[tuple[str, int, dict]] = []
-
-    def record(replies):
-        for rep in replies:
-            if rep.has_error():
-                uploads.append((rep.metadata.message_type, rep.metadata.src_node_id,
-                                {"__error__": rep.error.reason}))
-                continue
-            content = {}
-            for key, rec in rep.content.items():
-                if isinstance(rec, ArrayRecord):
-                    content[key] = ("ArrayRecord", {k: a.numpy() for k, a in rec.items()})
-                elif isinstance(rec, MetricRecord):
-                    content[key] = ("MetricRecord", dict(rec))
-                elif isinstance(rec, ConfigRecord):
-                    content[key] = ("ConfigRecord", dict(rec))
-                else:
-                    content[key] = (type(rec).__name__, rec)
-            uploads.append((rep.metadata.message_type, rep.metadata.src_node_id, content))
-        return replies
-
-    class RecordingGrid:
-        """The real Grid; every reply it hands to the ServerApp is recorded first."""
-
-        def __init__(self, grid):
-            self._grid = grid
-
-        def __getattr__(self, name):
-            return getattr(self._grid, name)
-
-        def send_and_receive(self, messages, *a, **kw):
-            messages = list(messages)
-            for m in messages:  # what the server sent (to recompute the router means)
-                sent[(m.metadata.message_type, m.metadata.dst_node_id)] = m.content
-            return record(list(self._grid.send_and_receive(messages, *a, **kw)))
-
-        def pull_messages(self, *a, **kw):
-            return record(list(self._grid.pull_messages(*a, **kw)))
-
-    server = ServerApp()
-
-    @server.main()
-    def _main(grid, context):
-        ctx = Context(run_id=context.run_id, node_id=context.node_id,
-                      node_config=context.node_config, state=context.state,
-                      run_config=dict(run_config))
-        project_main(RecordingGrid(grid), ctx)
-
-    def make_client_app():  # built in a closure: Ray pickles it by value
-        rc = dict(run_config)
-
-        def inject_config(msg, ctx, call_next):  # same node, same state, the tiny config
-            return call_next(msg, Context(run_id=ctx.run_id, node_id=ctx.node_id,
-                                          node_config=ctx.node_config, state=ctx.state,
-                                          run_config=dict(rc)))
-
-        capp = ClientApp(mods=[inject_config])
-
-        def forward(msg, ctx):
-            return project_client_app(msg, ctx)
-
-        capp.query("identify")(forward)
-        capp.query("sketch")(forward)
-        capp.train("expert")(forward)
-        capp.evaluate()(forward)
-        return capp
-
-    run_simulation(server_app=server, client_app=make_client_app(), num_supernodes=2,
-                   backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}})
-    return uploads
-
-
-def _unit(v: np.ndarray) -> np.ndarray:
-    v = v.reshape(len(v), -1).astype(np.float64)
-    return v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
-
-
-def _vectors(arrays: dict[str, np.ndarray]) -> list[tuple[str, np.ndarray]]:
-    """Every uploaded array flattened, plus every row of every >= 2-D array."""
-    out = []
-    for k, a in arrays.items():
-        a = np.asarray(a, dtype=np.float64)
-        if a.size > 1:
-            out.append((k, a.ravel()))
-        if a.ndim >= 2:
-            out += [(f"{k}[{i}]", r.ravel()) for i, r in enumerate(a.reshape(a.shape[0], -1))]
-    return out
+from tests.upload_audit import COS_MAX, record_run, vectors, whitelist
+from tests.upload_audit import unit as _unit
 
 
 @pytest.mark.slow
@@ -167,8 +52,8 @@ def test_uploads_contain_no_private_sample_embedding_or_gradient(tmp_path, bench
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
     rc = {"benchmark": benchmark, "run-id": "privacy-audit", "output-dir": str(tmp_path / "out"),
           "cache-dir": cache}
-    sent: dict = {}
-    uploads = _run(tmp_path, rc, sent)
+    uploads, sent_all = record_run(rc)
+    sent = {k: v[-1] for k, v in sent_all.items()}
     assert (tmp_path / "out" / "privacy-audit" / "metrics.json").exists(), "run did not finish"
 
     cfg = resolve_config(rc)
@@ -177,7 +62,7 @@ def test_uploads_contain_no_private_sample_embedding_or_gradient(tmp_path, bench
     seed.eval()
 
     # ---- 1. whitelist, and the recorder saw every phase of every client
-    allowed = _whitelist()
+    allowed = whitelist()
     errors = [u for u in uploads if "__error__" in u[2]]
     assert not errors, f"client errors: {errors}"
     seen, off_list = {}, []
@@ -248,10 +133,10 @@ def test_uploads_contain_no_private_sample_embedding_or_gradient(tmp_path, bench
         unit_cands = {k: _unit(np.asarray(v)) for k, v in cands.items()}
         raw_cands = {k: np.asarray(v, np.float64).reshape(len(v), -1) for k, v in cands.items()}
 
-        vectors = _vectors(arrays)  # + the whole uploaded LoRA, in the gradient's order
-        vectors.append(("train.expert/expert/<all>",
+        uploaded = vectors(arrays)  # + the whole uploaded LoRA, in the gradient's order
+        uploaded.append(("train.expert/expert/<all>",
                         torch.cat([p.detach().reshape(-1) for p in params]).double().numpy()))
-        for key, vec in vectors:
+        for key, vec in uploaded:
             if "/router/" in key:
                 continue  # an aggregate by construction: checked in 4.
             for cname, U in unit_cands.items():
@@ -268,7 +153,7 @@ def test_uploads_contain_no_private_sample_embedding_or_gradient(tmp_path, bench
         # ---- 4. the router vectors are the mean over all n_train samples (Dp ∪ proxies)
         assert router.shape == per_sample_ffn.shape[1:]
         assert proxy_n >= 0
-        proxies = sent[("train.expert", nid)]["proxies"]["selected"].numpy()
+        proxies = sent[("train.expert", nid)]["proxies"][1]["selected"]
         assert len(proxies) == proxy_n
         xr = xp if cfg.expert.router_data == "private" else \
             torch.cat([xp, torch.from_numpy(bench.pool_x[proxies])])
