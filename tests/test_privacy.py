@@ -24,14 +24,13 @@ Checks on every upload:
 
 from __future__ import annotations
 
-import copy
 import os
 
 import numpy as np
 import pytest
 import torch
 
-from tests.upload_audit import COS_MAX, record_run, vectors, whitelist
+from tests.upload_audit import COS_MAX, lora_gradients, lora_model, record_run, vectors, whitelist
 from tests.upload_audit import unit as _unit
 
 
@@ -41,9 +40,8 @@ def test_uploads_contain_no_private_sample_embedding_or_gradient(tmp_path, bench
     from metamoe.clients.privacy import per_sample_ffn_means
     from metamoe.config import resolve_config
     from metamoe.data import client_partition, load_benchmark
-    from metamoe.models.lora import inject_ffn_lora, load_lora_state_dict
     from metamoe.server.seed import get_seed_model
-    from metamoe.training import cross_entropy_loss, features
+    from metamoe.training import features
 
     cache = os.environ.get("METAMOE_CACHE_DIR") or str(tmp_path / "cache")
     if benchmark == "tiny_text":
@@ -88,7 +86,6 @@ def test_uploads_contain_no_private_sample_embedding_or_gradient(tmp_path, bench
         arrays = {f"{t}/{k}/{a}": v for t, c in mine for k, (kind, rec) in c.items()
                   if kind == "ArrayRecord" for a, v in rec.items()}
         expert = next(c for t, c in mine if t == "train.expert")
-        lora = {k: torch.from_numpy(v) for k, v in expert["expert"][1].items()}
         router = expert["router"][1]["vectors"]
         n_train = int(expert["metrics"][1]["n_train"])
         proxy_n = n_train - n_priv
@@ -106,18 +103,11 @@ def test_uploads_contain_no_private_sample_embedding_or_gradient(tmp_path, bench
                         assert not (isinstance(mv, list) and len(mv) in bad_sizes), (t, k, mk)
 
         # ---- 3. per-sample candidates, computed here from the private data
-        model = inject_ffn_lora(copy.deepcopy(seed), cfg.expert.rank,
-                                cfg.expert.alpha)
-        load_lora_state_dict(model, lora)
-        model.eval()
+        model = lora_model(cfg, seed, expert["expert"][1])
         xp, yp = torch.from_numpy(dom.x_train), torch.from_numpy(dom.y_train)
         params = [p for p in model.parameters() if p.requires_grad]
-        names = [n for n, p in model.named_parameters() if p.requires_grad]
-        grads = []
-        for i in range(n_priv):  # per-sample gradients of the expert loss at the upload
-            g = torch.autograd.grad(cross_entropy_loss(model, xp[i:i + 1], yp[i:i + 1]), params)
-            grads.append(torch.cat([t.reshape(-1) for t in g]).numpy())
-        grads = np.stack(grads)
+        # per-sample gradients of the expert loss at the upload
+        names, _sizes, grads = lora_gradients(model, xp, yp)
         cands = {"raw train sample": dom.x_train, "raw test sample": dom.x_test,
                  "M0 token embedding": features(seed, dom.x_train, "tokens"),
                  "M0 cls embedding": features(seed, dom.x_train, "cls"),

@@ -21,13 +21,13 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from tests.upload_audit import (
     AGGREGATES,
     Candidates,
     aggregate_far,
     lora_gradients,
+    lora_model,
     moe_gradients,
     record_run,
     vectors,
@@ -68,7 +68,6 @@ def test_upload_path_holds_no_sample_embedding_or_gradient(tmp_path, cache_dir, 
     from metamoe.clients.privacy import per_sample_ffn_means
     from metamoe.config import resolve_config
     from metamoe.data import client_partition, load_benchmark
-    from metamoe.models.lora import inject_ffn_lora, load_lora_state_dict
     from metamoe.models.moe import MoEConfig, moe_from_seed
     from metamoe.models.moe_state import load_moe_trainable
     from metamoe.protocol import FL_ROUND
@@ -112,8 +111,8 @@ def test_upload_path_holds_no_sample_embedding_or_gradient(tmp_path, cache_dir, 
             if n != nid:
                 continue
             k = count[mtype] = count.get(mtype, -1) + 1
-            request = sent.get((mtype, nid), [])[k] if k < len(sent.get((mtype, nid), [])) \
-                else {}
+            requests = sent.get((mtype, nid), [])
+            request = requests[k] if k < len(requests) else {}
             arrays = {f"{mtype}/{key}/{a}": v for key, (kind, rec) in content.items()
                       if kind == "ArrayRecord" for a, v in rec.items()}
             # ---- 2. nothing indexed by sample
@@ -128,19 +127,19 @@ def test_upload_path_holds_no_sample_embedding_or_gradient(tmp_path, cache_dir, 
             # ---- 3. per-sample gradients at the uploaded weights
             rec = {key: r for key, (kind, r) in content.items() if kind == "ArrayRecord"}
             if mtype == "train.expert":
-                cands.add_gradients("at the expert",
-                                    *lora_gradients(cfg, seed, rec["expert"], cands.x, cands.y))
+                expert = lora_model(cfg, seed, rec["expert"])
+                cands.add_gradients("at the expert", *lora_gradients(expert, cands.x, cands.y))
             elif mtype == "train":
-                cands.add_gradients(f"at round {k}",
-                                    *lora_gradients(cfg, seed, rec["arrays"], cands.x, cands.y))
+                cands.add_gradients(f"at round {k}", *lora_gradients(
+                    lora_model(cfg, seed, rec["arrays"]), cands.x, cands.y))
             elif mtype == "train.ddome":
                 experts: dict[str, dict] = {}
                 for a, v in rec["experts"].items():
                     e, key = a.split("/", 1)
                     experts.setdefault(e, {})[key] = v
                 for e, state in experts.items():
-                    cands.add_gradients(f"at round {k} {e}",
-                                        *lora_gradients(cfg, seed, state, cands.x, cands.y))
+                    cands.add_gradients(f"at round {k} {e}", *lora_gradients(
+                        lora_model(cfg, seed, state), cands.x, cands.y))
             elif mtype == "train.fl_moe":
                 spec = json.loads(str(request["config"][1][FL_ROUND]))
                 cands.add_gradients(f"at round {k}",
@@ -164,12 +163,7 @@ def test_upload_path_holds_no_sample_embedding_or_gradient(tmp_path, cache_dir, 
                     checked += cands.check(f"client {pid}: {key}", vec, worst)
             # ---- 4. aggregates: far from every single sample
             if mtype == "train.expert":
-                model = inject_ffn_lora(copy.deepcopy(seed), cfg.expert.rank,
-                                        cfg.expert.alpha)
-                load_lora_state_dict(model, {a: torch.from_numpy(np.array(v))
-                                             for a, v in rec["expert"].items()})
-                model.eval()
-                single = per_sample_ffn_means(model, cands.x).numpy()
+                single = per_sample_ffn_means(expert, cands.x).numpy()  # under the expert
                 d, spread = aggregate_far(rec["router"]["vectors"], single)
                 assert d > 0.2 * spread, f"client {pid}: router vectors within {d:.4f} of a " \
                                          f"single sample (spread {spread:.4f})"

@@ -153,14 +153,18 @@ def _grads(model, named: list[tuple[str, torch.nn.Parameter]], x, y) -> np.ndarr
     return np.concatenate(rows)
 
 
-def lora_gradients(cfg, seed, state: dict[str, np.ndarray], x, y
-                   ) -> tuple[list[str], list[int], np.ndarray]:
-    """Per-sample gradients at an uploaded FFN-LoRA state: (names, sizes, [n, P])."""
+def lora_model(cfg, seed, state: dict[str, np.ndarray]):
+    """M0 with an uploaded FFN-LoRA state loaded (eval mode)."""
     from metamoe.models.lora import inject_ffn_lora, load_lora_state_dict
 
     model = inject_ffn_lora(copy.deepcopy(seed), cfg.expert.rank, cfg.expert.alpha)
     load_lora_state_dict(model, {k: torch.from_numpy(np.array(v)) for k, v in state.items()})
-    model.eval()
+    return model.eval()
+
+
+def lora_gradients(model, x, y) -> tuple[list[str], list[int], np.ndarray]:
+    """Per-sample gradients at an uploaded FFN-LoRA state (:func:`lora_model`): (names,
+    sizes, [n, P])."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     return [n for n, _ in named], [p.numel() for _, p in named], _grads(model, named, x, y)
 
