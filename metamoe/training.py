@@ -185,11 +185,12 @@ def _train_dp(model: nn.Module, data: Dataset, cfg, opt, loss_fn, dp: DPSGD,
                     xb, yb = next(batches(data, [idx], 0, rt.is_cuda))
                     xb, yb = rt.batch(xb), rt.batch(yb)
                 with rt.autocast():
-                    noisy_gradients(model, params, loss_fn, xb, yb, dp, q * n, noise_gen,
-                                    vectorised)
-                    if len(idx):
+                    summed = noisy_gradients(model, params, loss_fn, xb, yb, dp, q * n,
+                                             noise_gen, vectorised)
+                    if len(idx) and summed is None:  # the per-sample pass gave no loss
                         with torch.no_grad():
-                            total += float(loss_fn(model, xb, yb)) * len(yb)
+                            summed = float(loss_fn(model, xb, yb)) * len(yb)
+                    total += summed or 0.0
                 opt.step()
                 opt.zero_grad(set_to_none=True)
                 seen += len(idx)

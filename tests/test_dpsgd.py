@@ -13,7 +13,15 @@ import torch
 from metamoe.clients import stages
 from metamoe.config import ConfigError, OptimConf, resolve_config
 from metamoe.data import client_partition, load_benchmark
-from metamoe.dpsgd import DPSGD, compose, dpsgd_epsilon, noisy_gradients, per_sample_grads, replace_one
+from metamoe.dpsgd import (
+    DPSGD,
+    compose,
+    dpsgd_epsilon,
+    lora_per_sample_grads,
+    noisy_gradients,
+    per_sample_grads,
+    replace_one,
+)
 from metamoe.models.lora import inject_ffn_lora
 from metamoe.models.vit import ViT, ViTConfig
 from metamoe.server.report import privacy_totals
@@ -41,10 +49,22 @@ def test_vectorised_per_sample_grads_equal_one_backward_per_sample():
     x, y = _data(6)
     fast = per_sample_grads(model, params, cross_entropy_loss, x, y, vectorised=True)
     slow = per_sample_grads(model, params, cross_entropy_loss, x, y, vectorised=False)
-    assert set(fast) == set(params)
+    hooks = lora_per_sample_grads(model, params, x, y)
+    assert set(fast) == set(params) == set(hooks)
     for k in params:
         assert fast[k].shape == (6, *params[k].shape)
         torch.testing.assert_close(fast[k], slow[k], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(hooks[k], slow[k], rtol=1e-4, atol=1e-6)
+    # the vmap path (parameters that are not all LoRA factors: the FL-MoE's router) agrees too
+    head = dict(model.head.named_parameters(prefix="head"))
+    for p in head.values():
+        p.requires_grad_(True)
+    mixed = {**params, **head}
+    assert lora_per_sample_grads(model, mixed, x, y) is None
+    by_vmap = per_sample_grads(model, mixed, cross_entropy_loss, x, y, vectorised=True)
+    by_loop = per_sample_grads(model, mixed, cross_entropy_loss, x, y, vectorised=False)
+    for k in mixed:
+        torch.testing.assert_close(by_vmap[k], by_loop[k], rtol=1e-4, atol=1e-6)
 
 
 def test_text_per_sample_grads_are_vectorised_and_equal_the_loop():
@@ -70,13 +90,40 @@ def test_text_per_sample_grads_are_vectorised_and_equal_the_loop():
     y = torch.tensor([0, 1, 2, 1, 0])
     fast = per_sample_grads(model, params, cross_entropy_loss, x, y, vectorised=True)
     slow = per_sample_grads(model, params, cross_entropy_loss, x, y, vectorised=False)
+    hooks = lora_per_sample_grads(model, params, x, y)
+    from torch.func import functional_call, grad, vmap  # the vmap path on the trimmed batch
+
+    frozen = {k: v for k, v in model.named_parameters() if k not in params}
+
+    def one(p, xi, yi):
+        out = functional_call(model, {**frozen, **p}, (xi.unsqueeze(0),))
+        return torch.nn.functional.cross_entropy(out, yi.unsqueeze(0))
+
+    by_vmap = vmap(grad(one), in_dims=(None, 0, 0))({k: v.detach() for k, v in params.items()},
+                                                    model.trim_inputs(x), y)
     for k in params:
         assert fast[k].shape == (5, *params[k].shape)
         torch.testing.assert_close(fast[k], slow[k], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(hooks[k], slow[k], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(by_vmap[k], slow[k], rtol=1e-4, atol=1e-6)
     dp = DPSGD(noise_multiplier=1.0, clip=1.0)
     noisy_gradients(model, params, cross_entropy_loss, x, y, dp, 5.0,
                     torch.Generator().manual_seed(0), vectorised=True)
     assert not getattr(model, "_dp_loop", False), "the text seed fell back to the loop"
+    # 20 texts: the hooks run in chunks of 8 texts of similar length, each trimmed to its own
+    # longest; the gradients and the summed loss are still every sample's own
+    x = torch.randint(1000, 5000, (20, 16), generator=g)
+    for i, length in enumerate(torch.randint(1, 17, (20,), generator=g).tolist()):
+        x[i, length:] = model.cfg.pad_id
+    y = torch.randint(0, 3, (20,), generator=g)
+    losses: list = []
+    hooks = lora_per_sample_grads(model, params, x, y, losses)
+    slow = per_sample_grads(model, params, cross_entropy_loss, x, y, vectorised=False)
+    for k in params:
+        torch.testing.assert_close(hooks[k], slow[k], rtol=1e-4, atol=1e-6)
+    with torch.no_grad():
+        want = float(torch.nn.functional.cross_entropy(model(x), y, reduction="sum"))
+    assert losses == [pytest.approx(want, rel=1e-5)]
 
 
 def test_clipping_bounds_each_sample_and_noise_is_seeded():
