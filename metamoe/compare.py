@@ -2,6 +2,7 @@
 
     python -m metamoe.compare --benchmark vision --seeds 3 [--methods btm,metamoe,fedavg]
                               [--no-share] [--output-dir results/compare-vision]
+                              [--split test|val]
                               [--gpus-per-client auto|G] [--cpus-per-client 1] [--ray-address A]
 
 Writes ``results/compare-<bench>/``:
@@ -199,10 +200,11 @@ def _fmt_bytes(b: float) -> str:
 
 
 def write_markdown(path: Path, table: dict, unavailable: dict, domains: list[str],
-                   benchmark: str, seeds: list[int]) -> None:
-    lines = [f"# Comparison on `{benchmark}` (seeds {seeds})", "",
-             "Test accuracy in % (mean ± std over seeds) on each client's own test split; "
-             "upload = mean bytes sent per client over the whole run.", "",
+                   benchmark: str, seeds: list[int], split: str = "test") -> None:
+    what = {"test": "Test", "val": "Validation"}[split]
+    lines = [f"# Comparison on `{benchmark}` (seeds {seeds}, {split} split)", "",
+             f"{what} accuracy in % (mean ± std over seeds) on each client's own {split} "
+             "split; upload = mean bytes sent per client over the whole run.", "",
              "| method | " + " | ".join(domains)
              + " | average | upload / client | rounds | average per seed |",
              "|---" * (len(domains) + 5) + "|"]
@@ -279,14 +281,23 @@ def compare(benchmark: str = "vision", seeds: int = 1, methods: list[str] | None
             output_dir: str | None = None, cache_dir: str | None = None, share: bool = True,
             overrides: str = "", timeout: float = 3600.0, quiet: bool = False,
             references: bool = False, gpus_per_client: str | float = "auto",
-            cpus_per_client: int = 1, ray_address: str | None = None) -> Path:
+            cpus_per_client: int = 1, ray_address: str | None = None,
+            split: str = "test") -> Path:
     """Run (or reuse) every job of ``methods`` x ``seeds``; write the tables. ``gpus_per_client``,
     ``cpus_per_client`` and ``ray_address`` go to every :func:`metamoe.launch.launch` (they do
-    not enter the run ids: a run is reused whatever device produced it)."""
+    not enter the run ids: a run is reused whatever device produced it). ``split="val"``
+    evaluates every run on the clients' validation splits (``benchmark.eval_split=val``, part
+    of each run's id): the split every choice is made on."""
     from metamoe.launch import launch
 
+    if split not in ("test", "val"):
+        raise ConfigError(f"split must be 'test' or 'val', got {split!r}")
+    if split != "test":
+        overrides = f"{overrides} benchmark.eval_split={split}".strip()
+
     rows = list(methods or DEFAULT_ROWS)
-    out = Path(output_dir or ROOT / "results" / f"compare-{benchmark}").resolve()
+    suffix = "" if split == "test" else f"-{split}"
+    out = Path(output_dir or ROOT / "results" / f"compare-{benchmark}{suffix}").resolve()
     (out / "runs").mkdir(parents=True, exist_ok=True)
     domains = list(resolve_config({"benchmark": benchmark}).benchmark.domains)
     jobs, unavailable = plan(rows, share)
@@ -337,10 +348,11 @@ def compare(benchmark: str = "vision", seeds: int = 1, methods: list[str] | None
     blob = {**table, **{r: {"status": "unavailable", "reason": why}
                         for r, why in unavailable.items()}}
     (out / "table.json").write_text(json.dumps(blob, indent=2, allow_nan=True))
-    write_markdown(out / "table.md", table, unavailable, domains, benchmark, list(range(seeds)))
+    write_markdown(out / "table.md", table, unavailable, domains, benchmark, list(range(seeds)),
+                   split)
     write_plots(out, table, domains)
     (out / "compare.json").write_text(json.dumps(
-        {"benchmark": benchmark, "seeds": seeds, "rows": rows, "share": share,
+        {"benchmark": benchmark, "seeds": seeds, "split": split, "rows": rows, "share": share,
          "overrides": overrides, "jobs": [j.__dict__ | {"members": list(j.members)}
                                           for j in jobs],
          "launch_seconds": timing}, indent=2, default=str))
@@ -360,6 +372,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--overrides", default="", help="OmegaConf dotlist applied to every run")
     ap.add_argument("--no-share", action="store_true",
                     help="run every row alone (no suite runs sharing client phases)")
+    ap.add_argument("--split", choices=("test", "val"), default="test",
+                    help="evaluate on each client's test split, or on its validation split "
+                         "(carved from train, never trained on): make every choice on val")
     ap.add_argument("--timeout", type=float, default=3600.0)
     ap.add_argument("--references", action="store_true",
                     help="also tabulate the metamoe run's own seed model and single experts "
@@ -380,7 +395,7 @@ def main(argv: list[str] | None = None) -> int:
                       a.cache_dir or os.environ.get("METAMOE_CACHE_DIR"), not a.no_share,
                       a.overrides, a.timeout, references=a.references,
                       gpus_per_client=a.gpus_per_client, cpus_per_client=a.cpus_per_client,
-                      ray_address=a.ray_address)
+                      ray_address=a.ray_address, split=a.split)
     except ConfigError as e:
         print(f"configuration error: {e}", file=sys.stderr)
         return 2

@@ -53,7 +53,10 @@ class BenchmarkConf:
     pool_format: str = "auto"  # auto | imagefolder | hf | jsonl | coop | hub
     pool_split: str = "train"  # the split of a hub pool
     test_fraction: float = 0.2  # a client without a test split holds out this seeded share
-    val_fraction: float = 0.0  # > 0: a seeded validation split of train, never trained on
+    # A seeded validation split of every domain's train split, never trained on: choices are
+    # made on it (eval_split=val: clients evaluate on it instead of the test split).
+    val_fraction: float = 0.1
+    eval_split: str = "test"  # test | val
     # L2 penalty of the linear probe that fits a client's own head rows (clients/private_head.py;
     # -1: class-mean rows only). Chosen on validation splits: bench/private_head.py.
     head_l2: float = 1e-2
@@ -452,6 +455,12 @@ def validate(cfg: DictConfig) -> None:
     for key in ("benchmark.test_fraction", "benchmark.val_fraction"):
         if not 0 <= OmegaConf.select(cfg, key) < 1:
             raise ConfigError(f"{key} must be in [0, 1), got {OmegaConf.select(cfg, key)}")
+    if cfg.benchmark.eval_split not in ("test", "val"):
+        raise ConfigError(f"benchmark.eval_split must be 'test' or 'val', got "
+                          f"{cfg.benchmark.eval_split!r}")
+    if cfg.benchmark.eval_split == "val" and cfg.benchmark.val_fraction <= 0 \
+            and cfg.benchmark.kind != "local":
+        raise ConfigError("benchmark.eval_split=val needs benchmark.val_fraction > 0")
     if cfg.benchmark.test_fraction + cfg.benchmark.val_fraction >= 1:
         raise ConfigError("benchmark.test_fraction + benchmark.val_fraction must be below 1")
     if want is not None and cfg.model.arch != want:

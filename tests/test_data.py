@@ -20,8 +20,8 @@ def _hashes(x):
 
 
 def test_sizes_and_label_spaces(bench):
-    sizes = {d.name: (len(d.x_train), len(d.x_test)) for d in bench.domains}
-    assert sizes == {"mnist": (3500, 500), "uci": (1100, 350), "fashion": (10000, 2000)}
+    sizes = {d.name: (len(d.x_train), len(d.x_val), len(d.x_test)) for d in bench.domains}
+    assert sizes == {"mnist": (3500, 0, 500), "uci": (1100, 0, 350), "fashion": (10000, 0, 2000)}
     assert len(bench.pool_x) == 50000 + 1000 + 347
     assert bench.domain("fashion").classes == FASHION_CLASSES
     assert bench.domain("mnist").classes == DIGIT_CLASSES == bench.domain("uci").classes

@@ -23,7 +23,8 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from metamoe.config import resolve_config
-from metamoe.data import Domain, VisionBenchmark, client_names, client_partition, load_benchmark, seed_encoder
+from metamoe.data import (Domain, VisionBenchmark, client_names, client_partition, eval_split,
+                          load_benchmark, seed_encoder)
 from metamoe.logging_utils import setup_logging
 from metamoe.models.io import seed_from_state
 from metamoe.protocol import get_record
@@ -83,7 +84,7 @@ def _local_node(cfg: DictConfig, pid: int, bench: VisionBenchmark, node_config) 
         log.error("%s refuses its own data: %s", names[pid], e)
         raise LocalDataRefused(f"{names[pid]} refused its own data: {data_problem(e)} (the "
                                "node's log names the file or folder)") from None
-    return NodeData(cfg, pid, bench, names[pid], dom, private)
+    return NodeData(cfg, pid, bench, names[pid], eval_split(cfg, names[pid], dom), private)
 
 
 class LocalDataRefused(ValueError):

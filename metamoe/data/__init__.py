@@ -3,7 +3,8 @@
 ``load_benchmark(cfg)`` builds (and caches per process) the benchmark named by the resolved
 config; ``client_partition(cfg, bench, partition_id)`` gives one client its private domain
 data. Client ``i`` owns domain ``domains[i % D]``; with ``clients_per_domain > 1`` the domain's
-train split is divided IID (seeded) among its clients, and they share its test split.
+train split is divided IID (seeded) among its clients, and they share its validation and test
+splits (``eval_split``: which of the two a run evaluates on).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from metamoe.data.vision import Domain, VisionBenchmark, build_vision_benchmark
 
 __all__ = ["Domain", "VisionBenchmark", "load_benchmark", "client_partition", "client_names",
-           "seed_encoder"]
+           "eval_split", "seed_encoder"]
 
 
 @lru_cache(maxsize=4)
@@ -62,8 +63,9 @@ def _to_arrays(bench: VisionBenchmark) -> dict[str, np.ndarray]:
     out = {"pool_x": bench.pool_x, "pool_y": bench.pool_y, "pool_source": bench.pool_source,
            "class_names": np.asarray(bench.class_names)}
     for d in bench.domains:
-        for f in ("x_train", "y_train", "x_test", "y_test"):
-            out[f"{d.name}/{f}"] = getattr(d, f)
+        for f in ("x_train", "y_train", "x_test", "y_test", "x_val", "y_val"):
+            if getattr(d, f) is not None:
+                out[f"{d.name}/{f}"] = getattr(d, f)
         out[f"{d.name}/classes"] = np.asarray(d.classes)
         out[f"{d.name}/description"] = np.asarray(d.description)
     return out
@@ -74,7 +76,8 @@ def _from_dir(path: Path, b: dict) -> VisionBenchmark:
     z = {n: np.load(path / f"{i:03d}.npy", mmap_mode="c") for i, n in enumerate(names)}
     doms = [Domain(n, z[f"{n}/x_train"], z[f"{n}/y_train"], z[f"{n}/x_test"],
                    z[f"{n}/y_test"], [int(c) for c in z[f"{n}/classes"]],
-                   str(z[f"{n}/description"])) for n in b["domains"]]
+                   str(z[f"{n}/description"]), x_val=z.get(f"{n}/x_val"),
+                   y_val=z.get(f"{n}/y_val")) for n in b["domains"]]
     return VisionBenchmark(b["name"], doms, z["pool_x"], z["pool_y"], z["pool_source"],
                            class_names=[str(c) for c in z["class_names"]])
 
@@ -86,7 +89,8 @@ def _build(b: dict) -> VisionBenchmark:
 
         bench = build_text_benchmark(load_tokenizer(b["tokenizer"]), int(b["max_len"]),
                                      seed=b["data_seed"], max_train=b["max_train"],
-                                     max_test=b["max_test"], domains=tuple(b["domains"]))
+                                     max_test=b["max_test"], domains=tuple(b["domains"]),
+                                     val_fraction=b["val_fraction"])
     elif b["kind"] == "hf_qa":
         from metamoe.data.hf_text import build_hf_qa_benchmark
         from metamoe.models.text import load_tokenizer
@@ -94,11 +98,13 @@ def _build(b: dict) -> VisionBenchmark:
         bench = build_hf_qa_benchmark(load_tokenizer(b["tokenizer"]), int(b["max_len"]),
                                       domains=tuple(b["domains"]), max_train=b["max_train"],
                                       max_test=b["max_test"], max_pool=b["max_pool"],
-                                      data_dir=b["data_dir"])
+                                      data_dir=b["data_dir"], val_fraction=b["val_fraction"],
+                                      seed=b["data_seed"])
         return bench  # max_pool is Alpaca's row limit (its first rows, as the paper's order)
     elif b["kind"] == "vision":
         bench = build_vision_benchmark(seed=b["data_seed"], max_train=b["max_train"],
-                                       max_test=b["max_test"], domains=tuple(b["domains"]))
+                                       max_test=b["max_test"], domains=tuple(b["domains"]),
+                                       val_fraction=b["val_fraction"])
     else:
         raise ValueError(f"benchmark kind {b['kind']!r} is not available in this build")
     bench.name = b["name"]
@@ -162,6 +168,18 @@ def client_names(cfg: DictConfig) -> list[str]:
     return [d if n == 1 else f"{d}-{j}" for d, j, n in _clients_of(cfg)]
 
 
+def eval_split(cfg: DictConfig, name: str, dom: Domain) -> Domain:
+    """``dom`` as its client evaluates it: with ``benchmark.eval_split=val`` its validation
+    split takes the test split's place (every evaluation reads ``x_test``), so choices made on
+    val never see a test sample."""
+    if cfg.benchmark.eval_split == "test":
+        return dom
+    if dom.x_val is None or len(dom.x_val) == 0:
+        raise ValueError(f"client {name}: benchmark.eval_split=val, but domain {dom.name!r} "
+                         "has no validation split (set benchmark.val_fraction > 0)")
+    return replace(dom, x_test=dom.x_val, y_test=dom.y_val)
+
+
 def client_partition(cfg: DictConfig, bench: VisionBenchmark, partition_id: int
                      ) -> tuple[str, Domain]:
     names = client_names(cfg)
@@ -169,10 +187,9 @@ def client_partition(cfg: DictConfig, bench: VisionBenchmark, partition_id: int
         raise ValueError(f"partition-id {partition_id} out of range: the benchmark "
                          f"{cfg.benchmark.name!r} has {len(names)} clients")
     dname, sub, k = _clients_of(cfg)[partition_id]
-    dom = bench.domain(dname)
+    name, dom = names[partition_id], eval_split(cfg, names[partition_id], bench.domain(dname))
     if k == 1:
-        return names[partition_id], dom
+        return name, dom
     perm = np.random.default_rng(cfg.benchmark.data_seed + 1).permutation(len(dom.x_train))
     part = np.array_split(perm, k)[sub]
-    return names[partition_id], replace(dom, x_train=dom.x_train[part],
-                                        y_train=dom.y_train[part])
+    return name, replace(dom, x_train=dom.x_train[part], y_train=dom.y_train[part])

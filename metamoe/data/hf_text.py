@@ -105,16 +105,19 @@ __all__ = [
 
 def build_hf_qa_benchmark(tokenizer, max_len: int, domains: Sequence[str] = DOMAINS,
                           max_train: int = 10_000, max_test: int = -1, max_pool: int = -1,
-                          data_dir: str = ""):
+                          data_dir: str = "", val_fraction: float = 0.0, seed: int = 0):
     """The paper's NLP benchmark: QA client domains (train: the first ``max_train`` rows of the
     train split; test: the validation split) and Alpaca as the public pool, tokenised for
     next-token classification with a causal LM (:func:`encode_next_token`).
 
     ``data_dir`` holds local files in the hub schemas (``<domain>/{train,validation}.*`` and
     ``alpaca/train.*``); empty: the HF hub. Labels are vocabulary ids (answer letters; the first
-    response token for Alpaca), each domain evaluated over its own letters.
+    response token for Alpaca), each domain evaluated over its own letters. ``val_fraction`` of
+    the train rows (seeded) becomes the validation split (:func:`carve_val`).
     """
-    from metamoe.data.vision import Domain, VisionBenchmark
+    import numpy as np
+
+    from metamoe.data.vision import Domain, VisionBenchmark, carve_val
 
     def src(name: str) -> str | None:
         return str(Path(data_dir) / name) if data_dir else None
@@ -130,9 +133,13 @@ def build_hf_qa_benchmark(tokenizer, max_len: int, domains: Sequence[str] = DOMA
         k = NUM_CHOICES[dom]
         etr = encode_next_token(tokenizer, tr.prompts, tr.answers, max_len, num_choices=k)
         ete = encode_next_token(tokenizer, te.prompts, te.answers, max_len, num_choices=k)
-        doms.append(Domain(dom, etr.input_ids.numpy(), etr.labels.numpy(), ete.input_ids.numpy(),
+        x, y = etr.input_ids.numpy(), etr.labels.numpy()
+        train, val = carve_val(np.random.default_rng(seed).permutation(len(x)), val_fraction,
+                               max_val=max_test)
+        train, val = np.sort(train), np.sort(val)
+        doms.append(Domain(dom, x[train], y[train], ete.input_ids.numpy(),
                            ete.labels.numpy(), [int(c) for c in etr.choice_ids],
-                           f"{dom} ({tr.source}), {k} choices"))
+                           f"{dom} ({tr.source}), {k} choices", x_val=x[val], y_val=y[val]))
     pool = load_alpaca(lim(max_pool), src("alpaca"))
     enc = encode_next_token(tokenizer, pool.prompts, [r if r.strip() else "." for r in
                                                       pool.responses], max_len)

@@ -257,6 +257,7 @@ def local_domain(path: str, fmt: str, name: str, b: dict, encoder: dict, num_poo
     if val is not None:
         xv, yv = _encode(val, encoder, lazy=lazy)
         local.update(x_val=xv, y_val=np.asarray(yv, np.int64) + off, n_val=len(val))
+        dom.x_val, dom.y_val = local["x_val"], local["y_val"]
     log.info("%s: %d train / %d test items in %d classes from its own data", name, len(train),
              len(test), len(classes))
     return dom, local

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from metamoe.data.vision import DataUnavailableError, Domain, VisionBenchmark
+from metamoe.data.vision import DataUnavailableError, Domain, VisionBenchmark, carve_val
 
 TEXT_DOMAINS = ("newsgroups", "movies", "tweets", "reuters")
 POOL_PER_DOMAIN = 300  # held-out texts of each client domain in D0 (vs 600 private)
@@ -97,8 +97,11 @@ def _source(name: str) -> dict[str, tuple[list[str], list[str]]]:
 def build_text_benchmark(tokenizer, max_len: int, seed: int = 0, max_train: int = -1,
                          max_test: int = -1, domains: tuple[str, ...] = ("newsgroups", "movies",
                                                                           "tweets"),
-                         pool_per_domain: int = POOL_PER_DOMAIN) -> VisionBenchmark:
-    """Client domains (train/test) + public pool, tokenised with ``tokenizer``."""
+                         pool_per_domain: int = POOL_PER_DOMAIN, val_fraction: float = 0.0
+                         ) -> VisionBenchmark:
+    """Client domains (train/val/test) + public pool, tokenised with ``tokenizer``; the
+    validation split is the last ``val_fraction`` of each shuffled train split
+    (:func:`metamoe.data.vision.carve_val`)."""
     bad = [d for d in domains if d not in TEXT_DOMAINS]
     if bad:
         raise ValueError(f"unknown text domain(s) {bad}; available: {list(TEXT_DOMAINS)}")
@@ -148,14 +151,15 @@ def build_text_benchmark(tokenizer, max_len: int, seed: int = 0, max_train: int 
             if max_test >= 0:
                 test = test[:max_test]
             tr, te, ho = (tt, tl, train), (st, sl, test), (tt, tl, hold)
-        if max_train >= 0:
-            tr = (tr[0], tr[1], tr[2][:max_train])
+        train_idx, val_idx = carve_val(tr[2], val_fraction, max_train, max_test)
+        tr, va = (tr[0], tr[1], train_idx), (tr[0], tr[1], val_idx)
         sel = {k: ([v[0][i] for i in v[2]], [v[1][i] for i in v[2]])
-               for k, v in (("train", tr), ("test", te), ("hold", ho))}
+               for k, v in (("train", tr), ("val", va), ("test", te), ("hold", ho))}
         classes = [index[f"{name}:{lab}"] for lab in labels_sorted]
         doms.append(Domain(name, tok(sel["train"][0]), ids_of(name, sel["train"][1]),
                            tok(sel["test"][0]), ids_of(name, sel["test"][1]), classes,
-                           _DESCRIPTIONS[name]))
+                           _DESCRIPTIONS[name], x_val=tok(sel["val"][0]),
+                           y_val=ids_of(name, sel["val"][1])))
         pool_t += sel["hold"][0]
         pool_l += list(ids_of(name, sel["hold"][1]))
         pool_src += [name] * len(sel["hold"][0])

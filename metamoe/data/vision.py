@@ -58,6 +58,10 @@ class Domain:
     description: str = ""
     # Inputs may also be lazily decoded (metamoe/data/local.py LazyInputs: x[idx] -> array).
     x_train_aug: object = None  # the train split under the seed's training augmentation
+    # A seeded validation split carved from train and never trained on (benchmark.val_fraction);
+    # clients evaluate on it instead of x_test with benchmark.eval_split=val.
+    x_val: np.ndarray | None = None
+    y_val: np.ndarray | None = None
 
 
 @dataclass
@@ -135,6 +139,19 @@ def _take(n: int, total: int) -> int:
     return total if n < 0 else min(n, total)
 
 
+def carve_val(idx: np.ndarray, fraction: float, max_train: int = -1, max_val: int = -1
+              ) -> tuple[np.ndarray, np.ndarray]:
+    """(train, val) of a shuffled train split ``idx``: val is its last ``fraction`` (at least
+    one item when ``fraction`` > 0, at most ``max_val`` when >= 0), train the first
+    ``max_train`` of the rest. Train is taken from the front and val from the back, so a
+    ``max_train`` below the split's size (the tiny configs) keeps the same train items with or
+    without a validation split."""
+    n_val = 0 if fraction <= 0 else max(1, int(round(fraction * len(idx))))
+    n_val = max(0, min(_take(max_val, n_val), len(idx) - 1))
+    rest, val = idx[:len(idx) - n_val], idx[len(idx) - n_val:]
+    return rest[:_take(max_train, len(rest))], val
+
+
 def build_vision_benchmark(
     seed: int = 0,
     mnist_split: tuple[int, int, int] = (3500, 500, 1000),
@@ -145,12 +162,15 @@ def build_vision_benchmark(
     max_train: int = -1,
     max_test: int = -1,
     domains: tuple[str, ...] = ("mnist", "uci", "fashion"),
+    val_fraction: float = 0.0,
 ) -> VisionBenchmark:
     """Split the three sources into client train/test sets and the public pool.
 
     ``*_split`` = (private train, test, to-pool). ``max_train``/``max_test`` subsample every
-    domain (tiny configs for tests); ``pool_fashion`` caps the Fashion part of the pool.
-    The splits are a fixed function of ``seed``.
+    domain (tiny configs for tests); ``pool_fashion`` caps the Fashion part of the pool;
+    ``val_fraction`` of each private train split becomes its validation split
+    (:func:`carve_val`, at most ``max_test`` items). The splits are a fixed function of
+    ``seed``.
     """
     rng = np.random.default_rng(seed)
     out: dict[str, Domain] = {}
@@ -162,10 +182,11 @@ def build_vision_benchmark(
         if a + b + c > len(x):
             raise ValueError(f"{name}: split {sizes} exceeds the {len(x)} images available")
         tr, te, po = perm[:a], perm[a:a + b], perm[a + b:a + b + c]
-        tr = tr[:_take(max_train, len(tr))]
+        tr, va = carve_val(tr, val_fraction, max_train, max_test)
         te = te[:_take(max_test, len(te))]
         out[name] = Domain(name, _to_float(x[tr]), y[tr] + offset, _to_float(x[te]),
-                           y[te] + offset, classes, desc)
+                           y[te] + offset, classes, desc, x_val=_to_float(x[va]),
+                           y_val=y[va] + offset)
         pool_x.append(_to_float(x[po]))
         pool_y.append(y[po] + offset)
         pool_src.append(np.full(len(po), name))
@@ -180,12 +201,13 @@ def build_vision_benchmark(
     xf, yf = load_fashion("train")
     xft, yft = load_fashion("t10k")
     perm = rng.permutation(len(xf))
-    tr = perm[:fashion_train][:_take(max_train, fashion_train)]
+    tr, va = carve_val(perm[:fashion_train], val_fraction, max_train, max_test)
     rest = perm[fashion_train:]
     rest = rest[:_take(pool_fashion, len(rest))]
     te = rng.permutation(len(xft))[:fashion_test][:_take(max_test, fashion_test)]
     out["fashion"] = Domain("fashion", _to_float(xf[tr]), yf[tr], _to_float(xft[te]), yft[te],
-                            FASHION_CLASSES, "Fashion-MNIST apparel (Zalando, Debian package)")
+                            FASHION_CLASSES, "Fashion-MNIST apparel (Zalando, Debian package)",
+                            x_val=_to_float(xf[va]), y_val=yf[va])
     pool_x.append(_to_float(xf[rest]))
     pool_y.append(yf[rest])
     pool_src.append(np.full(len(rest), "fashion"))

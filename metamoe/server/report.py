@@ -145,11 +145,14 @@ def accuracy_table(metrics: dict) -> str:
 
 def write_report(run_dir: Path, metrics: dict) -> None:
     cov = metrics.get("proxy_coverage")
+    split = metrics["config"]["benchmark"].get("eval_split", "test")
+    split = "validation split (carved from train, never trained on)" if split == "val" \
+        else "test split"
     lines = [
         f"# MetaMoE run `{run_dir.name}`",
         "",
         f"Method **{metrics['method']}** on benchmark **{metrics['benchmark']}**; "
-        f"seed {metrics['config']['run']['seed']}. Accuracy in % on each client's own test split "
+        f"seed {metrics['config']['run']['seed']}. Accuracy in % on each client's own {split} "
         "(argmax over that domain's classes).",
         "",
         "```",
