@@ -211,6 +211,10 @@ class FLConf(OptimConf):
     # assumed attackers). fedavg uses Flower's own strategies; fedavg_moe and ddome the same
     # rules element-wise over their states (strategies/robust.py).
     aggregation: str = "mean"
+    # The weight of each client in every average over clients (FedAvg's mean, the FL-MoE and
+    # DDOME states, FedAlign's routing consistency): samples (FedAvg, n_i) | uniform (1 each:
+    # the metric is the domain mean, so no domain outweighs another by its size).
+    weighting: str = "samples"
     trim_beta: float = 0.2
     krum_malicious: int = 1
 
@@ -452,6 +456,8 @@ def validate(cfg: DictConfig) -> None:
     if cfg.benchmark.kind == "local" and cfg.method == "unrestricted_moe":
         raise ConfigError("method unrestricted_moe pools the clients' raw data on the server; "
                           "with benchmark.kind=local the server holds no client data")
+    if cfg.fl.weighting not in ("samples", "uniform"):
+        raise ConfigError(f"fl.weighting must be 'samples' or 'uniform', got {cfg.fl.weighting!r}")
     for key in ("benchmark.test_fraction", "benchmark.val_fraction"):
         if not 0 <= OmegaConf.select(cfg, key) < 1:
             raise ConfigError(f"{key} must be in [0, 1), got {OmegaConf.select(cfg, key)}")

@@ -508,3 +508,66 @@ def test_fedavg_round_with_dp_sgd_reports_epsilon_not_loss(tiny):
     assert tot["dpsgd_epsilon"] == eps[1] and tot["epsilon"] == pytest.approx(2 * eps[1])
     metrics["method"] = "fedalign_moe"  # its routing statistics p, h have no DP
     assert privacy_totals(metrics)["mnist"]["epsilon"] == float("inf")
+
+
+def test_fl_weighting_uniform_weighs_every_client_alike():
+    """fl.weighting: FedAvg's mean weights by num-examples (samples) or 1 per client
+    (uniform); the same weight goes to every FL strategy through ``n_examples``."""
+    from metamoe.strategies.fedavg import counting_strategy
+    from metamoe.strategies.fl_common import n_examples
+
+    shapes = {"w": (2, 3)}
+    cfg = resolve_config({"benchmark": "tiny", "method": "fedavg"})
+    got = {}
+    for weighting in ("samples", "uniform"):
+        fed = Federation(grid=None, cfg=cfg)
+        replies = []
+        for nid, (n, value) in {11: (100, 0.0), 12: (300, 1.0)}.items():
+            fed.clients[nid] = ClientInfo(nid, f"c{nid}", "mnist", nid - 11, n)
+            msg = make_msg(RecordDict(), "train", nid)
+            replies.append(Message(RecordDict({
+                "arrays": to_record({"w": np.full((2, 3), value, np.float32)}),
+                "metrics": MetricRecord({"num-examples": n})}), reply_to=msg))
+        fl = OmegaConf.merge(cfg.fl, {"weighting": weighting})
+        strat = counting_strategy(fed, shapes, fl, min_train_nodes=2, min_available_nodes=2)
+        arrays, _ = strat.aggregate_train(1, replies)
+        got[weighting] = float(from_record(arrays)["w"].mean())
+        rec = replies[0].content
+        assert n_examples(rec, "c11", weighting)[1] == (100.0 if weighting == "samples" else 1.0)
+    assert got == pytest.approx({"samples": 0.75, "uniform": 0.5})
+    with pytest.raises(Exception, match="fl.weighting"):
+        resolve_config({"benchmark": "tiny", "overrides": "fl.weighting=size"})
+
+
+def test_index_batches_are_grouped_by_the_indexed_texts_lengths():
+    """DDOME trains on batches of indices into its local set (IndexDataset): with the texts'
+    lengths they are length-grouped like every other method's batches."""
+    from metamoe.data.dataset import ArrayDataset, IndexDataset
+    from metamoe.training import train
+
+    rng = np.random.default_rng(0)
+    n, width = 256, 40
+    lengths = rng.integers(1, width, n)
+    ids = np.zeros((n, width), np.int64)
+    for i, k in enumerate(lengths):
+        ids[i, :k] = 5
+    text_len = ArrayDataset(torch.from_numpy(ids)).lengths(0)
+    assert torch.equal(text_len, torch.from_numpy(lengths))
+    w = torch.nn.Parameter(torch.zeros(1))
+    model = torch.nn.Module()
+    model.w = w
+    spans = {}
+    for grouped in (True, False):
+        seen = []
+
+        def loss_fn(m, ib, yb, seen=seen):
+            seen.append(lengths[ib.numpy()])
+            return (m.w ** 2).sum() + 0 * yb.float().sum()
+
+        data = IndexDataset(torch.zeros(n, dtype=torch.long), text_len if grouped else None)
+        cfg = OmegaConf.structured(resolve_config({"benchmark": "tiny"}).fl)
+        cfg.batch_size, cfg.epochs = 16, 1
+        train(model, data, None, cfg, params=[w], loss_fn=loss_fn, seed=0)
+        assert sorted(np.concatenate(seen).tolist()) == sorted(lengths.tolist())  # every sample
+        spans[grouped] = np.mean([b.max() - b.min() for b in seen])
+    assert spans[True] < 0.25 * spans[False]

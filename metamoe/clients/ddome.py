@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from metamoe import device
+from metamoe.data.dataset import ArrayDataset, IndexDataset
 from metamoe.models.gate import GateMLP
 from metamoe.models.moe import MoEMixin
 from metamoe.training import predict_logits, train
@@ -62,8 +63,11 @@ def ddome_local_train(cfg, moe: MoEMixin, gate: GateMLP, feats: torch.Tensor, x:
         mix = torch.logsumexp(torch.stack(logp, 1) + g.clamp_min(1e-12).log(), dim=1)
         return -mix.mean()
 
+    # Batches of indices into the local set, grouped by the texts' lengths like every other
+    # method's (fl.group_by_length; images have no lengths).
+    lengths = ArrayDataset(x.cpu()).lengths(int(getattr(moe.cfg, "pad_id", 0) or 0))
     try:
-        hist = train(wrapper, torch.arange(len(x)), y, f, params=groups,
+        hist = train(wrapper, IndexDataset(y, lengths), None, f, params=groups,
                      loss_fn=loss_fn, seed=rng_seed, desc="ddome")
     finally:
         moe.set_forced(None)

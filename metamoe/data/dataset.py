@@ -44,6 +44,31 @@ class ArrayDataset(Dataset):
         return (self.x != pad_id).sum(1)
 
 
+class IndexDataset(Dataset):
+    """(index, label) items, for a loss that looks its inputs up by index (DDOME: each
+    sample's tokens and its M0 feature); ``lengths`` are the indexed inputs' own, so
+    length-grouped batching sees the texts, not the indices."""
+
+    def __init__(self, y, lengths: torch.Tensor | None = None):
+        self.y = torch.as_tensor(y)
+        self._lengths = lengths
+        if lengths is not None and len(lengths) != len(self.y):
+            raise ValueError(f"{len(lengths)} lengths but {len(self.y)} labels")
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, i: int):
+        return torch.as_tensor(i), self.y[i]
+
+    def __getitems__(self, idx: Sequence[int]):
+        idx = torch.as_tensor(idx)
+        return idx, self.y[idx]
+
+    def lengths(self) -> torch.Tensor | None:
+        return self._lengths
+
+
 class LazyDataset(Dataset):
     """(input, label) items of inputs that decode on indexing (``x[idx]`` -> stacked array,
     e.g. :class:`metamoe.data.local.LazyInputs`) and in-memory labels: one fancy index per

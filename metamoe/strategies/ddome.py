@@ -128,7 +128,7 @@ class DDOME(FLStrategy):
                 spec = {f"e{e}/{k}": s for e in subsets[nid] for k, s in lshapes.items()}
                 ex = check_arrays(from_record(get_record(content, "experts", ArrayRecord, name)),
                                   spec, name, "experts")
-                m, n = n_examples(content, name)
+                m, n = n_examples(content, name, f.weighting)
                 trained = {e: {k: ex[f"e{e}/{k}"] for k in lshapes} for e in subsets[nid]}
                 return g, n, trained, float(m.get("train_loss", float("nan")))
 

@@ -198,7 +198,7 @@ class FedAvgMoE(FLStrategy):
                 name = fed.client_name(nid)
                 arrays = check_arrays(from_record(get_record(content, "moe", ArrayRecord, name)),
                                       shapes, name, "MoE state")
-                m, n = n_examples(content, name)
+                m, n = n_examples(content, name, self.cfg.fl.weighting)
                 stats = None
                 if self.align:
                     stats = check_arrays(from_record(get_record(content, "stats", ArrayRecord,

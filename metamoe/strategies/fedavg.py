@@ -39,9 +39,10 @@ class Counting:
     and logged on the Federation) and its bytes are added to ``fed.upload_bytes`` under the
     client's name; the Flower class then aggregates the valid replies by its own rule."""
 
-    def __init__(self, fed: Federation, shapes: dict[str, tuple[int, ...]], **kw):
-        super().__init__(**kw)
-        self.fed, self.shapes = fed, shapes
+    def __init__(self, fed: Federation, shapes: dict[str, tuple[int, ...]],
+                 weighting: str = "samples", **kw):
+        super().__init__(weighted_by_key=WEIGHT_KEY, **kw)
+        self.fed, self.shapes, self.weighting = fed, shapes, weighting
         self.history: list[dict] = []
 
     def configure_train(self, server_round, arrays, config, grid) -> Iterable[Message]:
@@ -59,11 +60,12 @@ class Counting:
             who = fed.client_name(nid)
             check_arrays(from_record(get_record(content, "arrays", ArrayRecord, who)),
                          self.shapes, who, "LoRA")
-            m, _ = n_examples(content, who)
+            m, w = n_examples(content, who, self.weighting)
             if set(content) != {"arrays", "metrics"}:
                 raise UploadError(f"client {who}: unexpected records "
                                   f"{sorted(set(content) - {'arrays', 'metrics'})}")
             self._eps[who] = m.get("dp_epsilon")
+            content["metrics"][WEIGHT_KEY] = w  # the server's own weight (fl.weighting)
             return float(m.get("train_loss", float("nan"))), content
 
         # The same screening as every other phase (errors, strays, size, validation, bytes).
@@ -96,6 +98,10 @@ class CountingKrum(Counting, Krum):
     """Flower's Krum (one client's update, the most central) with the project's upload rules."""
 
 
+# The key Flower's strategies weight by: set by the server on each validated reply to the
+# client's num-examples (fl.weighting=samples) or 1 (uniform).
+WEIGHT_KEY = "aggregation-weight"
+
 COUNTING = {"mean": CountingFedAvg, "median": CountingFedMedian,
             "trimmed": CountingFedTrimmedAvg, "krum": CountingKrum}
 
@@ -109,7 +115,7 @@ def counting_strategy(fed: Federation, shapes: dict[str, tuple[int, ...]], fl, *
         kw["beta"] = float(fl.trim_beta)
     elif rule == "krum":
         kw["num_malicious_nodes"] = int(fl.krum_malicious)
-    return COUNTING[rule](fed, shapes, **kw)
+    return COUNTING[rule](fed, shapes, weighting=str(fl.weighting), **kw)
 
 
 @register("fedavg")

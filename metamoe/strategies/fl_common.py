@@ -109,9 +109,12 @@ class FLStrategy(Strategy):
         return {fed.client_name(n): m for n, m in got.items()}
 
 
-def n_examples(content: RecordDict, name: str) -> tuple[dict, int]:
+def n_examples(content: RecordDict, name: str, weighting: str = "samples"
+               ) -> tuple[dict, float]:
+    """(the reply's metrics, this client's weight in the averages over clients): its
+    ``num-examples`` (``fl.weighting=samples``) or 1 (``uniform``)."""
     m = check_metrics(get_record(content, "metrics", MetricRecord, name), ["num-examples"], name)
     n = int(m["num-examples"])
     if n <= 0:
         raise UploadError(f"client {name}: num-examples={n} must be positive")
-    return m, n
+    return m, (float(n) if weighting == "samples" else 1.0)
