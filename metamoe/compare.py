@@ -199,6 +199,25 @@ def _fmt_bytes(b: float) -> str:
     return str(b)
 
 
+def check_budgets(benchmark: str, rows: list[str], overrides: str) -> dict[str, dict]:
+    """Every row's budget (``metamoe/budget.py``) under ``overrides``; raises
+    :class:`ConfigError` listing the rows that break the budget rule against MetaMoE's."""
+    from metamoe.budget import budget, departures
+
+    ref = resolve_config({"benchmark": benchmark, "method": "metamoe", "overrides": overrides})
+    out, bad = {}, []
+    for r in rows:
+        method, exp = parse_row(r)
+        cfg = resolve_config({"benchmark": benchmark, "method": method, "experiment": exp,
+                              "overrides": overrides})
+        out[r] = budget(cfg)
+        bad += departures(cfg, ref)
+    if bad:
+        raise ConfigError("the budget rule (metamoe/budget.py) does not hold: " + "; ".join(bad)
+                          + " (--allow-budget-departure runs it anyway, recorded)")
+    return out
+
+
 def write_markdown(path: Path, table: dict, unavailable: dict, domains: list[str],
                    benchmark: str, seeds: list[int], split: str = "test") -> None:
     what = {"test": "Test", "val": "Validation"}[split]
@@ -282,12 +301,13 @@ def compare(benchmark: str = "vision", seeds: int = 1, methods: list[str] | None
             overrides: str = "", timeout: float = 3600.0, quiet: bool = False,
             references: bool = False, gpus_per_client: str | float = "auto",
             cpus_per_client: int = 1, ray_address: str | None = None,
-            split: str = "test") -> Path:
+            split: str = "test", allow_budget_departure: bool = False) -> Path:
     """Run (or reuse) every job of ``methods`` x ``seeds``; write the tables. ``gpus_per_client``,
     ``cpus_per_client`` and ``ray_address`` go to every :func:`metamoe.launch.launch` (they do
     not enter the run ids: a run is reused whatever device produced it). ``split="val"``
     evaluates every run on the clients' validation splits (``benchmark.eval_split=val``, part
-    of each run's id): the split every choice is made on."""
+    of each run's id): the split every choice is made on. Every row must keep the budget rule
+    (:func:`check_budgets`) unless ``allow_budget_departure``."""
     from metamoe.launch import launch
 
     if split not in ("test", "val"):
@@ -301,6 +321,18 @@ def compare(benchmark: str = "vision", seeds: int = 1, methods: list[str] | None
     (out / "runs").mkdir(parents=True, exist_ok=True)
     domains = list(resolve_config({"benchmark": benchmark}).benchmark.domains)
     jobs, unavailable = plan(rows, share)
+    runnable = [r for job in jobs for r in job.rows]
+    try:
+        budgets = check_budgets(benchmark, runnable, overrides)
+    except ConfigError:
+        if not allow_budget_departure:
+            raise
+        from metamoe.budget import budget
+
+        budgets = {r: budget(resolve_config({"benchmark": benchmark, "method": parse_row(r)[0],
+                                             "experiment": parse_row(r)[1],
+                                             "overrides": overrides})) for r in runnable}
+        budgets["departure_allowed"] = True
     say = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
     if not quiet:
         setup_logging()  # the per-run progress lines (run i of N, elapsed, ETA)
@@ -353,6 +385,7 @@ def compare(benchmark: str = "vision", seeds: int = 1, methods: list[str] | None
     write_plots(out, table, domains)
     (out / "compare.json").write_text(json.dumps(
         {"benchmark": benchmark, "seeds": seeds, "split": split, "rows": rows, "share": share,
+         "budgets": budgets,
          "overrides": overrides, "jobs": [j.__dict__ | {"members": list(j.members)}
                                           for j in jobs],
          "launch_seconds": timing}, indent=2, default=str))
@@ -375,6 +408,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--split", choices=("test", "val"), default="test",
                     help="evaluate on each client's test split, or on its validation split "
                          "(carved from train, never trained on): make every choice on val")
+    ap.add_argument("--allow-budget-departure", action="store_true",
+                    help="run rows that break the budget rule (metamoe/budget.py); recorded")
     ap.add_argument("--timeout", type=float, default=3600.0)
     ap.add_argument("--references", action="store_true",
                     help="also tabulate the metamoe run's own seed model and single experts "
@@ -395,7 +430,8 @@ def main(argv: list[str] | None = None) -> int:
                       a.cache_dir or os.environ.get("METAMOE_CACHE_DIR"), not a.no_share,
                       a.overrides, a.timeout, references=a.references,
                       gpus_per_client=a.gpus_per_client, cpus_per_client=a.cpus_per_client,
-                      ray_address=a.ray_address, split=a.split)
+                      ray_address=a.ray_address, split=a.split,
+                      allow_budget_departure=a.allow_budget_departure)
     except ConfigError as e:
         print(f"configuration error: {e}", file=sys.stderr)
         return 2

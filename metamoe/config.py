@@ -18,12 +18,13 @@ import hashlib
 import json
 import re
 import shlex
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import II, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 
@@ -172,23 +173,46 @@ class FederationConf:
     max_upload_mb: float = 64.0
 
 
+def _per_round(total: int, rounds: int) -> int:
+    """``fl.epochs``: the expert's passes over Dp spread evenly over ``fl.rounds``."""
+    if int(rounds) < 1 or int(total) % int(rounds):
+        raise ConfigError(f"fl.rounds={rounds} does not divide expert.epochs={total}: set "
+                          "fl.epochs explicitly (the budget rule, metamoe/budget.py, will "
+                          "report the departure)")
+    return int(total) // int(rounds)
+
+
+with warnings.catch_warnings():  # OmegaConf 2.4 renamed it register_resolver; 2.3 lacks that
+    warnings.simplefilter("ignore", UserWarning)
+    OmegaConf.register_new_resolver("per_round", _per_round, replace=True)
+
+
 @dataclass
 class FLConf(OptimConf):
     """Iterative federated baselines (fedavg, fedavg_moe, fedalign_moe, ddome); see
-    metamoe/strategies/fl.py. ``epochs`` = local epochs per round on Dp. Fair budget:
-    rounds x epochs = expert.epochs (8) passes over Dp, like MetaMoE's one expert training."""
+    metamoe/strategies/fl.py. ``epochs`` = local epochs per round on Dp.
+
+    The budget rule (``metamoe/budget.py``) is written here as interpolations: the local
+    training of every FL method takes the expert's optimiser, learning rate, batch size and
+    batch sampler, ``rounds x epochs`` = ``expert.epochs`` passes over Dp, and the routing
+    parameters (FL-MoE router, DDOME gate) and λ train at the unify stage's rates."""
     rounds: int = 4
-    optimizer: str = "adam"
-    lr: float = 3e-3
-    weight_decay: float = 0.0
-    epochs: int = 2
+    optimizer: str = II("expert.optimizer")
+    lr: float = II("expert.lr")
+    momentum: float = II("expert.momentum")
+    nesterov: bool = II("expert.nesterov")
+    weight_decay: float = II("expert.weight_decay")
+    batch_size: int = II("expert.batch_size")
+    group_by_length: bool = II("expert.group_by_length")
+    epochs: int = II("per_round:${expert.epochs},${fl.rounds}")
+    router_lr: float = II("unify.lr")  # FL-MoE router rows (MetaMoE's router: unify.lr)
     train: str = "lora"  # fedavg (dense): what is trained, FFN-LoRA with expert.rank (only)
     # MoE architecture of fedavg_moe / fedalign_moe (K experts = number of clients) [I]
     top_k: int = 2  # capped at K
     renormalize: bool = True  # Mixtral-style renormalised top-k: the initial MoE equals M0
     context: str = "sample"  # the context-aware router of MetaMoE (sample | batch | none)
     lambda_init: float = 0.3
-    lambda_lr: float = 1e-3
+    lambda_lr: float = II("unify.lambda_lr")
     # FedAlign-MoE (baselines_detail.md §3.2, every knob [I])
     align_gate: bool = True  # routing-consistency weighted gate rows (False: FedAvg gate)
     align_score: str = "expert"  # s_i(e): expert | client | usage
@@ -204,7 +228,7 @@ class FLConf(OptimConf):
     ddome_top_k: int = 2  # K experts per client (capped at M)
     ddome_anchors: bool = True  # client p < M anchors expert p (one-to-one)
     ddome_gate_hidden: int = 64
-    ddome_gate_lr: float = 1e-3
+    ddome_gate_lr: float = II("unify.lr")  # the gate is DDOME's router
     # How the server combines the clients' updates each round (robust aggregation against a
     # poisoned update): mean (FedAvg, weighted by num-examples) | median (FedMedian) |
     # trimmed (FedTrimmedAvg, trim_beta cut from each end) | krum (Krum, krum_malicious
@@ -332,6 +356,8 @@ CHOICES = {
     "fl.align_threshold": ("adaptive", "fixed"),
     "fl.align_descriptor": ("output", "delta", "input"),
     "fl.aggregation": ("mean", "median", "trimmed", "krum"),
+    "fl.weighting": ("samples", "uniform"),
+    "benchmark.eval_split": ("test", "val"),
     "run.precision": ("fp32", "bf16", "fp16"),
 }
 
@@ -413,6 +439,11 @@ def resolve_config(run_config: Mapping[str, Any] | None = None) -> DictConfig:
             cfg.run[attr] = str(rc[key])
     if cfg.benchmark.kind == "local":
         _local_domains(cfg)
+    try:
+        OmegaConf.resolve(cfg)  # the budget rule's interpolations become plain values
+    except Exception as e:  # noqa: BLE001 - OmegaConf wraps the resolver's error
+        cause = e.__cause__ if isinstance(e.__cause__, ConfigError) else e
+        raise ConfigError(str(cause).splitlines()[0]) from None
     validate(cfg)
     OmegaConf.set_readonly(cfg, True)
     return cfg
@@ -456,14 +487,9 @@ def validate(cfg: DictConfig) -> None:
     if cfg.benchmark.kind == "local" and cfg.method == "unrestricted_moe":
         raise ConfigError("method unrestricted_moe pools the clients' raw data on the server; "
                           "with benchmark.kind=local the server holds no client data")
-    if cfg.fl.weighting not in ("samples", "uniform"):
-        raise ConfigError(f"fl.weighting must be 'samples' or 'uniform', got {cfg.fl.weighting!r}")
     for key in ("benchmark.test_fraction", "benchmark.val_fraction"):
         if not 0 <= OmegaConf.select(cfg, key) < 1:
             raise ConfigError(f"{key} must be in [0, 1), got {OmegaConf.select(cfg, key)}")
-    if cfg.benchmark.eval_split not in ("test", "val"):
-        raise ConfigError(f"benchmark.eval_split must be 'test' or 'val', got "
-                          f"{cfg.benchmark.eval_split!r}")
     if cfg.benchmark.eval_split == "val" and cfg.benchmark.val_fraction <= 0 \
             and cfg.benchmark.kind != "local":
         raise ConfigError("benchmark.eval_split=val needs benchmark.val_fraction > 0")

@@ -33,7 +33,8 @@ def fl_moe_local_train(cfg, moe: MoEMixin, x: torch.Tensor, y: torch.Tensor, rng
     λ_g Σ_l KL(P̄_l ‖ p̂_l), p̂_l the batch-mean gate distribution of layer l."""
     f = cfg.fl
     moe.freeze_base()
-    groups = [{"params": moe.router_parameters() + moe.expert_parameters(), "lr": f.lr}]
+    groups = [{"params": moe.expert_parameters(), "lr": f.lr},
+              {"params": moe.router_parameters(), "lr": f.router_lr}]
     if moe.lambda_parameters():
         groups.append({"params": moe.lambda_parameters(), "lr": f.lambda_lr})
     use_kl = global_p is not None and lambda_g > 0
