@@ -62,7 +62,9 @@ from metamoe.progress import Progress
 
 ROOT = Path(__file__).resolve().parent.parent
 ONESHOT = ("zero_shot", "separate_experts", "btm", "model_soup", "btx", "flexolmo")
-FL = ("fedavg", "fedavg_moe", "fedalign_moe", "ddome")
+# DDOME as its paper runs it: 5 clients per domain, anchors and normal clients
+# (conf/experiment/ddome_paper.yaml); plain `ddome` (one client per domain) is all-anchor.
+FL = ("fedavg", "fedavg_moe", "fedalign_moe", "ddome[ddome_paper]")
 ABLATIONS = ("no_rw_dpp", "random_proxies", "no_pa", "no_ca_router", "authors_code")
 DEFAULT_ROWS = ("zero_shot", "separate_experts", "btm", "model_soup", "btx", "flexolmo",
                 "metamoe", *[f"metamoe[{a}]" for a in ABLATIONS], *FL, "unrestricted_moe")

@@ -25,7 +25,7 @@ def test_every_method_keeps_the_budget_rule(benchmark):
     got = check_budgets(benchmark, list(DEFAULT_ROWS) + ["metamoe[dp_eps8]"], "")
     fl = got["fedalign_moe"]
     assert fl["router"] == got["metamoe"]["router"] and fl["lambda_lr"] == got["metamoe"]["lambda_lr"]
-    assert got["ddome"]["router"] == got["metamoe"]["router"]
+    assert got["ddome[ddome_paper]"]["router"] == got["metamoe"]["router"]
     assert got["fedavg"]["weighting"] == "samples"
 
 

@@ -307,6 +307,10 @@ def test_ddome_handlers_gate_learns_distinct_subsets(tiny):
     m = dict(rep.content["metrics"])
     assert 0.0 <= m["acc_unified"] <= 1.0 and "acc_zero_shot" in m
     assert m[f"ddome_chosen/e{picks[1][0]}"] == 1.0
+    # where its gate sent the test samples: shares over the M experts, only chosen ones used
+    shares = [m[f"ddome_share/e{e}"] for e in range(M)]
+    assert sum(shares) == pytest.approx(1.0)
+    assert all(s == 0.0 for e, s in enumerate(shares) if m[f"ddome_chosen/e{e}"] == 0.0)
 
 
 # ------------------------------------------------------------------ end to end

@@ -76,9 +76,10 @@ def ddome_local_train(cfg, moe: MoEMixin, gate: GateMLP, feats: torch.Tensor, x:
 
 @torch.no_grad()
 def ddome_predict(moe: MoEMixin, gate: GateMLP, feats: torch.Tensor, x: torch.Tensor,
-                  classes, k: int) -> tuple[torch.Tensor, list[int]]:
+                  classes, k: int) -> tuple[torch.Tensor, list[int], torch.Tensor]:
     """DDOME test time on unlabelled data: the client's top-K experts from the summed gate
-    scores, then per sample the single expert with the highest gate score among those K."""
+    scores, then per sample the single expert with the highest gate score among those K.
+    Returns (predictions, the K experts, each sample's expert id)."""
     chosen = ddome_pick(gate, feats, k)
     per = predict_logits(gate, feats)[:, chosen].argmax(1)
     cls = torch.as_tensor(list(classes))
@@ -91,4 +92,4 @@ def ddome_predict(moe: MoEMixin, gate: GateMLP, feats: torch.Tensor, x: torch.Te
         logits = predict_logits(moe, x[sel])
         pred[sel] = cls[logits[:, cls].argmax(1)]
     moe.set_forced(None)
-    return pred, chosen
+    return pred, chosen, torch.as_tensor(chosen, dtype=torch.long)[per]

@@ -228,13 +228,14 @@ def ddome_evaluate(msg: Message, context: Context) -> Message:
         raise ValueError(f"evaluate.ddome needs experts 0..M-1, got {ids}")
     x, y = as_inputs(dom.x_test), torch.from_numpy(dom.y_test)
     feats = torch.from_numpy(features(seed, dom.x_test, "cls"))  # unlabelled test inputs
-    pred, chosen = ddome_predict(moe, gate, feats, x, dom.classes, int(conf["top_k"]))
+    pred, chosen, routed = ddome_predict(moe, gate, feats, x, dom.classes, int(conf["top_k"]))
     out = {"n_test": float(len(y)), "acc_unified": float((pred == y).float().mean()),
            "acc_zero_shot": accuracy(seed, x, y, dom.classes)}
     for e in ids:
         moe.set_forced(e)
         out[f"acc_expert/e{e}"] = accuracy(moe, x, y, dom.classes)
         out[f"ddome_chosen/e{e}"] = float(e in chosen)
+        out[f"ddome_share/e{e}"] = float((routed == e).float().mean())  # of the test samples
     moe.set_forced(None)
     log.info("client %s: ddome experts %s acc %.4f zero-shot %.4f", node.name, chosen,
              out["acc_unified"], out["acc_zero_shot"])
