@@ -65,6 +65,7 @@ ONESHOT = ("zero_shot", "separate_experts", "btm", "model_soup", "btx", "flexolm
 # DDOME as its paper runs it: 5 clients per domain, anchors and normal clients
 # (conf/experiment/ddome_paper.yaml); plain `ddome` (one client per domain) is all-anchor.
 FL = ("fedavg", "fedavg_moe", "fedalign_moe", "ddome[ddome_paper]")
+FL_METHODS = ("fedavg", "fedavg_moe", "fedalign_moe", "ddome")
 ABLATIONS = ("no_rw_dpp", "random_proxies", "no_pa", "no_ca_router", "authors_code")
 DEFAULT_ROWS = ("zero_shot", "separate_experts", "btm", "model_soup", "btx", "flexolmo",
                 "metamoe", *[f"metamoe[{a}]" for a in ABLATIONS], *FL, "unrestricted_moe")
@@ -165,7 +166,7 @@ def rows_of(metrics: dict, job: Job, references: bool = False) -> dict[str, dict
                    # the iterative ones report theirs or run fl.rounds
                    "rounds": int(metrics.get("rounds")
                                  or (metrics.get("config", {}).get("fl", {}).get("rounds")
-                                     if job.method in FL else 1) or 1)}
+                                     if job.method in FL_METHODS else 1) or 1)}
         else:
             raise RuntimeError(f"run of {job.method} has no row {r!r}")
         out[r] = row
