@@ -18,7 +18,7 @@ the rule as interpolations of the expert and unify sections (``metamoe/config.py
 ``FLConf``), so a benchmark file sets a budget once; :func:`departures` finds any method whose
 resolved config breaks it (``tests/test_budget.py`` checks every method on ``vision`` and
 ``text``; ``metamoe.compare`` refuses a comparison that breaks it). Exempt: ``zero_shot``
-(trains nothing) and ``unrestricted_moe`` (NOT PRIVATE: an upper bound, not a competitor).
+(trains nothing) and the ``unrestricted_moe_*`` rows (NOT PRIVATE upper bounds, not competitors).
 """
 
 from __future__ import annotations
@@ -30,7 +30,8 @@ ONESHOT = ("separate_experts", "btm", "model_soup", "btx", "flexolmo", "metamoe"
 ROUTED = ("btx", "flexolmo", "metamoe", "metamoe_suite")  # a router trained on the server
 FL = ("fedavg", "fedavg_moe", "fedalign_moe", "ddome")
 EXEMPT = {"zero_shot": "trains nothing",
-          "unrestricted_moe": "NOT PRIVATE upper bound (trains on the pooled private data)"}
+          "unrestricted_moe_same_start": "NOT PRIVATE upper bound (MetaMoE + pooled private data)",
+          "unrestricted_moe_scratch": "NOT PRIVATE upper bound (trained on the pooled private data)"}
 
 
 def budget(cfg: DictConfig) -> dict:

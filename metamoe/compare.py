@@ -10,7 +10,7 @@ Writes ``results/compare-<bench>/``:
 * ``table.json`` — stable interface: {row: {``average``, ``std`` (over seeds, population),
   ``per_seed_average`` (one average per seed, in seed order),
   ``per_domain`` {domain: mean}, ``per_domain_std``, ``private`` (false only for
-  ``unrestricted_moe``), ``upload_bytes`` (mean per client), ``rounds``, ``seeds``, ``runs``}};
+  the ``unrestricted_moe_*`` upper bounds), ``upload_bytes`` (mean per client), ``rounds``, ``seeds``, ``runs``}};
   rows whose strategy is not available have ``{"status": "unavailable", "reason": ...}``;
 * ``table.md`` — rows = methods, columns = domains + average (mean ± std over seeds, %),
   upload bytes per client, rounds and the average of each seed;
@@ -35,7 +35,7 @@ A suite is used when two or more of its rows are requested (``--no-share`` runs 
 alone). Sharing is honest: each suite member is built with exactly the config it has alone,
 and the suite refuses to run if a member's expert/sketch/model/seed config differs (see
 ``oneshot.make_members``); upload bytes count only what each row's method sends. Every other
-row (metamoe[no_rw_dpp], metamoe[random_proxies], unrestricted_moe and the iterative FL
+row (metamoe[no_rw_dpp], metamoe[random_proxies], the two unrestricted_moe_* upper bounds and the iterative FL
 baselines) is its own run. Iterative methods that are not registered are listed as
 unavailable in the table instead of failing the comparison.
 
@@ -68,7 +68,8 @@ FL = ("fedavg", "fedavg_moe", "fedalign_moe", "ddome[ddome_paper]")
 FL_METHODS = ("fedavg", "fedavg_moe", "fedalign_moe", "ddome")
 ABLATIONS = ("no_rw_dpp", "random_proxies", "no_pa", "no_ca_router", "authors_code")
 DEFAULT_ROWS = ("zero_shot", "separate_experts", "btm", "model_soup", "btx", "flexolmo",
-                "metamoe", *[f"metamoe[{a}]" for a in ABLATIONS], *FL, "unrestricted_moe")
+                "metamoe", *[f"metamoe[{a}]" for a in ABLATIONS], *FL,
+                "unrestricted_moe_same_start", "unrestricted_moe_scratch")
 
 
 @dataclass

@@ -484,8 +484,8 @@ def validate(cfg: DictConfig) -> None:
     if cfg.benchmark.kind == "local" and cfg.model.arch not in ("vit", "bert", "clip"):
         raise ConfigError(f"model.arch={cfg.model.arch!r}: benchmark.kind='local' supports "
                           "'vit', 'clip' (images) and 'bert' (texts)")
-    if cfg.benchmark.kind == "local" and cfg.method == "unrestricted_moe":
-        raise ConfigError("method unrestricted_moe pools the clients' raw data on the server; "
+    if cfg.benchmark.kind == "local" and cfg.method.startswith("unrestricted_moe"):
+        raise ConfigError(f"method {cfg.method} pools the clients' raw data on the server; "
                           "with benchmark.kind=local the server holds no client data")
     for key in ("benchmark.test_fraction", "benchmark.val_fraction"):
         if not 0 <= OmegaConf.select(cfg, key) < 1:

@@ -90,6 +90,7 @@ def train(
     desc: str = "train",
     log_every: int = 0,
     dp: DPSGD | None = None,
+    sample_weights: torch.Tensor | None = None,
 ) -> dict:
     """Mini-batch training of ``model``; returns {"loss": last-epoch mean, ...}.
 
@@ -102,7 +103,10 @@ def train(
     ``metamoe/progress.py``). The model and each batch go to the current runtime's device (``metamoe/device.py``); the
     forward pass runs under its autocast. ``dp``: DP-SGD (``metamoe/dpsgd.py``): Poisson-sampled
     batches, per-sample clipping and Gaussian noise; the result then also holds ``dp_steps``
-    and ``dp_sample_rate`` for the accountant.
+    and ``dp_sample_rate`` for the accountant. ``sample_weights`` (one per item, e.g.
+    :func:`balanced_weights`): each epoch's ``ceil(N / batch_size)`` batches are drawn with
+    replacement in proportion to them (PyTorch's ``WeightedRandomSampler``), then
+    length-grouped like any order.
     """
     data = as_dataset(x, y)
     n = len(data)
@@ -127,9 +131,19 @@ def train(
     report = Progress(cfg.epochs, desc, unit="epoch") if log_every else None
     if dp is not None:
         return _train_dp(model, data, cfg, opt, loss_fn, dp, gen, seed, desc, report, t0)
+    if sample_weights is not None:
+        sample_weights = torch.as_tensor(sample_weights, dtype=torch.float64)
+        if sample_weights.shape != (n,) or not (sample_weights >= 0).all() \
+                or not sample_weights.sum() > 0:
+            raise ValueError(f"{desc}: sample_weights must be {n} non-negative weights, "
+                             "not all zero")
+        if dp is not None:
+            raise ValueError(f"{desc}: DP-SGD samples its own batches (Poisson); no weights")
     with seeded(seed):
         for epoch in range(cfg.epochs):
             order = torch.randperm(n, generator=gen) if cfg.shuffle else torch.arange(n)
+            if sample_weights is not None:
+                order = torch.multinomial(sample_weights, n, replacement=True, generator=gen)
             index = [order[s * cfg.batch_size:(s + 1) * cfg.batch_size] for s in range(steps)]
             if lengths is not None:
                 index = _length_grouped(order, lengths, cfg.batch_size, gen)
@@ -204,9 +218,16 @@ def _train_dp(model: nn.Module, data: Dataset, cfg, opt, loss_fn, dp: DPSGD,
             "dp_steps": steps * cfg.epochs, "dp_sample_rate": q}
 
 
+def balanced_weights(groups) -> torch.Tensor:
+    """Per-item sampling weights under which every group (a domain) is drawn equally often:
+    1 / (G · size of the item's group)."""
+    _, inverse, counts = np.unique(np.asarray(groups), return_inverse=True, return_counts=True)
+    return torch.from_numpy(1.0 / (len(counts) * counts[inverse].astype(np.float64)))
+
+
 def finetune(moe: nn.Module, x: np.ndarray, y: np.ndarray, section: DictConfig, seed: int,
              train_router: bool, train_experts: bool, loss_fn: Callable | None = None,
-             desc: str = "finetune") -> dict:
+             desc: str = "finetune", sample_weights: torch.Tensor | None = None) -> dict:
     """Fine-tune router (+ λ, at ``section.lambda_lr``) and/or experts of a MoE model
     (``metamoe.models.moe.MoEMixin``) with :func:`train`; everything of M0 stays frozen."""
     moe.freeze_base()
@@ -223,7 +244,7 @@ def finetune(moe: nn.Module, x: np.ndarray, y: np.ndarray, section: DictConfig, 
         return {"loss": float("nan"), "examples": 0}
     kw = {"loss_fn": loss_fn} if loss_fn is not None else {}
     return train(moe, torch.as_tensor(x), torch.as_tensor(y), section, params=groups,
-                 seed=seed, desc=desc, log_every=1, **kw)
+                 seed=seed, desc=desc, log_every=1, sample_weights=sample_weights, **kw)
 
 
 def _pad_id(model: nn.Module) -> int:

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 SPECS = ["tiny-metamoe", "tiny_text-metamoe", "tiny-fedavg", "tiny-fedavg_moe",
-         "tiny-fedalign_moe", "tiny-ddome", "tiny-oneshot_suite", "tiny-unrestricted_moe",
+         "tiny-fedalign_moe", "tiny-ddome", "tiny-oneshot_suite", "tiny-unrestricted_moe_scratch",
          "tiny-metamoe_suite", "demo"]
 
 

@@ -8,7 +8,7 @@ set -u
 cd "$1"; L=$2
 export METAMOE_CACHE_DIR=$1/.cache
 for spec in "tiny metamoe" "tiny_text metamoe" "tiny fedavg" "tiny fedavg_moe" "tiny fedalign_moe" \
-            "tiny ddome" "tiny oneshot_suite" "tiny unrestricted_moe" "tiny metamoe_suite"; do
+            "tiny ddome" "tiny oneshot_suite" "tiny unrestricted_moe_scratch" "tiny unrestricted_moe_same_start" "tiny metamoe_suite"; do
   set -- $spec
   .venv/bin/python -m metamoe.launch --benchmark "$1" --method "$2" --run-id "cmp-$L-$1-$2" \
     > "results-cmp-$L-$1-$2.log" 2>&1

@@ -38,7 +38,7 @@ def random_lora(seed, k):
 
 def test_every_method_is_registered_with_a_config():
     for m in ("zero_shot", "separate_experts", "btm", "model_soup", "btx", "flexolmo",
-              "unrestricted_moe", "oneshot_suite", "metamoe_suite"):
+              "unrestricted_moe_scratch", "unrestricted_moe_same_start", "oneshot_suite", "metamoe_suite"):
         assert m in STRATEGIES
         assert resolve_config({"benchmark": "tiny", "method": m}).method == m
 

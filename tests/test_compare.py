@@ -31,7 +31,7 @@ def test_reference_rows_come_only_with_a_plain_metamoe_run():
 
 def test_plan_shares_client_phases_only_when_asked():
     jobs, missing = plan(["btm", "btx", "metamoe", "metamoe[no_ca_router]", "metamoe[no_rw_dpp]",
-                          "unrestricted_moe", "nosuch", "metamoe[nosuch]"])
+                          "unrestricted_moe_scratch", "nosuch", "metamoe[nosuch]"])
     assert set(missing) == {"nosuch", "metamoe[nosuch]"}
     by = {j.method: j for j in jobs}
     assert by["oneshot_suite"].rows == ["btm", "btx"]
@@ -41,7 +41,7 @@ def test_plan_shares_client_phases_only_when_asked():
     assert [(j.method, j.rows) for j in jobs] == [("btm", ["btm"]), ("btx", ["btx"])]
     jobs, _ = plan(["btm"])  # a single row runs alone
     assert [j.method for j in jobs] == ["btm"]
-    assert "unrestricted_moe" in DEFAULT_ROWS and "metamoe[authors_code]" in DEFAULT_ROWS
+    assert "unrestricted_moe_scratch" in DEFAULT_ROWS and "unrestricted_moe_same_start" in DEFAULT_ROWS and "metamoe[authors_code]" in DEFAULT_ROWS
 
 
 def test_run_ids_are_keyed_by_config_and_seed():
@@ -55,24 +55,32 @@ def test_run_ids_are_keyed_by_config_and_seed():
 @pytest.mark.slow
 def test_compare_tiny_table_and_resume(tmp_path, monkeypatch, capsys, cache_dir):
     monkeypatch.setenv("METAMOE_FLWR_HOME", str(tmp_path / "flwr-home"))
-    kw = dict(benchmark="tiny", seeds=1, methods=["zero_shot", "unrestricted_moe", "nosuch"],
+    kw = dict(benchmark="tiny", seeds=1,
+              methods=["zero_shot", "unrestricted_moe_scratch", "unrestricted_moe_same_start",
+                       "nosuch"],
               output_dir=str(tmp_path / "cmp"), cache_dir=cache_dir,
               timeout=900)
     out = compare(**kw)
     table = json.loads((out / "table.json").read_text())
     assert table["nosuch"]["status"] == "unavailable"
-    for r in ("zero_shot", "unrestricted_moe"):
+    for r in ("zero_shot", "unrestricted_moe_scratch", "unrestricted_moe_same_start"):
         t = table[r]
         assert {"average", "std", "per_domain", "private", "upload_bytes"} <= set(t)
         assert set(t["per_domain"]) == {"mnist", "uci"}
         assert 0.0 <= t["average"] <= 1.0 and t["std"] == 0.0
         assert t["per_seed_average"] == [t["average"]]
     assert table["zero_shot"]["private"] is True
-    assert table["unrestricted_moe"]["private"] is False
+    assert table["unrestricted_moe_scratch"]["private"] is False
+    assert table["unrestricted_moe_same_start"]["private"] is False
     # the non-private bound "uploads" its private data: far more than zero-shot's scalars
-    assert table["unrestricted_moe"]["upload_bytes"] > 100 * table["zero_shot"]["upload_bytes"]
+    for r in ("unrestricted_moe_scratch", "unrestricted_moe_same_start"):
+        assert table[r]["upload_bytes"] > 100 * table["zero_shot"]["upload_bytes"]
+    # "same start" is MetaMoE's run (the clients' experts) with the private data added
+    same = json.loads(next((out / "runs").glob("unrestricted_moe_same_start-*/metrics.json"))
+                      .read_text())
+    assert set(same["expert_train"]) == {"mnist", "uci"} == set(same["private_data_bytes"])
     md = (out / "table.md").read_text()
-    assert "unrestricted_moe (NOT PRIVATE)" in md and "not run" in md
+    assert "unrestricted_moe_scratch (NOT PRIVATE)" in md and "not run" in md
     zs = 100 * table["zero_shot"]["average"]
     assert f"| {zs:.2f} |" in next(line for line in md.splitlines() if "| zero_shot |" in line)
     assert (out / "accuracy_per_domain.png").stat().st_size > 0
@@ -82,7 +90,7 @@ def test_compare_tiny_table_and_resume(tmp_path, monkeypatch, capsys, cache_dir)
     capsys.readouterr()
     compare(**kw)  # second invocation: everything is reused, nothing is launched
     log = capsys.readouterr().out
-    assert log.count("[compare] reusing") == 2 and "[compare] running" not in log
+    assert log.count("[compare] reusing") == 3 and "[compare] running" not in log
     assert sorted(p.name for p in (out / "runs").iterdir()) == runs
     assert {p: (out / "runs" / p / "metrics.json").stat().st_mtime for p in runs} == mtimes
     assert json.loads((out / "table.json").read_text()) == table

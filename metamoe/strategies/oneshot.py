@@ -29,11 +29,8 @@ Design choices (documented here, stated in every result row's ``notes``):
   term, no negative router bias (absent from the released FlexOlmo, issue #32). The public
   expert anchor (M0's FFN as an extra expert, coordinated two-expert training) is OMITTED: the
   experts are the same private-only LoRA experts as every other baseline.
-* ``unrestricted_moe`` — NOT PRIVATE: the server reads every client's private training set
-  directly and trains a K-expert MoE (fresh LoRA experts, random router, MetaMoE's router
-  architecture) on their union with the expert optimiser settings. Its ``upload_bytes`` are
-  the private sets' bytes (what would have to be sent) + the evaluation replies, and every row
-  and metrics file carries ``"private": false``.
+* ``unrestricted_moe_same_start`` / ``unrestricted_moe_scratch`` — NOT PRIVATE upper bounds
+  (``strategies/unrestricted.py``): the server reads every client's private training set.
 
 Suites sharing the client phases of several rows: ``strategies/suites.py``; the driver
 that runs one or several members: ``strategies/oneshot_run.py``.
