@@ -20,7 +20,7 @@ PKG = ROOT / "metamoe"
 
 LAYERS = [  # (module prefix, layer); the longest matching prefix wins
     ("metamoe.config", 0), ("metamoe.logging_utils", 0), ("metamoe.protocol", 0),
-    ("metamoe.device", 0), ("metamoe.progress", 0),
+    ("metamoe.device", 0), ("metamoe.progress", 0), ("metamoe.budget", 0),
     ("metamoe.models", 1), ("metamoe.proxy", 1),
     ("metamoe.data", 2), ("metamoe.training", 2), ("metamoe.dpsgd", 1),
     ("metamoe.clients", 3), ("metamoe.strategies", 3),

@@ -18,7 +18,7 @@ from metamoe.strategies import STRATEGIES
 from metamoe.strategies.merges import build_m0, build_soup, load_balancing_loss, soup_lora
 from metamoe.strategies.oneshot import BTX, FlexOlmo
 from metamoe.strategies.suites import ONESHOT_SUITE, make_members, member_config
-from metamoe.strategies.unrestricted import UnrestrictedMoE
+from metamoe.strategies.unrestricted import UnrestrictedSameStart, UnrestrictedScratch
 
 R, ALPHA = 4, 8.0
 
@@ -175,7 +175,7 @@ def test_flexolmo_router_vectors_are_private_only_and_proxies_relevance_only(see
 
 
 def test_unrestricted_is_marked_non_private():
-    assert UnrestrictedMoE.private is False
+    assert UnrestrictedScratch.private is False and UnrestrictedSameStart.private is False
     assert all(STRATEGIES[m].private for m in ("zero_shot", "btm", "btx", "flexolmo"))
 
 
