@@ -48,7 +48,8 @@ def budget(cfg: DictConfig) -> dict:
             out.update(router=(str(u.optimizer), float(u.lr)), lambda_lr=float(u.lambda_lr),
                        server_stage=(int(u.epochs), int(u.batch_size)))
     elif m in FL:
-        out = {"private_passes": int(f.rounds) * int(f.epochs),
+        passes = round(int(f.rounds) * float(f.epochs), 6)
+        out = {"private_passes": int(passes) if passes == int(passes) else passes,
                "experts": (str(f.optimizer), float(f.lr)),
                "private_batch": (int(f.batch_size), bool(f.group_by_length)),
                "weighting": str(f.weighting)}

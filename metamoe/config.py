@@ -173,13 +173,13 @@ class FederationConf:
     max_upload_mb: float = 64.0
 
 
-def _per_round(total: int, rounds: int) -> int:
-    """``fl.epochs``: the expert's passes over Dp spread evenly over ``fl.rounds``."""
-    if int(rounds) < 1 or int(total) % int(rounds):
-        raise ConfigError(f"fl.rounds={rounds} does not divide expert.epochs={total}: set "
-                          "fl.epochs explicitly (the budget rule, metamoe/budget.py, will "
-                          "report the departure)")
-    return int(total) // int(rounds)
+def _per_round(total: int, rounds: int) -> float:
+    """``fl.epochs``: the expert's passes over Dp spread evenly over ``fl.rounds`` (a fraction
+    of an epoch per round when rounds > passes: ``training.epoch_steps``)."""
+    if int(rounds) < 1:
+        raise ConfigError(f"fl.rounds must be >= 1, got {rounds}")
+    return int(total) // int(rounds) if int(total) % int(rounds) == 0 else \
+        float(total) / int(rounds)
 
 
 with warnings.catch_warnings():  # OmegaConf 2.4 renamed it register_resolver; 2.3 lacks that
@@ -204,7 +204,8 @@ class FLConf(OptimConf):
     weight_decay: float = II("expert.weight_decay")
     batch_size: int = II("expert.batch_size")
     group_by_length: bool = II("expert.group_by_length")
-    epochs: int = II("per_round:${expert.epochs},${fl.rounds}")
+    # local epochs per round; fractional below one (e.g. 16 rounds x 0.5 = 8 passes)
+    epochs: float = II("per_round:${expert.epochs},${fl.rounds}")
     router_lr: float = II("unify.lr")  # FL-MoE router rows (MetaMoE's router: unify.lr)
     train: str = "lora"  # fedavg (dense): what is trained, FFN-LoRA with expert.rank (only)
     # MoE architecture of fedavg_moe / fedalign_moe (K experts = number of clients) [I]

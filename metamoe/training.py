@@ -128,7 +128,8 @@ def train(
         lengths = dataset_lengths(data, _pad_id(model))
     checked = rt.device.type != "meta"  # meta tensors carry no values to check
     # Dropout (text encoders) draws from torch's global RNG: seed it too, inside a fork.
-    report = Progress(cfg.epochs, desc, unit="epoch") if log_every else None
+    plan = epoch_steps(cfg.epochs, steps)
+    report = Progress(len(plan), desc, unit="epoch") if log_every else None
     if dp is not None:
         return _train_dp(model, data, cfg, opt, loss_fn, dp, gen, seed, desc, report, t0)
     if sample_weights is not None:
@@ -140,13 +141,14 @@ def train(
         if dp is not None:
             raise ValueError(f"{desc}: DP-SGD samples its own batches (Poisson); no weights")
     with seeded(seed):
-        for epoch in range(cfg.epochs):
+        for epoch, k in enumerate(plan):
             order = torch.randperm(n, generator=gen) if cfg.shuffle else torch.arange(n)
             if sample_weights is not None:
                 order = torch.multinomial(sample_weights, n, replacement=True, generator=gen)
             index = [order[s * cfg.batch_size:(s + 1) * cfg.batch_size] for s in range(steps)]
             if lengths is not None:
                 index = _length_grouped(order, lengths, cfg.batch_size, gen)
+            index = index[:k]  # a fractional last epoch: its first k batches
             total, seen = 0.0, 0
             for s, (xb, yb) in enumerate(batches(data, index, rt.workers, rt.is_cuda)):
                 xb, yb = rt.batch(xb), rt.batch(yb)
@@ -190,9 +192,9 @@ def _train_dp(model: nn.Module, data: Dataset, cfg, opt, loss_fn, dp: DPSGD,
     steps = math.ceil(n / cfg.batch_size)
     epoch_loss = float("nan")
     with seeded(seed):
-        for _ in range(cfg.epochs):
+        for k in epoch_steps(cfg.epochs, steps):
             total, seen = 0.0, 0
-            for _ in range(steps):
+            for _ in range(k):
                 idx = torch.nonzero(torch.rand(n, generator=gen) < q).flatten()
                 xb = yb = torch.zeros(0, dtype=torch.long)
                 if len(idx):
@@ -215,7 +217,15 @@ def _train_dp(model: nn.Module, data: Dataset, cfg, opt, loss_fn, dp: DPSGD,
         report.close()
     model.eval()
     return {"loss": epoch_loss, "seconds": time.perf_counter() - t0, "examples": n,
-            "dp_steps": steps * cfg.epochs, "dp_sample_rate": q}
+            "dp_steps": sum(epoch_steps(cfg.epochs, steps)), "dp_sample_rate": q}
+
+
+def epoch_steps(epochs: float, steps: int) -> list[int]:
+    """Steps in each epoch of ``epochs`` (may be fractional: 16 FL rounds of half an epoch
+    keep 8 passes over Dp) of ``steps`` batches: whole epochs, then ``ceil(frac · steps)``."""
+    whole = int(math.floor(epochs + 1e-9))
+    frac = float(epochs) - whole
+    return [steps] * whole + ([max(1, math.ceil(frac * steps - 1e-9))] if frac > 1e-9 else [])
 
 
 def balanced_weights(groups) -> torch.Tensor:

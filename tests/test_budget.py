@@ -41,5 +41,33 @@ def test_a_departure_is_named_and_refused():
     assert both["fedavg"]["experts"] == both["metamoe"]["experts"] == ("adam", 0.01)
     with pytest.raises(ConfigError, match="budget rule.*fedavg: experts"):
         check_budgets("vision", ["metamoe", "fedavg"], "fl.lr=0.01")
-    with pytest.raises(ConfigError, match="fl.rounds=3 does not divide expert.epochs=8"):
-        resolve_config({"benchmark": "vision", "method": "fedavg", "overrides": "fl.rounds=3"})
+    # more rounds than passes: a fraction of an epoch per round, the same 8 passes
+    for rounds, epochs in ((8, 1), (16, 0.5), (3, 8 / 3)):
+        cfg = resolve_config({"benchmark": "vision", "method": "fedavg",
+                              "overrides": f"fl.rounds={rounds}"})
+        assert cfg.fl.epochs == pytest.approx(epochs) and departures(cfg, ref) == []
+
+
+def test_fractional_epochs_train_a_fraction_of_the_batches():
+    import torch
+    from omegaconf import OmegaConf
+
+    from metamoe.training import epoch_steps, train
+
+    assert epoch_steps(2, 10) == [10, 10] and epoch_steps(0.5, 10) == [5]
+    assert epoch_steps(8 / 3, 9) == [9, 9, 6] and epoch_steps(1e-3, 10) == [1]
+    w = torch.nn.Parameter(torch.zeros(1))
+    model = torch.nn.Module()
+    model.w = w
+    calls = []
+
+    def loss_fn(m, xb, yb):
+        calls.append(len(xb))
+        return (m.w ** 2).sum()
+
+    cfg = OmegaConf.create({"optimizer": "sgd", "lr": 0.1, "momentum": 0.0, "nesterov": False,
+                            "weight_decay": 0.0, "epochs": 0.5, "batch_size": 10,
+                            "shuffle": True, "group_by_length": False})
+    train(model, torch.arange(100), torch.zeros(100, dtype=torch.long), cfg, params=[w],
+          loss_fn=loss_fn)
+    assert calls == [10] * 5  # half of the 10 batches: half a pass over the data

@@ -63,8 +63,8 @@ class FLStrategy(Strategy):
     def __init__(self, cfg, seed_model, bench, pool_features):
         super().__init__(cfg, seed_model, bench, pool_features)
         f = cfg.fl
-        if f.rounds < 1 or f.epochs < 1 or f.lr <= 0 or f.batch_size <= 0:
-            raise ConfigError(f"fl.rounds={f.rounds}, fl.epochs={f.epochs} must be >= 1 and "
+        if f.rounds < 1 or f.epochs <= 0 or f.lr <= 0 or f.batch_size <= 0:
+            raise ConfigError(f"fl.rounds={f.rounds} must be >= 1 and fl.epochs={f.epochs}, "
                               f"fl.lr={f.lr}, fl.batch_size={f.batch_size} positive")
         if f.top_k < 1 or f.ddome_top_k < 1 or f.ddome_gate_hidden < 1:
             raise ConfigError("fl.top_k, fl.ddome_top_k and fl.ddome_gate_hidden must be >= 1")
