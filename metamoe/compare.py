@@ -10,7 +10,9 @@ Writes ``results/compare-<bench>/``:
 * ``table.json`` — stable interface: {row: {``average``, ``std`` (over seeds, population),
   ``per_seed_average`` (one average per seed, in seed order),
   ``per_domain`` {domain: mean}, ``per_domain_std``, ``private`` (false only for
-  the ``unrestricted_moe_*`` upper bounds), ``upload_bytes`` (mean per client), ``rounds``, ``seeds``, ``runs``}};
+  the ``unrestricted_moe_*`` upper bounds), ``upload_bytes`` (mean per client), ``rounds``,
+  ``seeds``, ``runs``, and for rows with MetaMoE's seeds ``metamoe_minus_this`` (the paired
+  per-seed differences of the averages: ``per_seed``, ``mean``, ``std``, ``wins``)}};
   rows whose strategy is not available have ``{"status": "unavailable", "reason": ...}``;
 * ``table.md`` — rows = methods, columns = domains + average (mean ± std over seeds, %),
   upload bytes per client, rounds and the average of each seed;
@@ -192,6 +194,13 @@ def aggregate(per_seed: dict[str, list[dict]], domains: list[str]) -> dict[str, 
             "seeds": len(rs),
             "runs": [x["_run"] for x in rs],
         }
+    ref = table.get("metamoe")
+    for r, t in table.items():  # paired by seed: MetaMoE's average minus this row's
+        if ref is not None and r != "metamoe" and t["seeds"] == ref["seeds"]:
+            d = np.subtract(ref["per_seed_average"], t["per_seed_average"])
+            t["metamoe_minus_this"] = {"per_seed": [float(v) for v in d],
+                                       "mean": float(np.mean(d)), "std": float(np.std(d)),
+                                       "wins": int((d > 0).sum())}
     return table
 
 
@@ -242,6 +251,14 @@ def write_markdown(path: Path, table: dict, unavailable: dict, domains: list[str
     for r, why in unavailable.items():
         lines.append(f"| {r} | " + " | ".join("—" for _ in domains) +
                      f" | not run: {why} | — | — | — |")
+    paired = {r: t["metamoe_minus_this"] for r, t in table.items() if "metamoe_minus_this" in t}
+    if paired:
+        lines += ["", "Paired by seed, MetaMoE's average minus each row's (points; wins = seeds "
+                      "where MetaMoE is above):", "",
+                  "| row | mean ± std | per seed | MetaMoE wins |", "|---|---|---|---|"]
+        lines += [f"| {r} | {100 * p['mean']:+.2f} ± {100 * p['std']:.2f} | "
+                  + " / ".join(f"{100 * v:+.2f}" for v in p["per_seed"])
+                  + f" | {p['wins']} of {len(p['per_seed'])} |" for r, p in paired.items()]
     if any(not t["private"] for t in table.values()):
         lines += ["", "NOT PRIVATE rows read the clients' private data on the server "
                       "(an upper bound, not a federated method)."]

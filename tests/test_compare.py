@@ -94,3 +94,23 @@ def test_compare_tiny_table_and_resume(tmp_path, monkeypatch, capsys, cache_dir)
     assert sorted(p.name for p in (out / "runs").iterdir()) == runs
     assert {p: (out / "runs" / p / "metrics.json").stat().st_mtime for p in runs} == mtimes
     assert json.loads((out / "table.json").read_text()) == table
+
+
+def test_paired_differences_against_metamoe(tmp_path):
+    from metamoe.compare import write_markdown
+
+    def run(avg, seed):
+        return {"accuracy": {"average": avg, "per_domain": {"a": avg}}, "upload_bytes": {"c": 1},
+                "_run": f"r{seed}"}
+
+    per_seed = {"metamoe": [run(a, s) for s, a in enumerate((0.80, 0.82, 0.78))],
+                "btm": [run(a, s) for s, a in enumerate((0.75, 0.83, 0.70))],
+                "short": [run(0.5, 0)]}
+    table = aggregate(per_seed, ["a"])
+    p = table["btm"]["metamoe_minus_this"]
+    assert p["per_seed"] == pytest.approx([0.05, -0.01, 0.08]) and p["wins"] == 2
+    assert p["mean"] == pytest.approx(0.04)
+    assert "metamoe_minus_this" not in table["metamoe"]
+    assert "metamoe_minus_this" not in table["short"]  # not the same seeds: no pairing
+    write_markdown(tmp_path / "t.md", table, {}, ["a"], "x", [0, 1, 2])
+    assert "| btm | +4.00 ± 3.74 | +5.00 / -1.00 / +8.00 | 2 of 3 |" in (tmp_path / "t.md").read_text()
