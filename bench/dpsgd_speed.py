@@ -54,7 +54,7 @@ def main(argv=None) -> int:
     ways = {"hooks": lambda: lora_per_sample_grads(model, params, x, y), "vmap": vmap_only,
             "loop": lambda: _loop(model, params, x, y)}
     times: dict[str, list[float]] = {name: [] for name in ways}
-    for name, fn in ways.items():
+    for fn in ways.values():
         fn()  # warm-up
     for _ in range(a.repeats):  # interleaved, so a busy machine slows every way alike
         for name, fn in ways.items():

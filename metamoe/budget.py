@@ -25,6 +25,8 @@ from __future__ import annotations
 
 from omegaconf import DictConfig
 
+from metamoe.config import ConfigError, resolve_config
+
 ONESHOT = ("separate_experts", "btm", "model_soup", "btx", "flexolmo", "metamoe",
            "oneshot_suite", "metamoe_suite")
 ROUTED = ("btx", "flexolmo", "metamoe", "metamoe_suite")  # a router trained on the server
@@ -36,7 +38,7 @@ EXEMPT = {"zero_shot": "trains nothing",
 
 def budget(cfg: DictConfig) -> dict:
     """What ``cfg``'s method spends, in the rule's terms (keys absent where they do not apply;
-    ``None`` for an exempt method)."""
+    an exempt method: only why)."""
     m = str(cfg.method)
     if m in EXEMPT:
         return {"method": m, "exempt": EXEMPT[m]}
@@ -73,3 +75,24 @@ def departures(cfg: DictConfig, reference: DictConfig) -> list[str]:
             for key in ("private_passes", "experts", "private_batch", "router", "lambda_lr",
                         "server_stage")
             if key in mine and key in ref and mine[key] != ref[key]]
+
+
+def check_rows(benchmark: str, rows: dict[str, tuple[str, str]], overrides: str = "",
+               allow: bool = False) -> dict[str, dict]:
+    """The budget of every row ({row: (method, experiment)}) under ``overrides``; raises
+    :class:`ConfigError` listing every departure from MetaMoE's budget, unless ``allow`` (then
+    the result says ``"departure_allowed": true``)."""
+    ref = resolve_config({"benchmark": benchmark, "method": "metamoe", "overrides": overrides})
+    out: dict = {}
+    bad: list[str] = []
+    for row, (method, exp) in rows.items():
+        cfg = resolve_config({"benchmark": benchmark, "method": method, "experiment": exp,
+                              "overrides": overrides})
+        out[row] = budget(cfg)
+        bad += departures(cfg, ref)
+    if bad and not allow:
+        raise ConfigError("the budget rule (metamoe/budget.py) does not hold: " + "; ".join(bad)
+                          + " (--allow-budget-departure runs it anyway, recorded)")
+    if bad:
+        out["departure_allowed"] = True
+    return out

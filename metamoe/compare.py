@@ -56,8 +56,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
+from metamoe.budget import check_rows
+from metamoe.compare_tables import aggregate, write_markdown, write_plots
 from metamoe.config import ConfigError, conf_dir, config_hash, resolve_config, to_container
 from metamoe.logging_utils import setup_logging
 from metamoe.progress import Progress
@@ -176,147 +176,6 @@ def rows_of(metrics: dict, job: Job, references: bool = False) -> dict[str, dict
     return dict(sorted(out.items(), key=lambda kv: "/" in kv[0]))  # the method's row first
 
 
-def aggregate(per_seed: dict[str, list[dict]], domains: list[str]) -> dict[str, dict]:
-    table = {}
-    for r, rs in per_seed.items():
-        avgs = [x["accuracy"]["average"] for x in rs]
-        per = {d: [x["accuracy"]["per_domain"].get(d, float("nan")) for x in rs] for d in domains}
-        ups = [float(np.mean(list(x["upload_bytes"].values()))) for x in rs if x["upload_bytes"]]
-        rounds = [x.get("rounds", 1) for x in rs]
-        table[r] = {
-            "average": float(np.mean(avgs)), "std": float(np.std(avgs)),
-            "per_seed_average": [float(a) for a in avgs],
-            "per_domain": {d: float(np.mean(v)) for d, v in per.items()},
-            "per_domain_std": {d: float(np.std(v)) for d, v in per.items()},
-            "private": bool(all(x.get("private", True) for x in rs)),
-            "upload_bytes": int(round(np.mean(ups))) if ups else 0,
-            "rounds": int(max(rounds)) if rounds else 1,
-            "seeds": len(rs),
-            "runs": [x["_run"] for x in rs],
-        }
-    ref = table.get("metamoe")
-    for r, t in table.items():  # paired by seed: MetaMoE's average minus this row's
-        if ref is not None and r != "metamoe" and t["seeds"] == ref["seeds"]:
-            d = np.subtract(ref["per_seed_average"], t["per_seed_average"])
-            t["metamoe_minus_this"] = {"per_seed": [float(v) for v in d],
-                                       "mean": float(np.mean(d)), "std": float(np.std(d)),
-                                       "wins": int((d > 0).sum())}
-    return table
-
-
-def _fmt_bytes(b: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if b < 1024 or unit == "GB":
-            return f"{b:.0f} {unit}" if unit == "B" else f"{b:.1f} {unit}"
-        b /= 1024
-    return str(b)
-
-
-def check_budgets(benchmark: str, rows: list[str], overrides: str) -> dict[str, dict]:
-    """Every row's budget (``metamoe/budget.py``) under ``overrides``; raises
-    :class:`ConfigError` listing the rows that break the budget rule against MetaMoE's."""
-    from metamoe.budget import budget, departures
-
-    ref = resolve_config({"benchmark": benchmark, "method": "metamoe", "overrides": overrides})
-    out, bad = {}, []
-    for r in rows:
-        method, exp = parse_row(r)
-        cfg = resolve_config({"benchmark": benchmark, "method": method, "experiment": exp,
-                              "overrides": overrides})
-        out[r] = budget(cfg)
-        bad += departures(cfg, ref)
-    if bad:
-        raise ConfigError("the budget rule (metamoe/budget.py) does not hold: " + "; ".join(bad)
-                          + " (--allow-budget-departure runs it anyway, recorded)")
-    return out
-
-
-def write_markdown(path: Path, table: dict, unavailable: dict, domains: list[str],
-                   benchmark: str, seeds: list[int], split: str = "test") -> None:
-    what = {"test": "Test", "val": "Validation"}[split]
-    lines = [f"# Comparison on `{benchmark}` (seeds {seeds}, {split} split)", "",
-             f"{what} accuracy in % (mean ± std over seeds) on each client's own {split} "
-             "split; upload = mean bytes sent per client over the whole run.", "",
-             "| method | " + " | ".join(domains)
-             + " | average | upload / client | rounds | average per seed |",
-             "|---" * (len(domains) + 5) + "|"]
-    for r, t in table.items():
-        name = r if t["private"] else f"{r} (NOT PRIVATE)"
-        cells = [f"{100 * t['per_domain'][d]:.2f} ± {100 * t['per_domain_std'][d]:.2f}"
-                 for d in domains]
-        lines.append(f"| {name} | " + " | ".join(cells) +
-                     f" | **{100 * t['average']:.2f} ± {100 * t['std']:.2f}** | "
-                     f"{_fmt_bytes(t['upload_bytes'])} | {t['rounds']} | "
-                     + " / ".join(f"{100 * a:.2f}" for a in t["per_seed_average"]) + " |")
-    for r, why in unavailable.items():
-        lines.append(f"| {r} | " + " | ".join("—" for _ in domains) +
-                     f" | not run: {why} | — | — | — |")
-    paired = {r: t["metamoe_minus_this"] for r, t in table.items() if "metamoe_minus_this" in t}
-    if paired:
-        lines += ["", "Paired by seed, MetaMoE's average minus each row's (points; wins = seeds "
-                      "where MetaMoE is above):", "",
-                  "| row | mean ± std | per seed | MetaMoE wins |", "|---|---|---|---|"]
-        lines += [f"| {r} | {100 * p['mean']:+.2f} ± {100 * p['std']:.2f} | "
-                  + " / ".join(f"{100 * v:+.2f}" for v in p["per_seed"])
-                  + f" | {p['wins']} of {len(p['per_seed'])} |" for r, p in paired.items()]
-    if any(not t["private"] for t in table.values()):
-        lines += ["", "NOT PRIVATE rows read the clients' private data on the server "
-                      "(an upper bound, not a federated method)."]
-    path.write_text("\n".join(lines) + "\n")
-
-
-def write_plots(out: Path, table: dict, domains: list[str]) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    paths = []
-    names = list(table)
-    if not names:
-        return paths
-    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(names) * (len(domains) + 1) / 2), 4))
-    width = 0.8 / (len(domains) + 1)
-    xs = np.arange(len(names))
-    for i, d in enumerate([*domains, "average"]):
-        vals = [100 * (table[n]["per_domain"][d] if d != "average" else table[n]["average"])
-                for n in names]
-        errs = [100 * (table[n]["per_domain_std"][d] if d != "average" else table[n]["std"])
-                for n in names]
-        ax.bar(xs + i * width, vals, width, yerr=errs, label=d)
-    ax.set_xticks(xs + width * len(domains) / 2)
-    ax.set_xticklabels([n if table[n]["private"] else f"{n}\n(NOT PRIVATE)" for n in names],
-                       rotation=45, ha="right", fontsize=8)
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title("Accuracy per domain")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    p = out / "accuracy_per_domain.png"
-    fig.savefig(p, dpi=120)
-    plt.close(fig)
-    paths.append(p)
-
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    for n in names:
-        t = table[n]
-        iterative = t["rounds"] > 1
-        ax.scatter(max(t["upload_bytes"], 1), 100 * t["average"],
-                   marker="s" if iterative else "o",
-                   c="tab:red" if not t["private"] else ("tab:orange" if iterative else "tab:blue"))
-        ax.annotate(n, (max(t["upload_bytes"], 1), 100 * t["average"]), fontsize=7,
-                    xytext=(3, 3), textcoords="offset points")
-    ax.set_xscale("log")
-    ax.set_xlabel("bytes uploaded per client (log)")
-    ax.set_ylabel("average test accuracy (%)")
-    ax.set_title("Accuracy vs upload (o one-shot, ■ iterative, red = not private)")
-    fig.tight_layout()
-    p = out / "accuracy_vs_upload.png"
-    fig.savefig(p, dpi=120)
-    plt.close(fig)
-    paths.append(p)
-    return paths
-
-
 def compare(benchmark: str = "vision", seeds: int = 1, methods: list[str] | None = None,
             output_dir: str | None = None, cache_dir: str | None = None, share: bool = True,
             overrides: str = "", timeout: float = 3600.0, quiet: bool = False,
@@ -328,7 +187,7 @@ def compare(benchmark: str = "vision", seeds: int = 1, methods: list[str] | None
     not enter the run ids: a run is reused whatever device produced it). ``split="val"``
     evaluates every run on the clients' validation splits (``benchmark.eval_split=val``, part
     of each run's id): the split every choice is made on. Every row must keep the budget rule
-    (:func:`check_budgets`) unless ``allow_budget_departure``."""
+    (:func:`metamoe.budget.check_rows`) unless ``allow_budget_departure``."""
     from metamoe.launch import launch
 
     if split not in ("test", "val"):
@@ -342,18 +201,8 @@ def compare(benchmark: str = "vision", seeds: int = 1, methods: list[str] | None
     (out / "runs").mkdir(parents=True, exist_ok=True)
     domains = list(resolve_config({"benchmark": benchmark}).benchmark.domains)
     jobs, unavailable = plan(rows, share)
-    runnable = [r for job in jobs for r in job.rows]
-    try:
-        budgets = check_budgets(benchmark, runnable, overrides)
-    except ConfigError:
-        if not allow_budget_departure:
-            raise
-        from metamoe.budget import budget
-
-        budgets = {r: budget(resolve_config({"benchmark": benchmark, "method": parse_row(r)[0],
-                                             "experiment": parse_row(r)[1],
-                                             "overrides": overrides})) for r in runnable}
-        budgets["departure_allowed"] = True
+    budgets = check_rows(benchmark, {r: parse_row(r) for job in jobs for r in job.rows},
+                         overrides, allow_budget_departure)
     say = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
     if not quiet:
         setup_logging()  # the per-run progress lines (run i of N, elapsed, ETA)

@@ -4,8 +4,8 @@ that breaks it."""
 
 import pytest
 
-from metamoe.budget import EXEMPT, budget, departures
-from metamoe.compare import DEFAULT_ROWS, check_budgets, parse_row
+from metamoe.budget import EXEMPT, budget, check_rows, departures
+from metamoe.compare import DEFAULT_ROWS, parse_row
 from metamoe.config import ConfigError, resolve_config
 from metamoe.strategies import STRATEGIES
 
@@ -22,7 +22,7 @@ def test_every_method_keeps_the_budget_rule(benchmark):
         if method not in EXEMPT:
             assert b["private_passes"] == ref.expert.epochs
     # the rows of a comparison, ablations and DP experiments included
-    got = check_budgets(benchmark, list(DEFAULT_ROWS) + ["metamoe[dp_eps8]"], "")
+    got = check_rows(benchmark, {r: parse_row(r) for r in [*DEFAULT_ROWS, "metamoe[dp_eps8]"]})
     fl = got["fedalign_moe"]
     assert fl["router"] == got["metamoe"]["router"] and fl["lambda_lr"] == got["metamoe"]["lambda_lr"]
     assert got["ddome[ddome_paper]"]["router"] == got["metamoe"]["router"]
@@ -37,10 +37,12 @@ def test_a_departure_is_named_and_refused():
                            "overrides": "fl.rounds=8 fl.epochs=2"})
     assert any("private_passes 16 != metamoe's 8" in d for d in departures(more, ref))
     # an override for every row keeps the rule: the FL budget follows the expert's
-    both = check_budgets("vision", ["metamoe", "fedavg", "ddome"], "expert.lr=0.01")
+    rows = {r: (r, "") for r in ("metamoe", "fedavg", "ddome")}
+    both = check_rows("vision", rows, "expert.lr=0.01")
     assert both["fedavg"]["experts"] == both["metamoe"]["experts"] == ("adam", 0.01)
     with pytest.raises(ConfigError, match="budget rule.*fedavg: experts"):
-        check_budgets("vision", ["metamoe", "fedavg"], "fl.lr=0.01")
+        check_rows("vision", rows, "fl.lr=0.01")
+    assert check_rows("vision", rows, "fl.lr=0.01", allow=True)["departure_allowed"] is True
     # more rounds than passes: a fraction of an epoch per round, the same 8 passes
     for rounds, epochs in ((8, 1), (16, 0.5), (3, 8 / 3)):
         cfg = resolve_config({"benchmark": "vision", "method": "fedavg",

@@ -23,8 +23,15 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from metamoe.config import resolve_config
-from metamoe.data import (Domain, VisionBenchmark, client_names, client_partition, eval_split,
-                          load_benchmark, seed_encoder)
+from metamoe.data import (
+    Domain,
+    VisionBenchmark,
+    client_names,
+    client_partition,
+    eval_split,
+    load_benchmark,
+    seed_encoder,
+)
 from metamoe.logging_utils import setup_logging
 from metamoe.models.io import seed_from_state
 from metamoe.protocol import get_record

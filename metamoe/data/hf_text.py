@@ -115,8 +115,6 @@ def build_hf_qa_benchmark(tokenizer, max_len: int, domains: Sequence[str] = DOMA
     response token for Alpaca), each domain evaluated over its own letters. ``val_fraction`` of
     the train rows (seeded) becomes the validation split (:func:`carve_val`).
     """
-    import numpy as np
-
     from metamoe.data.vision import Domain, VisionBenchmark, carve_val
 
     def src(name: str) -> str | None:

@@ -1,0 +1,130 @@
+"""The tables of a comparison (``metamoe.compare``): rows aggregated over seeds, paired
+per-seed differences against MetaMoE, ``table.md`` and the two plots."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+
+def aggregate(per_seed: dict[str, list[dict]], domains: list[str]) -> dict[str, dict]:
+    table = {}
+    for r, rs in per_seed.items():
+        avgs = [x["accuracy"]["average"] for x in rs]
+        per = {d: [x["accuracy"]["per_domain"].get(d, float("nan")) for x in rs] for d in domains}
+        ups = [float(np.mean(list(x["upload_bytes"].values()))) for x in rs if x["upload_bytes"]]
+        rounds = [x.get("rounds", 1) for x in rs]
+        table[r] = {
+            "average": float(np.mean(avgs)), "std": float(np.std(avgs)),
+            "per_seed_average": [float(a) for a in avgs],
+            "per_domain": {d: float(np.mean(v)) for d, v in per.items()},
+            "per_domain_std": {d: float(np.std(v)) for d, v in per.items()},
+            "private": bool(all(x.get("private", True) for x in rs)),
+            "upload_bytes": int(round(np.mean(ups))) if ups else 0,
+            "rounds": int(max(rounds)) if rounds else 1,
+            "seeds": len(rs),
+            "runs": [x["_run"] for x in rs],
+        }
+    ref = table.get("metamoe")
+    for r, t in table.items():  # paired by seed: MetaMoE's average minus this row's
+        if ref is not None and r != "metamoe" and t["seeds"] == ref["seeds"]:
+            d = np.subtract(ref["per_seed_average"], t["per_seed_average"])
+            t["metamoe_minus_this"] = {"per_seed": [float(v) for v in d],
+                                       "mean": float(np.mean(d)), "std": float(np.std(d)),
+                                       "wins": int((d > 0).sum())}
+    return table
+
+
+def _fmt_bytes(b: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if b < 1024 or unit == "GB":
+            return f"{b:.0f} {unit}" if unit == "B" else f"{b:.1f} {unit}"
+        b /= 1024
+    return str(b)
+
+
+def write_markdown(path: Path, table: dict, unavailable: dict, domains: list[str],
+                   benchmark: str, seeds: list[int], split: str = "test") -> None:
+    what = {"test": "Test", "val": "Validation"}[split]
+    lines = [f"# Comparison on `{benchmark}` (seeds {seeds}, {split} split)", "",
+             f"{what} accuracy in % (mean ± std over seeds) on each client's own {split} "
+             "split; upload = mean bytes sent per client over the whole run.", "",
+             "| method | " + " | ".join(domains)
+             + " | average | upload / client | rounds | average per seed |",
+             "|---" * (len(domains) + 5) + "|"]
+    for r, t in table.items():
+        name = r if t["private"] else f"{r} (NOT PRIVATE)"
+        cells = [f"{100 * t['per_domain'][d]:.2f} ± {100 * t['per_domain_std'][d]:.2f}"
+                 for d in domains]
+        lines.append(f"| {name} | " + " | ".join(cells) +
+                     f" | **{100 * t['average']:.2f} ± {100 * t['std']:.2f}** | "
+                     f"{_fmt_bytes(t['upload_bytes'])} | {t['rounds']} | "
+                     + " / ".join(f"{100 * a:.2f}" for a in t["per_seed_average"]) + " |")
+    for r, why in unavailable.items():
+        lines.append(f"| {r} | " + " | ".join("—" for _ in domains) +
+                     f" | not run: {why} | — | — | — |")
+    paired = {r: t["metamoe_minus_this"] for r, t in table.items() if "metamoe_minus_this" in t}
+    if paired:
+        lines += ["", "Paired by seed, MetaMoE's average minus each row's (points; wins = seeds "
+                      "where MetaMoE is above):", "",
+                  "| row | mean ± std | per seed | MetaMoE wins |", "|---|---|---|---|"]
+        lines += [f"| {r} | {100 * p['mean']:+.2f} ± {100 * p['std']:.2f} | "
+                  + " / ".join(f"{100 * v:+.2f}" for v in p["per_seed"])
+                  + f" | {p['wins']} of {len(p['per_seed'])} |" for r, p in paired.items()]
+    if any(not t["private"] for t in table.values()):
+        lines += ["", "NOT PRIVATE rows read the clients' private data on the server "
+                      "(an upper bound, not a federated method)."]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def write_plots(out: Path, table: dict, domains: list[str]) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    names = list(table)
+    if not names:
+        return paths
+    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(names) * (len(domains) + 1) / 2), 4))
+    width = 0.8 / (len(domains) + 1)
+    xs = np.arange(len(names))
+    for i, d in enumerate([*domains, "average"]):
+        vals = [100 * (table[n]["per_domain"][d] if d != "average" else table[n]["average"])
+                for n in names]
+        errs = [100 * (table[n]["per_domain_std"][d] if d != "average" else table[n]["std"])
+                for n in names]
+        ax.bar(xs + i * width, vals, width, yerr=errs, label=d)
+    ax.set_xticks(xs + width * len(domains) / 2)
+    ax.set_xticklabels([n if table[n]["private"] else f"{n}\n(NOT PRIVATE)" for n in names],
+                       rotation=45, ha="right", fontsize=8)
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title("Accuracy per domain")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    p = out / "accuracy_per_domain.png"
+    fig.savefig(p, dpi=120)
+    plt.close(fig)
+    paths.append(p)
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for n in names:
+        t = table[n]
+        iterative = t["rounds"] > 1
+        ax.scatter(max(t["upload_bytes"], 1), 100 * t["average"],
+                   marker="s" if iterative else "o",
+                   c="tab:red" if not t["private"] else ("tab:orange" if iterative else "tab:blue"))
+        ax.annotate(n, (max(t["upload_bytes"], 1), 100 * t["average"]), fontsize=7,
+                    xytext=(3, 3), textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set_xlabel("bytes uploaded per client (log)")
+    ax.set_ylabel("average test accuracy (%)")
+    ax.set_title("Accuracy vs upload (o one-shot, ■ iterative, red = not private)")
+    fig.tight_layout()
+    p = out / "accuracy_vs_upload.png"
+    fig.savefig(p, dpi=120)
+    plt.close(fig)
+    paths.append(p)
+    return paths
