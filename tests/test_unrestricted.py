@@ -66,3 +66,48 @@ def test_from_scratch_moe_starts_at_m0():
         top1 = resolve_config({"benchmark": "tiny", "method": "metamoe"})
         shrunk = build_moe(seed, unify_moe_config(top1, names), loras, None).eval()
         assert not torch.allclose(shrunk(x), want, atol=1e-3)
+
+
+def test_same_start_unify_starts_from_the_clients_experts_and_adds_the_private_sets(monkeypatch):
+    """unrestricted_moe_same_start's unify: MetaMoE's MoE of the uploaded experts and router
+    vectors, fine-tuned on the pooled private sets ∪ MetaMoE's proxies, domain-balanced, with
+    the private sets' bytes charged as uploads (its run end to end: tests/test_compare.py)."""
+    from types import SimpleNamespace
+
+    import metamoe.strategies.unrestricted as unr
+    from metamoe.data import load_benchmark
+    from metamoe.strategies.base import ClientInfo
+
+    cfg = resolve_config({"benchmark": "tiny", "method": "unrestricted_moe_same_start"})
+    bench = load_benchmark(cfg)
+    torch.manual_seed(0)
+    seed = ViT(vit_config(cfg, bench.num_classes)).eval()
+    strat = unr.UnrestrictedSameStart(cfg, seed, bench, None)
+    strat._fed = SimpleNamespace(clients={7: ClientInfo(7, "mnist", "mnist", 0, 300),
+                                          8: ClientInfo(8, "uci", "uci", 1, 300)})
+    loras = fresh_loras(seed, cfg.expert.rank, cfg.expert.alpha, [1, 2])
+    L, d = seed.cfg.depth, seed.cfg.dim
+    experts = {n: ({k: v.numpy() for k, v in lo.items()},
+                   np.random.default_rng(i).normal(size=(L, d)).astype(np.float32), {})
+               for i, (n, lo) in enumerate(zip(("mnist", "uci"), loras, strict=True))}
+    sel = {"mnist": {"rw_dpp": np.arange(0, 40)}, "uci": {"rw_dpp": np.arange(30, 70)}}
+    union = strat.unify_data(sel)
+    seen = {}
+
+    def spy(moe, x, y, section, seed_, train_router, train_experts, desc, sample_weights):
+        seen.update(moe=moe, n=len(x), w=sample_weights, router=train_router,
+                    experts=train_experts)
+        return {"loss": 0.0}
+
+    monkeypatch.setattr(unr, "finetune", lambda moe, x, y, section, seed_, r, e, desc="",
+                        sample_weights=None: spy(moe, x, y, section, seed_, r, e, desc,
+                                                 sample_weights))
+    moe = strat.unify(experts, union)
+    assert seen["moe"] is moe and seen["router"] and seen["experts"]
+    assert seen["n"] == 600 + len(union) == 670  # both private sets and the 70 proxies
+    w = seen["w"].numpy()  # rows: mnist 300, uci 300, proxies 0-39 (mnist's), 40-69 (uci's)
+    assert w[:300].sum() + w[600:640].sum() == pytest.approx(0.5)  # mnist: half the draws
+    assert strat._nbytes == {"mnist": 943_200, "uci": 943_200}
+    ref = strat.expert_moe(experts, vectors=True)  # MetaMoE's starting MoE
+    for a, b in zip(moe.router_parameters(), ref.router_parameters(), strict=True):
+        torch.testing.assert_close(a, b)
