@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from metamoe.dpsgd import lora_per_sample_grads, per_sample_grads
+from metamoe.dpsgd import lora_per_sample_grads, per_sample_grads, vmap_per_sample_grads
 from metamoe.models.lora import inject_ffn_lora
 from metamoe.models.text import TextClassifier, TextConfig
 
@@ -41,17 +41,8 @@ def main(argv=None) -> int:
         x[i, n:] = model.cfg.pad_id
     y = torch.randint(0, 20, (a.batch,), generator=g)
 
-    def vmap_only():
-        from torch.func import functional_call, grad, vmap
-        frozen = {k: v for k, v in model.named_parameters() if k not in params}
-
-        def one(p, xi, yi):
-            out = functional_call(model, {**frozen, **p}, (xi.unsqueeze(0),))
-            return torch.nn.functional.cross_entropy(out, yi.unsqueeze(0))
-        return vmap(grad(one), in_dims=(None, 0, 0), randomness="different")(
-            {k: v.detach() for k, v in params.items()}, model.trim_inputs(x), y)
-
-    ways = {"hooks": lambda: lora_per_sample_grads(model, params, x, y), "vmap": vmap_only,
+    ways = {"hooks": lambda: lora_per_sample_grads(model, params, x, y),
+            "vmap": lambda: vmap_per_sample_grads(model, params, x, y),
             "loop": lambda: _loop(model, params, x, y)}
     times: dict[str, list[float]] = {name: [] for name in ways}
     for fn in ways.values():

@@ -114,6 +114,27 @@ def _lora_chunk(model, mods, acc, rows, xb, yb) -> float:
     return float(loss.detach())
 
 
+def vmap_per_sample_grads(model: nn.Module, params: dict[str, nn.Parameter], xb, yb
+                          ) -> dict[str, torch.Tensor]:
+    """Per-sample cross-entropy gradients of any ``params`` by ``torch.func`` (``vmap`` of
+    ``grad`` over the batch); a model with ``trim_inputs`` (the text seed) gets the batch
+    trimmed to its longest text first."""
+    from torch.func import functional_call, grad, vmap
+
+    trim = getattr(model, "trim_inputs", None)
+    if trim is not None:  # a length inside vmap would be data-dependent
+        xb = trim(xb)
+    frozen = {k: v for k, v in model.named_parameters() if k not in params}
+    buffers = dict(model.named_buffers())
+
+    def one(p, x, y):
+        out = functional_call(model, ({**frozen, **p}, buffers), (x.unsqueeze(0),))
+        return F.cross_entropy(out, y.unsqueeze(0))
+
+    detached = {k: v.detach() for k, v in params.items()}
+    return vmap(grad(one), in_dims=(None, 0, 0), randomness="different")(detached, xb, yb)
+
+
 def per_sample_grads(model: nn.Module, params: dict[str, nn.Parameter], loss_fn, xb, yb,
                      vectorised: bool = True, losses: list | None = None
                      ) -> dict[str, torch.Tensor]:
@@ -124,20 +145,7 @@ def per_sample_grads(model: nn.Module, params: dict[str, nn.Parameter], loss_fn,
         fast = lora_per_sample_grads(model, params, xb, yb, losses)
         if fast is not None:
             return fast
-        from torch.func import functional_call, grad, vmap
-
-        trim = getattr(model, "trim_inputs", None)
-        if trim is not None:  # a length inside vmap would be data-dependent
-            xb = trim(xb)
-        frozen = {k: v for k, v in model.named_parameters() if k not in params}
-        buffers = dict(model.named_buffers())
-
-        def one(p, x, y):
-            out = functional_call(model, ({**frozen, **p}, buffers), (x.unsqueeze(0),))
-            return F.cross_entropy(out, y.unsqueeze(0))
-
-        detached = {k: v.detach() for k, v in params.items()}
-        return vmap(grad(one), in_dims=(None, 0, 0), randomness="different")(detached, xb, yb)
+        return vmap_per_sample_grads(model, params, xb, yb)
     out = {k: [] for k in params}
     for i in range(len(yb)):
         model.zero_grad(set_to_none=True)

@@ -130,8 +130,6 @@ def train(
     # Dropout (text encoders) draws from torch's global RNG: seed it too, inside a fork.
     plan = epoch_steps(cfg.epochs, steps)
     report = Progress(len(plan), desc, unit="epoch") if log_every else None
-    if dp is not None:
-        return _train_dp(model, data, cfg, opt, loss_fn, dp, gen, seed, desc, report, t0)
     if sample_weights is not None:
         sample_weights = torch.as_tensor(sample_weights, dtype=torch.float64)
         if sample_weights.shape != (n,) or not (sample_weights >= 0).all() \
@@ -140,11 +138,14 @@ def train(
                              "not all zero")
         if dp is not None:
             raise ValueError(f"{desc}: DP-SGD samples its own batches (Poisson); no weights")
+    if dp is not None:
+        return _train_dp(model, data, cfg, opt, loss_fn, dp, gen, seed, desc, report, t0, plan)
     with seeded(seed):
         for epoch, k in enumerate(plan):
-            order = torch.randperm(n, generator=gen) if cfg.shuffle else torch.arange(n)
             if sample_weights is not None:
                 order = torch.multinomial(sample_weights, n, replacement=True, generator=gen)
+            else:
+                order = torch.randperm(n, generator=gen) if cfg.shuffle else torch.arange(n)
             index = [order[s * cfg.batch_size:(s + 1) * cfg.batch_size] for s in range(steps)]
             if lengths is not None:
                 index = _length_grouped(order, lengths, cfg.batch_size, gen)
@@ -177,7 +178,8 @@ def train(
 
 
 def _train_dp(model: nn.Module, data: Dataset, cfg, opt, loss_fn, dp: DPSGD,
-              gen: torch.Generator, seed: int, desc: str, report, t0: float) -> dict:
+              gen: torch.Generator, seed: int, desc: str, report, t0: float,
+              plan: list[int]) -> dict:
     """The DP-SGD epochs of :func:`train`: ``ceil(N / batch_size)`` Poisson-sampled steps per
     epoch at rate q = batch_size / N (``metamoe/dpsgd.py``)."""
     rt = device.current()
@@ -189,10 +191,9 @@ def _train_dp(model: nn.Module, data: Dataset, cfg, opt, loss_fn, dp: DPSGD,
     params = {k: p for k, p in model.named_parameters() if id(p) in wanted}
     vectorised = loss_fn is cross_entropy_loss
     noise_gen = torch.Generator().manual_seed(derive_seed(seed, 7919))
-    steps = math.ceil(n / cfg.batch_size)
     epoch_loss = float("nan")
     with seeded(seed):
-        for k in epoch_steps(cfg.epochs, steps):
+        for k in plan:
             total, seen = 0.0, 0
             for _ in range(k):
                 idx = torch.nonzero(torch.rand(n, generator=gen) < q).flatten()
@@ -217,7 +218,7 @@ def _train_dp(model: nn.Module, data: Dataset, cfg, opt, loss_fn, dp: DPSGD,
         report.close()
     model.eval()
     return {"loss": epoch_loss, "seconds": time.perf_counter() - t0, "examples": n,
-            "dp_steps": sum(epoch_steps(cfg.epochs, steps)), "dp_sample_rate": q}
+            "dp_steps": sum(plan), "dp_sample_rate": q}
 
 
 def epoch_steps(epochs: float, steps: int) -> list[int]:

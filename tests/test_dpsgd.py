@@ -21,6 +21,7 @@ from metamoe.dpsgd import (
     noisy_gradients,
     per_sample_grads,
     replace_one,
+    vmap_per_sample_grads,
 )
 from metamoe.models.lora import inject_ffn_lora
 from metamoe.models.vit import ViT, ViTConfig
@@ -91,16 +92,7 @@ def test_text_per_sample_grads_are_vectorised_and_equal_the_loop():
     fast = per_sample_grads(model, params, cross_entropy_loss, x, y, vectorised=True)
     slow = per_sample_grads(model, params, cross_entropy_loss, x, y, vectorised=False)
     hooks = lora_per_sample_grads(model, params, x, y)
-    from torch.func import functional_call, grad, vmap  # the vmap path on the trimmed batch
-
-    frozen = {k: v for k, v in model.named_parameters() if k not in params}
-
-    def one(p, xi, yi):
-        out = functional_call(model, {**frozen, **p}, (xi.unsqueeze(0),))
-        return torch.nn.functional.cross_entropy(out, yi.unsqueeze(0))
-
-    by_vmap = vmap(grad(one), in_dims=(None, 0, 0))({k: v.detach() for k, v in params.items()},
-                                                    model.trim_inputs(x), y)
+    by_vmap = vmap_per_sample_grads(model, params, x, y)  # the path of non-LoRA parameters
     for k in params:
         assert fast[k].shape == (5, *params[k].shape)
         torch.testing.assert_close(fast[k], slow[k], rtol=1e-4, atol=1e-6)

@@ -95,6 +95,13 @@ class OneShot(PhaseStrategy):
     def run(self, fed: Federation, node_ids: list[int]) -> Outcome:
         return run_members(self, fed, node_ids, {self.name: self})
 
+    def random_public(self, k: int) -> np.ndarray:
+        """A seeded uniform sample of k·m public pool items (MetaMoE's proxy budget for k
+        clients): BTX's and the from-scratch upper bound's public data."""
+        rng = np.random.default_rng(self.cfg.run.seed)
+        size = min(k * int(self.cfg.select.m), len(self.bench.pool_x))
+        return np.sort(rng.choice(len(self.bench.pool_x), size=size, replace=False))
+
 
 @register("zero_shot")
 class ZeroShot(OneShot):
@@ -157,11 +164,6 @@ class BTX(OneShot):
     name = "btx"
     notes = (f"random linear router, top-2 softmax over top-k, router+experts fine-tuned on "
              f"random public data (K*m samples), load balancing alpha={BTX_LB_ALPHA}")
-
-    def random_public(self, k: int) -> np.ndarray:
-        rng = np.random.default_rng(self.cfg.run.seed)
-        size = min(k * int(self.cfg.select.m), len(self.bench.pool_x))
-        return np.sort(rng.choice(len(self.bench.pool_x), size=size, replace=False))
 
     def build(self, experts, selections):
         uc = self.cfg.unify

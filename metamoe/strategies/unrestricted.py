@@ -27,14 +27,12 @@ from metamoe.models.lora import fresh_loras
 from metamoe.models.moe import build_moe
 from metamoe.protocol import EVALUATE
 from metamoe.strategies.base import Federation, Outcome, register
-from metamoe.strategies.merges import load_balancing_loss
+from metamoe.strategies.merges import BTX_LB_ALPHA, load_balancing_loss
 from metamoe.strategies.metamoe import MetaMoE
 from metamoe.strategies.oneshot import OneShot
 from metamoe.training import balanced_weights, derive_seed, finetune
 
 log = logging.getLogger("metamoe")
-
-LB_ALPHA = 0.01  # BTX / Switch load-balancing weight
 
 ACCOUNTING = {"note": "upload_bytes include each client's private training set (NOT PRIVATE) "
                       "+ the client's replies"}
@@ -135,13 +133,11 @@ class UnrestrictedScratch(OneShot):
         loras = fresh_loras(self.seed_model, ec.rank, ec.alpha,
                             [derive_seed(self.cfg.run.seed, p) for p in range(len(names))])
         moe = build_moe(self.seed_model, self.unify_moe_config(names), loras, None)
-        rng = np.random.default_rng(self.cfg.run.seed)
-        size = min(len(names) * int(self.cfg.select.m), len(self.bench.pool_x))
-        pub = np.sort(rng.choice(len(self.bench.pool_x), size=size, replace=False))
+        pub = self.random_public(len(names))
         x, y, groups = pooled(xs, ys, doms, self.bench.pool_x[pub], self.bench.pool_y[pub],
                               ["public"] * len(pub))
         section = OmegaConf.create({**to_container(ec), "lambda_lr": uc.lambda_lr})
-        loss_fn, install = load_balancing_loss(LB_ALPHA)
+        loss_fn, install = load_balancing_loss(BTX_LB_ALPHA)
         handles = install(moe)
         try:
             with fed.phase("train_unrestricted"):
