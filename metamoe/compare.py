@@ -61,6 +61,7 @@ from metamoe.compare_tables import aggregate, write_markdown, write_plots
 from metamoe.config import ConfigError, conf_dir, config_hash, resolve_config, to_container
 from metamoe.logging_utils import setup_logging
 from metamoe.progress import Progress
+from metamoe.strategies.suites import parse_row
 
 ROOT = Path(__file__).resolve().parent.parent
 ONESHOT = ("zero_shot", "separate_experts", "btm", "model_soup", "btx", "flexolmo")
@@ -84,18 +85,13 @@ class Job:
     members: tuple = ()  # suite members (row, method, experiment)
 
 
-def parse_row(row: str) -> tuple[str, str]:
-    """'metamoe[no_pa]' -> ('metamoe', 'no_pa'); 'btx' -> ('btx', '')."""
-    if row.endswith("]") and "[" in row:
-        m, e = row[:-1].split("[", 1)
-        return m, e
-    return row, ""
-
-
-def plan(rows: list[str], share: bool = True) -> tuple[list[Job], dict[str, str]]:
-    """Jobs that produce ``rows``; rows that cannot run -> {row: reason}."""
+def plan(rows: list[str], share: bool = True, benchmark: str = "",
+         overrides: str = "") -> tuple[list[Job], dict[str, str]]:
+    """Jobs that produce ``rows``; rows that cannot run -> {row: reason}. With ``benchmark``,
+    a suite also takes rows beyond its defaults that can share its client phases
+    (:func:`metamoe.strategies.suites.joins`, e.g. unify-only MetaMoE variants)."""
     from metamoe.strategies import STRATEGIES
-    from metamoe.strategies.suites import SUITES
+    from metamoe.strategies.suites import SUITES, joins
 
     unavailable: dict[str, str] = {}
     jobs: list[Job] = []
@@ -113,9 +109,12 @@ def plan(rows: list[str], share: bool = True) -> tuple[list[Job], dict[str, str]
     if share:
         for suite, spec in SUITES.items():
             names = [s[0] for s in spec]
-            want = [r for r in left if r in names]
-            if len(want) >= 2:
-                jobs.append(Job(suite, "", want, spec))
+            want = [r for r in left if r in names
+                    or (benchmark and joins(suite, r, benchmark, overrides))]
+            if len(want) >= 2:  # the default members in the suite's order, then the others
+                members = [s for s in spec if s[0] in want] + \
+                          [(r, *parse_row(r)) for r in want if r not in names]
+                jobs.append(Job(suite, "", [m[0] for m in members], tuple(members)))
                 left = [r for r in left if r not in want]
     for r in left:
         method, exp = parse_row(r)
@@ -200,7 +199,7 @@ def compare(benchmark: str = "vision", seeds: int = 1, methods: list[str] | None
     out = Path(output_dir or ROOT / "results" / f"compare-{benchmark}{suffix}").resolve()
     (out / "runs").mkdir(parents=True, exist_ok=True)
     domains = list(resolve_config({"benchmark": benchmark}).benchmark.domains)
-    jobs, unavailable = plan(rows, share)
+    jobs, unavailable = plan(rows, share, benchmark, overrides)
     budgets = check_rows(benchmark, {r: parse_row(r) for job in jobs for r in job.rows},
                          overrides, allow_budget_departure)
     say = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
@@ -228,7 +227,8 @@ def compare(benchmark: str = "vision", seeds: int = 1, methods: list[str] | None
                     launch(benchmark, job.method, job.experiment, overrides, seed, rid,
                            str(out / "runs"), cache_dir, timeout, quiet=quiet,
                            gpus_per_client=gpus_per_client, cpus_per_client=cpus_per_client,
-                           ray_address=ray_address)
+                           ray_address=ray_address,
+                           members=",".join(m[0] for m in job.members))
                 except RuntimeError as e:
                     say(f"[compare] FAILED {rid}: {e}")
                     for r in job.rows:

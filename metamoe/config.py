@@ -316,6 +316,9 @@ class RunConf:
     device: str = "auto"
     precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast for compute; weights stay fp32)
     data_workers: int = 0  # DataLoader workers for Dataset inputs (0: in the process)
+    # A suite run's rows, comma-separated (metamoe.compare sets it; strategies/suites.py);
+    # empty: the suite's default rows.
+    members: str = ""
 
 
 @dataclass
@@ -336,7 +339,7 @@ class Config:
 
 
 RUN_CONFIG_KEYS = {"benchmark", "method", "experiment", "overrides", "seed", "run-id",
-                   "output-dir", "cache-dir"}
+                   "output-dir", "cache-dir", "members"}
 CHOICES = {
     "benchmark.kind": ("vision", "text", "hf_qa", "local"),
     "benchmark.client_format": ("auto", "imagefolder", "hf", "jsonl", "coop", "hub"),
@@ -435,7 +438,7 @@ def resolve_config(run_config: Mapping[str, Any] | None = None) -> DictConfig:
     if "seed" in rc:
         cfg.run.seed = int(rc["seed"])
     for key, attr in (("run-id", "run_id"), ("output-dir", "output_dir"),
-                      ("cache-dir", "cache_dir")):
+                      ("cache-dir", "cache_dir"), ("members", "members")):
         if rc.get(key):
             cfg.run[attr] = str(rc[key])
     if cfg.benchmark.kind == "local":

@@ -126,13 +126,14 @@ def launch(benchmark: str = "vision", method: str = "metamoe", experiment: str =
            overrides: str = "", seed: int = 0, run_id: str = "", output_dir: str | None = None,
            cache_dir: str | None = None, timeout: float = 3600.0, app_dir: Path = ROOT,
            quiet: bool = False, gpus_per_client: str | float = "auto", cpus_per_client: int = 1,
-           ray_address: str | None = None) -> Path:
+           ray_address: str | None = None, members: str = "") -> Path:
     """Run one ``flwr run`` simulation; return the run directory (raises on failure).
+    ``members``: a suite run's rows, comma-separated (``run.members``).
 
     ``gpus_per_client``, ``cpus_per_client``, ``ray_address``: see :func:`simulation_resources`
     (``ray_address`` None = ``$RAY_ADDRESS``, empty = a Ray of the simulation's own)."""
     run_config = {"benchmark": benchmark, "method": method, "experiment": experiment,
-                  "overrides": overrides, "seed": seed}
+                  "overrides": overrides, "seed": seed, **({"members": members} if members else {})}
     cfg = resolve_config(run_config)  # fail fast on a bad config, naming the key
     k = num_clients(cfg)
     fed_cfg, ray_env = simulation_resources(k, gpus_per_client, cpus_per_client, ray_address)

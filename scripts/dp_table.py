@@ -2,6 +2,11 @@
 ``metamoe.compare`` of the ``metamoe[dp_eps<E>]`` rows.
 
     python scripts/dp_table.py results/compare-text-dp docs/results/text/dp_table.json
+    python scripts/dp_table.py docs/results/text/dp_runs docs/results/text/dp_table.json
+
+The source is a comparison's output directory (its ``table.json`` and ``runs/``) or a folder
+of run records ``<method>-<experiment>-s<seed>-<hash>/metrics.json`` (the committed
+``docs/results/<bench>/dp_runs/``), whose rows are aggregated here as the comparison does.
 
 Copies the comparison's rows to the JSON file (with each run's commit and, per client, the
 noise multiplier z and the DP-SGD ε of its expert) and prints the markdown rows: total ε, z per
@@ -11,10 +16,28 @@ client, per-domain accuracy mean ± std over seeds, average, DP-SGD ε (add/remo
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
 import numpy as np
+
+
+def from_records(folder: Path) -> dict:
+    """Rows ``metamoe[dp_eps<E>]`` aggregated over the run records in ``folder`` (seed order),
+    as :func:`metamoe.compare_tables.aggregate` aggregates a comparison's runs."""
+    from metamoe.compare_tables import aggregate
+
+    per_row: dict[str, list] = {}
+    for d in sorted(folder.glob("*-s[0-9]*-*"), key=lambda p: int(re.search(r"-s(\d+)-", p.name)[1])):
+        m = json.loads((d / "metrics.json").read_text())
+        row = f"{m['method']}[{m['config']['run']['run_id'].split('-')[1]}]"
+        per_row.setdefault(row, []).append({"accuracy": m["accuracy"], "_run": d.name,
+                                            "upload_bytes": m["upload_bytes"], "rounds": 1})
+    if not per_row:
+        raise SystemExit(f"{folder}: neither a table.json nor run records <id>/metrics.json")
+    domains = list(next(iter(per_row.values()))[0]["accuracy"]["per_domain"])
+    return aggregate(per_row, domains)
 
 
 def main(argv: list[str]) -> int:
@@ -22,14 +45,17 @@ def main(argv: list[str]) -> int:
         print(__doc__, file=sys.stderr)
         return 2
     src, dst = Path(argv[0]), Path(argv[1])
-    table = json.loads((src / "table.json").read_text())
+    if (src / "table.json").exists():
+        table, runs = json.loads((src / "table.json").read_text()), src / "runs"
+    else:
+        table, runs = from_records(src), src
     out, lines = {}, []
     for row, t in sorted(table.items(), key=lambda kv: float(kv[0].split("eps")[-1][:-1])):
         if "runs" not in t:
             continue
         z, eps, commits, totals = {}, {}, set(), set()
         for rid in t["runs"]:
-            m = json.loads((src / "runs" / rid / "metrics.json").read_text())
+            m = json.loads((runs / rid / "metrics.json").read_text())
             commits.add(m["commit"][:7])
             for c, e in m["expert_train"].items():
                 z.setdefault(c, set()).add(round(e["router_dp_noise_std"] / e["router_dp_sensitivity"], 2))

@@ -195,15 +195,23 @@ def test_suite_members_have_their_standalone_config_and_mismatch_is_refused():
 
 
 @pytest.mark.slow
-def test_oneshot_suite_end_to_end(tmp_path, monkeypatch, cache_dir):
-    from metamoe.launch import launch
+def test_oneshot_suite_end_to_end_and_a_method_alone_matches_its_row(tmp_path, monkeypatch,
+                                                                      cache_dir):
+    """The one-shot suite computes every default row plus a variant that changes only the
+    server stage (``flexolmo[top2]``) in ONE run; FlexOlmo also runs as its own ``flwr run``
+    and sharing changes nothing: same accuracies, upload bytes and client training (one method
+    alone, the routed one, to keep the test suite within CI's time)."""
+    from metamoe.compare import compare
+    from metamoe.models.io import load_moe
 
     monkeypatch.setenv("METAMOE_FLWR_HOME", str(tmp_path / "flwr-home"))
-    run_dir = launch(benchmark="tiny", method="oneshot_suite", output_dir=str(tmp_path / "res"),
-                     cache_dir=cache_dir, run_id="suite", timeout=900)
+    suite_rows = [r for r, _, _ in ONESHOT_SUITE] + ["flexolmo[top2]"]
+    kw = dict(benchmark="tiny", seeds=1, cache_dir=cache_dir, timeout=900)
+    shared = compare(output_dir=str(tmp_path / "shared"), share=True, methods=suite_rows, **kw)
+    (run_dir,) = (shared / "runs").iterdir()
     m = json.loads((run_dir / "metrics.json").read_text())
     rows = m["rows"]
-    assert set(rows) == {r for r, _, _ in ONESHOT_SUITE}
+    assert list(rows) == suite_rows  # exactly the requested members, one run
     for name, row in rows.items():
         assert set(row["accuracy"]["per_domain"]) == {"mnist", "uci"}, name
         assert 0.0 <= row["accuracy"]["average"] <= 1.0, name
@@ -220,10 +228,11 @@ def test_oneshot_suite_end_to_end(tmp_path, monkeypatch, cache_dir):
         assert up["btm"] == up["separate_experts"]
         assert abs(up["model_soup"] - up["btx"]) < 200
         assert up["flexolmo"] > up["btx"] and up["metamoe[no_pa]"] > up["btx"]
+        assert up["flexolmo[top2]"] == up["flexolmo"]
     assert m["expert_train"]["mnist"]["n_proxies"] == 0  # private-only experts
     assert {"sketch", "select", "expert"} <= set(m["wall_seconds"])
     # Routed rows report where each domain's tokens went; the BTM ensemble does not route.
-    for name in ("btx", "flexolmo", "metamoe[no_pa]"):
+    for name in ("btx", "flexolmo", "metamoe[no_pa]", "flexolmo[top2]"):
         shares = rows[name]["route_share"]
         assert set(shares) == {"mnist", "uci"}, name
         for share in shares.values():
@@ -233,33 +242,14 @@ def test_oneshot_suite_end_to_end(tmp_path, monkeypatch, cache_dir):
     report = (run_dir / "report.md").read_text()
     assert "## Routing share of flexolmo " in report and "Routing share of btm " not in report
 
-
-@pytest.mark.slow
-def test_each_oneshot_method_alone_matches_its_suite_row(tmp_path, monkeypatch, cache_dir):
-    """One-shot baselines also run as their own ``flwr run``, and sharing client phases in the
-    suite changes nothing: same accuracies, same upload bytes, same client training. The suite
-    computes five rows; three of them (an ensemble, a merge, a routed MoE: one per kind of
-    server step) also run alone, to keep the test suite within CI's time."""
-    from metamoe.compare import compare
-    from metamoe.models.io import load_moe
-
-    monkeypatch.setenv("METAMOE_FLWR_HOME", str(tmp_path / "flwr-home"))
-    suite_rows = ["separate_experts", "btm", "model_soup", "btx", "flexolmo"]
-    rows = ["btm", "flexolmo"]
-    kw = dict(benchmark="tiny", seeds=1, cache_dir=cache_dir, timeout=900)
-    shared = compare(output_dir=str(tmp_path / "shared"), share=True, methods=suite_rows, **kw)
-    alone = compare(output_dir=str(tmp_path / "alone"), share=False, methods=rows, **kw)
+    alone = compare(output_dir=str(tmp_path / "alone"), share=False, methods=["flexolmo"], **kw)
     ts, ta = (json.loads((d / "table.json").read_text()) for d in (shared, alone))
-    (suite_dir,) = (shared / "runs").iterdir()
-    suite = json.loads((suite_dir / "metrics.json").read_text())
-    for r in rows:
-        assert ta[r]["per_domain"] == ts[r]["per_domain"], r
-        assert ta[r]["upload_bytes"] == ts[r]["upload_bytes"], r
-        (run_dir,) = (alone / "runs").glob(f"{r}-s0-*")
-        m = json.loads((run_dir / "metrics.json").read_text())
-        assert m["method"] == r and m["private"] is True
-        for c in ("mnist", "uci"):  # the client phase is the same computation
-            assert m["expert_train"][c]["train_loss"] == suite["expert_train"][c]["train_loss"]
-        if r == "flexolmo":  # a unified model is emitted and loads
-            moe = load_moe(run_dir)
-            assert sum(p.numel() for p in moe.parameters()) > 0
+    assert ta["flexolmo"]["per_domain"] == ts["flexolmo"]["per_domain"]
+    assert ta["flexolmo"]["upload_bytes"] == ts["flexolmo"]["upload_bytes"]
+    (alone_dir,) = (alone / "runs").glob("flexolmo-s0-*")
+    a = json.loads((alone_dir / "metrics.json").read_text())
+    assert a["method"] == "flexolmo" and a["private"] is True
+    for c in ("mnist", "uci"):  # the client phase is the same computation
+        assert a["expert_train"][c]["train_loss"] == m["expert_train"][c]["train_loss"]
+    moe = load_moe(alone_dir)  # a unified model is emitted and loads
+    assert sum(p.numel() for p in moe.parameters()) > 0

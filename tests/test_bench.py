@@ -77,3 +77,59 @@ def test_pool_scale_tiny_prints_the_specified_json(cache_dir: str) -> None:
     # a smoke check of the measurement, not of the 1M claim)
     assert out["4000"]["peak_rss_ratio"] <= 1.25
     assert not list(Path(cache_dir).glob("pool_scale-*"))  # the scratch caches are deleted
+
+
+def test_fl_rounds_collects_each_round_count_and_picks_the_best(tmp_path: Path) -> None:
+    """bench.fl_rounds' tables from compare tables (built by compare's own aggregate): one
+    entry per row and round count, upload bytes carried, best = highest mean (ties: fewer
+    rounds), unavailable rows skipped, and the plot and markdown written."""
+    from bench.fl_rounds import collect, write_markdown, write_plot
+    from metamoe.compare_tables import aggregate
+
+    def run(avg: float, up: int, rounds: int) -> dict:
+        return {"accuracy": {"average": avg, "per_domain": {"a": avg}},
+                "upload_bytes": {"0": up}, "rounds": rounds, "_run": f"r{rounds}"}
+
+    tables = {}
+    for r, (fa, fm) in {4: (0.70, 0.60), 8: (0.72, 0.60), 16: (0.71, 0.55)}.items():
+        t = aggregate({"fedavg": [run(fa, 1000 * r, r), run(fa + 0.02, 1000 * r, r)],
+                       "fedavg_moe": [run(fm, 3000 * r, r)]}, ["a"])
+        t["ddome"] = {"status": "unavailable", "reason": "x"}
+        tables[r] = t
+    sweep = collect(tables)
+    assert set(sweep["rows"]) == {"fedavg", "fedavg_moe"}
+    assert sorted(sweep["rows"]["fedavg"]) == [4, 8, 16]
+    assert math.isclose(sweep["rows"]["fedavg"][8]["average"], 0.73)
+    assert sweep["rows"]["fedavg_moe"][16]["upload_bytes"] == 48000
+    assert sweep["best_rounds"] == {"fedavg": 8, "fedavg_moe": 4}  # 4 and 8 tie: fewer rounds
+    write_markdown(tmp_path / "sweep.md", sweep, "tiny", "val", 2)
+    md = (tmp_path / "sweep.md").read_text()
+    assert "| fedavg | 71.00 ± 1.00 / 3.9 KB | 73.00 ± 1.00 / 7.8 KB |" in md and md.rstrip().endswith("| 4 |")
+    assert write_plot(tmp_path / "p.png", sweep, "val").stat().st_size > 1000
+
+
+def test_recipe_offers_each_method_the_same_trials_and_picks_on_val_averages() -> None:
+    """bench.recipe: 8 trials per method (the unify-only ones share a suite run per router-
+    stage length, DDOME's run once); the choice is the highest mean, ties to the default."""
+    from bench.recipe import SERVER_STAGE, TRIALS, choose
+    from metamoe.compare import plan
+
+    n = {f: len(rows) * (2 if f in SERVER_STAGE else 1) for f, rows in TRIALS.items()}
+    assert n == {"metamoe": 8, "flexolmo": 8, "ddome": 8}
+    jobs, missing = plan([r for rows in TRIALS.values() for r in rows], benchmark="text")
+    assert not missing  # every trial's experiment file exists
+    suites = {j.method: j.rows for j in jobs if j.method.endswith("_suite")}
+    assert suites == {"oneshot_suite": list(TRIALS["flexolmo"]),
+                      "metamoe_suite": list(TRIALS["metamoe"])}
+
+    def t(avg: float) -> dict:
+        return {"average": avg, "std": 0.0, "per_seed_average": [avg]}
+
+    tables = {1: {"metamoe": t(0.70), "metamoe[lambda1]": t(0.72), "ddome[ddome_paper]": t(0.5),
+                  "ddome[ddome_paper_k1]": t(0.5), "flexolmo": {"status": "unavailable"}},
+              3: {"metamoe": t(0.72), "flexolmo[top2]": t(0.6)}}
+    res = choose(tables, ["metamoe", "flexolmo", "ddome"])
+    assert list(res["families"]["metamoe"]) == ["metamoe@E1", "metamoe[lambda1]@E1",
+                                                "metamoe@E3"]
+    assert res["choice"] == {"metamoe": "metamoe[lambda1]@E1", "flexolmo": "flexolmo[top2]@E3",
+                             "ddome": "ddome[ddome_paper]"}

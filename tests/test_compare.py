@@ -45,6 +45,43 @@ def test_plan_shares_client_phases_only_when_asked():
             "metamoe[authors_code]", "ddome[ddome_paper]"} <= set(DEFAULT_ROWS)
 
 
+def test_a_suite_takes_the_variants_that_only_change_its_server_stage():
+    """With the benchmark known, unify-only variants join a suite (one run trains the client
+    phases for all: recipe trials on val); a variant that changes a shared phase (DP changes
+    privacy, no_rw_dpp the selection) runs alone; a suite run builds exactly its members."""
+    from metamoe.config import ConfigError, resolve_config
+    from metamoe.strategies.suites import METAMOE_SUITE, check_member, suite_spec
+
+    rows = ["metamoe[lambda1]", "btm", "flexolmo[top2_train_experts]", "flexolmo", "metamoe",
+            "metamoe[euclid]", "metamoe[dp_eps1]", "metamoe[no_rw_dpp]", "metamoe[no_pa]"]
+    jobs, missing = plan(rows, benchmark="tiny")
+    assert not missing
+    by = {(j.method, j.experiment): j for j in jobs}
+    assert by["oneshot_suite", ""].rows == ["btm", "flexolmo", "metamoe[no_pa]",
+                                            "flexolmo[top2_train_experts]"]
+    assert by["metamoe_suite", ""].rows == ["metamoe", "metamoe[lambda1]", "metamoe[euclid]"]
+    assert by["metamoe_suite", ""].members[1] == ("metamoe[lambda1]", "metamoe", "lambda1")
+    assert {("metamoe", "dp_eps1"), ("metamoe", "no_rw_dpp")} <= set(by)
+    # without the benchmark only the default rows share: here metamoe alone, so no suite
+    assert "metamoe_suite" not in {j.method for j in plan(rows)[0]}
+
+    cfg = resolve_config({"benchmark": "tiny", "method": "metamoe_suite",
+                          "members": "metamoe,metamoe[lambda1]"})
+    assert suite_spec(cfg, METAMOE_SUITE) == (("metamoe", "metamoe", ""),
+                                              ("metamoe[lambda1]", "metamoe", "lambda1"))
+    assert float(check_member(cfg, "metamoe[lambda1]", "metamoe", "lambda1").unify.lambda_init) \
+        == 1.0
+    assert suite_spec(resolve_config({"benchmark": "tiny", "method": "metamoe_suite"}),
+                      METAMOE_SUITE) == METAMOE_SUITE
+    with pytest.raises(ConfigError, match="another privacy config"):
+        check_member(cfg, "metamoe[dp_eps1]", "metamoe", "dp_eps1")
+    for bad, why in (("metamoe,btm", "method 'btm', not one of"),
+                     ("metamoe,metamoe", "names a row twice")):
+        c = resolve_config({"benchmark": "tiny", "method": "metamoe_suite", "members": bad})
+        with pytest.raises(ConfigError, match=why):
+            suite_spec(c, METAMOE_SUITE)
+
+
 def test_run_ids_are_keyed_by_config_and_seed():
     job = plan(["btm", "btx"])[0][0]
     a = run_id(job, "tiny", 0, "")
@@ -55,29 +92,23 @@ def test_run_ids_are_keyed_by_config_and_seed():
 
 @pytest.mark.slow
 def test_compare_tiny_table_and_resume(tmp_path, monkeypatch, capsys, cache_dir):
+    """One real row end to end (the from-scratch bound: it also carries the clients' private
+    data, the path the same-start bound shares; same-start's own unify is tested in
+    test_unrestricted.py), an unavailable row, the tables, the plots and a resume."""
     monkeypatch.setenv("METAMOE_FLWR_HOME", str(tmp_path / "flwr-home"))
-    kw = dict(benchmark="tiny", seeds=1,
-              methods=["unrestricted_moe_scratch", "unrestricted_moe_same_start", "nosuch"],
-              output_dir=str(tmp_path / "cmp"), cache_dir=cache_dir,
-              timeout=900)
+    kw = dict(benchmark="tiny", seeds=1, methods=["unrestricted_moe_scratch", "nosuch"],
+              output_dir=str(tmp_path / "cmp"), cache_dir=cache_dir, timeout=900)
     out = compare(**kw)
     table = json.loads((out / "table.json").read_text())
     assert table["nosuch"]["status"] == "unavailable"
-    for r in ("unrestricted_moe_scratch", "unrestricted_moe_same_start"):
-        t = table[r]
-        assert {"average", "std", "per_domain", "private", "upload_bytes"} <= set(t)
-        assert set(t["per_domain"]) == {"mnist", "uci"}
-        assert 0.0 <= t["average"] <= 1.0 and t["std"] == 0.0
-        assert t["per_seed_average"] == [t["average"]]
-    assert table["unrestricted_moe_scratch"]["private"] is False
-    assert table["unrestricted_moe_same_start"]["private"] is False
-    # the non-private bounds "upload" their private data (300 tiny images: 943 KB a client)
-    for r in ("unrestricted_moe_scratch", "unrestricted_moe_same_start"):
-        assert table[r]["upload_bytes"] > 943_200
-    # "same start" is MetaMoE's run (the clients' experts) with the private data added
-    same = json.loads(next((out / "runs").glob("unrestricted_moe_same_start-*/metrics.json"))
-                      .read_text())
-    assert set(same["expert_train"]) == {"mnist", "uci"} == set(same["private_data_bytes"])
+    t = table["unrestricted_moe_scratch"]
+    assert {"average", "std", "per_domain", "private", "upload_bytes"} <= set(t)
+    assert set(t["per_domain"]) == {"mnist", "uci"}
+    assert 0.0 <= t["average"] <= 1.0 and t["std"] == 0.0
+    assert t["per_seed_average"] == [t["average"]]
+    assert t["private"] is False
+    # the non-private bound "uploads" its private data (300 tiny images: 943 KB a client)
+    assert t["upload_bytes"] > 943_200
     md = (out / "table.md").read_text()
     assert "unrestricted_moe_scratch (NOT PRIVATE)" in md and "not run" in md
     avg = 100 * table["unrestricted_moe_scratch"]["average"]
@@ -90,7 +121,7 @@ def test_compare_tiny_table_and_resume(tmp_path, monkeypatch, capsys, cache_dir)
     capsys.readouterr()
     compare(**kw)  # second invocation: everything is reused, nothing is launched
     log = capsys.readouterr().out
-    assert log.count("[compare] reusing") == 2 and "[compare] running" not in log
+    assert log.count("[compare] reusing") == 1 and "[compare] running" not in log
     assert sorted(p.name for p in (out / "runs").iterdir()) == runs
     assert {p: (out / "runs" / p / "metrics.json").stat().st_mtime for p in runs} == mtimes
     assert json.loads((out / "table.json").read_text()) == table

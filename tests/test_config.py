@@ -69,3 +69,16 @@ def test_benchmark_sets_the_fl_budget_methods_do_not_override_it(method):
     assert (tiny.fl.rounds, tiny.fl.epochs) == (2, 1)
     vision = resolve_config({"benchmark": "vision", "method": method})
     assert (vision.fl.rounds, vision.fl.epochs, vision.fl.lr) == (4, 2, 3e-3)
+
+
+def test_the_flower_app_declares_every_run_config_key():
+    """Flower refuses a --run-config key the app's pyproject.toml does not declare, so every
+    key resolve_config reads must be declared there (and nothing else)."""
+    import tomllib
+    from pathlib import Path
+
+    from metamoe.config import RUN_CONFIG_KEYS
+
+    root = Path(__file__).resolve().parents[1]
+    app = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    assert set(app) == RUN_CONFIG_KEYS

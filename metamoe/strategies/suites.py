@@ -22,8 +22,37 @@ ONESHOT_SUITE = (("zero_shot", "zero_shot", ""), ("separate_experts", "separate_
                  ("flexolmo", "flexolmo", ""), ("metamoe[no_pa]", "metamoe", "no_pa"))
 METAMOE_SUITE = (("metamoe", "metamoe", ""), ("metamoe[no_ca_router]", "metamoe", "no_ca_router"),
                  ("metamoe[authors_code]", "metamoe", "authors_code"))
-# Sections a member must share with the suite for the shared phases to be exactly its own.
-SHARED_SECTIONS = ("benchmark", "model", "pretrain", "expert", "federation")
+# Sections a member must share with the suite for the shared phases to be exactly its own
+# (and sketch / select when it uses them): a member differs only in its server-side stage.
+SHARED_SECTIONS = ("benchmark", "model", "pretrain", "expert", "federation", "privacy", "screen")
+
+
+def parse_row(row: str) -> tuple[str, str]:
+    """'metamoe[no_pa]' -> ('metamoe', 'no_pa'); 'btx' -> ('btx', '')."""
+    if row.endswith("]") and "[" in row:
+        m, e = row[:-1].split("[", 1)
+        return m, e
+    return row, ""
+
+
+def suite_spec(cfg: DictConfig, default: tuple) -> tuple:
+    """The (row, method, experiment) members of a suite run: ``run.members`` (comma-separated
+    rows, set by ``metamoe.compare``), else the suite's ``default``. A member's method must be
+    one of the default members' methods (the suite knows how to share their phases)."""
+    rows = [r.strip() for r in str(cfg.run.members or "").split(",") if r.strip()]
+    if not rows:
+        return default
+    if len(set(rows)) != len(rows):
+        raise ConfigError(f"suite {cfg.method}: run.members names a row twice: {rows}")
+    allowed = sorted({m for _, m, _ in default})
+    spec = []
+    for r in rows:
+        m, e = parse_row(r)
+        if m not in allowed:
+            raise ConfigError(f"suite {cfg.method}: member {r!r} has method {m!r}, not one of "
+                              f"this suite's {allowed}")
+        spec.append((r, m, e))
+    return tuple(spec)
 
 
 def _diff(a, b) -> dict:
@@ -61,32 +90,54 @@ class Suite(OneShot):
     members: tuple = ()
 
     def run(self, fed: Federation, node_ids: list[int]) -> Outcome:
-        members = make_members(self.cfg, self.members, self.seed_model, self.bench,
-                               self.pool_features)
+        members = make_members(self.cfg, suite_spec(self.cfg, self.members), self.seed_model,
+                               self.bench, self.pool_features)
         return run_members(self, fed, node_ids, members)
 
 
+def _member_class(method: str) -> type[OneShot]:
+    return MetaMoEMember if method == "metamoe" else STRATEGIES[method]
+
+
+def check_member(cfg: DictConfig, rname: str, method: str, exp: str) -> DictConfig:
+    """``method`` [+ ``exp``]'s own config, after checking that the suite's shared phases are
+    exactly its own (raises :class:`ConfigError` naming the section that differs)."""
+    mcfg = member_config(cfg, method, exp)
+    cls = _member_class(method)
+    sections = list(SHARED_SECTIONS) + (["sketch"] if cls.needs_sketch else [])
+    if cls.needs_experts and cfg.expert.use_proxies:
+        sections.append("select")  # the experts are trained on the suite's selection
+    for sect in sections:
+        if to_container(mcfg[sect]) != to_container(cfg[sect]):
+            raise ConfigError(
+                f"suite {cfg.method}: member {rname} has another {sect} config than the "
+                f"suite ({_diff(to_container(mcfg[sect]), to_container(cfg[sect]))}); its "
+                "shared phases would not be its own — run it alone")
+    return mcfg
+
+
 def make_members(cfg: DictConfig, spec, seed_model, bench, pool_features) -> dict[str, OneShot]:
-    members: dict[str, OneShot] = {}
-    for rname, method, exp in spec:
-        mcfg = member_config(cfg, method, exp)
-        for sect in SHARED_SECTIONS:
-            if to_container(mcfg[sect]) != to_container(cfg[sect]):
-                raise ConfigError(
-                    f"suite {cfg.method}: member {rname} has another {sect} config than the "
-                    f"suite ({_diff(to_container(mcfg[sect]), to_container(cfg[sect]))}); its "
-                    "shared phases would not be its own — run it alone")
-        cls = MetaMoEMember if method == "metamoe" else STRATEGIES[method]
-        m = cls(mcfg, seed_model, bench, pool_features)
-        shared = ["sketch"] if m.needs_sketch else []
-        if m.needs_experts and cfg.expert.use_proxies:
-            shared.append("select")  # the experts are trained on the suite's selection
-        for sect in shared:
-            if to_container(mcfg[sect]) != to_container(cfg[sect]):
-                raise ConfigError(f"suite {cfg.method}: member {rname} has another {sect} "
-                                  "config than the suite; run it alone")
-        members[rname] = m
-    return members
+    return {rname: _member_class(method)(check_member(cfg, rname, method, exp), seed_model,
+                                         bench, pool_features)
+            for rname, method, exp in spec}
+
+
+def joins(suite: str, row: str, benchmark: str, overrides: str = "") -> bool:
+    """Whether ``row`` can be a member of ``suite`` on ``benchmark`` (under ``overrides``):
+    one of its default rows, or a row of one of its methods whose experiment changes only
+    what that method does on the server (e.g. ``metamoe[<unify-only experiment>]``)."""
+    spec = SUITES[suite]
+    if any(row == r for r, _, _ in spec):
+        return True
+    method, exp = parse_row(row)
+    if method not in {m for _, m, _ in spec}:
+        return False
+    cfg = resolve_config({"benchmark": benchmark, "method": suite, "overrides": overrides})
+    try:
+        check_member(cfg, row, method, exp)
+    except ConfigError:
+        return False
+    return True
 
 
 @register("oneshot_suite")
