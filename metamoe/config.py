@@ -155,6 +155,9 @@ class UnifyConf(OptimConf):
     # (the dot product favours the longest e_p; docs/results.md "Router score")
     router_score: str = "dot"
     router_init: str = "vectors"  # vectors | random (BTX)
+    # Many clients, few experts: none (an expert per client) | E (int) | auto; grouping from
+    # the uploaded router vectors, one merged expert per group (strategies/grouping.py)
+    groups: str = "none"
     data: str = "proxies"  # proxies | random_public (BTX)
     train_experts: bool = True
     train_router: bool = True
@@ -491,6 +494,13 @@ def validate(cfg: DictConfig) -> None:
     if cfg.benchmark.kind == "local" and cfg.method.startswith("unrestricted_moe"):
         raise ConfigError(f"method {cfg.method} pools the clients' raw data on the server; "
                           "with benchmark.kind=local the server holds no client data")
+    groups = str(cfg.unify.groups).strip().lower()
+    if groups not in ("none", "auto") and not (groups.isdigit() and int(groups) >= 1):
+        raise ConfigError(f"unify.groups must be 'none', 'auto' or a positive integer, got "
+                          f"{cfg.unify.groups!r}")
+    if groups.isdigit() and int(groups) > num_clients(cfg) > 0:
+        raise ConfigError(f"unify.groups={groups} but the benchmark has {num_clients(cfg)} "
+                          "clients")
     for key in ("benchmark.test_fraction", "benchmark.val_fraction"):
         if not 0 <= OmegaConf.select(cfg, key) < 1:
             raise ConfigError(f"{key} must be in [0, 1), got {OmegaConf.select(cfg, key)}")

@@ -89,14 +89,18 @@ class MetaMoE(PhaseStrategy):
         if saved:
             moe = moe_from_state({k: torch.from_numpy(v) for k, v in saved[0].items()},
                                  saved[1])
+            self.group_report = saved[1].get("groups", {})
             fed.resumed.append("unify")
         else:
             with fed.phase("unify"):
                 moe = self.unify(experts, self.unify_data(used))
             if ck:
                 ck.save("unify", {k: v.detach().cpu().numpy() for k, v in shipped_state(moe).items()},
-                        {"model": moe.cfg.to_dict(), "moe": moe.moe_cfg.to_dict()})
+                        {"model": moe.cfg.to_dict(), "moe": moe.moe_cfg.to_dict(),
+                         "groups": self.group_report})
         extra["lambdas"] = moe.lambdas()
+        if groups := self.groups_extra(fed):  # unify.groups: the clients each expert merges
+            extra["groups"] = groups
         domains = {d.name: list(map(int, d.classes)) for d in self.bench.domains}
         model_extra = {"class_names": list(self.bench.class_names), "domains": domains}
         with fed.phase("evaluate"):

@@ -90,6 +90,8 @@ class OneShot(PhaseStrategy):
             share = {n: acc_block(evals, fed, doms, f"route_share/{n}")["per_domain"]
                      for n in experts}
             row["route_share"] = {d: {n: share[n][d] for n in experts} for d in doms}
+        if groups := self.groups_extra(fed):  # unify.groups: the clients each expert merges
+            row["groups"] = groups
         return row
 
     def run(self, fed: Federation, node_ids: list[int]) -> Outcome:

@@ -34,6 +34,7 @@ from metamoe.protocol import (
 from metamoe.proxy import sketch as psk
 from metamoe.proxy.select import select_proxies
 from metamoe.strategies.base import Federation, PhaseError, Strategy
+from metamoe.strategies.grouping import group_experts, purity
 from metamoe.strategies.screen import screen_experts
 from metamoe.training import finetune
 
@@ -42,6 +43,8 @@ log = logging.getLogger("metamoe")
 
 class PhaseStrategy(Strategy):
     """The client phases and server stages of the one-shot pipeline (paper Alg. 1)."""
+
+    group_report: dict = {}  # unify.groups: the last unify's groups (grouping.py)
 
     # ---------------------------------------------------------------- phase 1: sketch
     def configure_sketch(self, node_ids: list[int]) -> dict[int, RecordDict]:
@@ -166,6 +169,9 @@ class PhaseStrategy(Strategy):
         """MetaMoE's unify stage: the experts merged with router rows from their router
         vectors, then router, λ and experts fine-tuned on the union of the proxies."""
         uc = self.cfg.unify
+        # unify.groups: one expert per group of clients (grouping.py); report in metrics.json
+        experts, self.group_report = group_experts(experts, uc.groups, int(self.cfg.run.seed),
+                                                   int(self.cfg.expert.rank))
         moe = self.expert_moe(experts, vectors=uc.router_init != "random")
         if uc.epochs == 0 or len(union_idx) == 0:
             return moe
@@ -175,6 +181,14 @@ class PhaseStrategy(Strategy):
             log.info("unified MoE fine-tuned on %d public samples, loss %.4f, λ per layer %s",
                      len(union_idx), hist["loss"], [round(v, 3) for v in moe.lambdas()])
         return moe
+
+    def groups_extra(self, fed: Federation) -> dict:
+        """``metrics.json["groups"]``: the last unify's groups (unify.groups) and their purity
+        against the domains the clients named when they identified."""
+        rep = dict(self.group_report)
+        if rep:
+            rep["purity"] = purity(rep["groups"], {c.name: c.domain for c in fed.clients.values()})
+        return rep
 
     def unify_data(self, selections) -> np.ndarray:
         chosen = [sel[self.cfg.select.method] for sel in selections.values()]

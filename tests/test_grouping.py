@@ -1,0 +1,153 @@
+"""Many clients, few experts (unify.groups, strategies/grouping.py): the merge is the weighted
+delta cut to rank r, k-means on router vectors recovers domains, and the grouped unify reads
+nothing but what the clients uploaded."""
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from metamoe.config import ConfigError, resolve_config
+from metamoe.models.lora import fresh_loras, lora_shapes
+from metamoe.strategies.grouping import assign, features, group_experts, merge_loras, purity
+
+
+def _lora(rng, depth=2, dim=8, hidden=16, rank=2) -> dict:
+    return {k: rng.normal(size=s).astype(np.float32)
+            for k, s in lora_shapes(depth, dim, hidden, rank).items()}
+
+
+def _delta(lo: dict, key_a: str) -> np.ndarray:
+    return lo[key_a.replace("lora_A", "lora_B")].astype(np.float64) @ lo[key_a].astype(np.float64)
+
+
+def test_merge_is_the_weighted_delta_cut_to_rank_r():
+    rng = np.random.default_rng(0)
+    loras = [_lora(rng) for _ in range(3)]
+    w = np.array([0.5, 0.3, 0.2])
+    keys = [k for k in loras[0] if "lora_A" in k]
+    exact, kept = merge_loras(loras, w, rank=6)  # 3 x rank 2: no truncation
+    assert kept == pytest.approx(1.0)
+    assert exact[keys[0]].shape == (6, 8)
+    for k in keys:
+        want = sum(wi * _delta(lo, k) for wi, lo in zip(w, loras))
+        np.testing.assert_allclose(_delta(exact, k), want, atol=1e-5)
+    cut, kept = merge_loras(loras, w, rank=2)  # the clients' rank: the best rank-2 ΔW
+    energies = []
+    for k in keys:
+        want = sum(wi * _delta(lo, k) for wi, lo in zip(w, loras))
+        u, s, vh = np.linalg.svd(want)
+        np.testing.assert_allclose(_delta(cut, k), (u[:, :2] * s[:2]) @ vh[:2], atol=1e-4)
+        energies.append((s[:2] ** 2).sum() / (s ** 2).sum())
+        assert cut[k].shape == (2, want.shape[1])
+    assert kept == pytest.approx(min(energies), rel=1e-5) and kept < 1
+
+
+def _uploads(k_per_domain: int, noise: float, seed: int = 0) -> dict:
+    """Router vectors [L, d] of clients of 3 domains: a large shared profile (M0's), a
+    domain direction, per-client noise; LoRA experts; uneven sample counts."""
+    rng = np.random.default_rng(seed)
+    L, d = 2, 8
+    common = 5 * rng.normal(size=(L, d))
+    dom = rng.normal(size=(3, L, d))
+    up = {}
+    for i in range(3 * k_per_domain):
+        vec = common + dom[i % 3] + noise * rng.normal(size=(L, d))
+        up[f"d{i % 3}-{i // 3}"] = (_lora(rng, L, d), vec.astype(np.float32),
+                                    {"n_train": float(10 + i)})
+    return up
+
+
+def test_kmeans_on_router_vectors_recovers_the_domains():
+    up = _uploads(5, noise=0.3)
+    feats = features([e[1] for e in up.values()])
+    domain_of = {c: c.split("-")[0] for c in up}
+    labels, _ = assign(feats, 3, seed=0)
+    members = {g: [c for c, lab in zip(up, labels) if lab == g] for g in set(labels)}
+    assert purity(members, domain_of) == 1.0 and len(members) == 3
+    labels, info = assign(feats, "auto", seed=0)
+    assert len(set(labels)) == 3 and max(info["silhouette"], key=info["silhouette"].get) == "3"
+    assert list(assign(feats, "none", 0)[0]) == list(range(15))
+    labels, info = assign(feats, 16, 0)  # more groups than experts left: one each
+    assert sorted(labels) == list(range(15)) and info["clamped_to"] == 15
+    # no structure (pure noise around one profile): auto keeps an expert per client
+    flat = _uploads(2, noise=1.0)
+    for c, e in flat.items():
+        flat[c] = (e[0], np.random.default_rng(hash(c) % 2**32).normal(size=e[1].shape), e[2])
+    labels, info = assign(features([e[1] for e in flat.values()]), "auto", seed=0)
+    assert max(info["silhouette"].values()) < 0.25 and len(set(labels)) == 6
+
+
+def test_group_experts_weights_router_vectors_by_sample_count():
+    up = _uploads(4, noise=0.3)
+    out, rep = group_experts(up, 3, seed=0, rank=2)
+    assert list(out) == ["group-0", "group-1", "group-2"] and rep["E"] == 3
+    for g, members in rep["groups"].items():
+        n = np.array([up[c][2]["n_train"] for c in members])
+        want = sum(ni * up[c][1].astype(np.float64) for ni, c in zip(n, members)) / n.sum()
+        np.testing.assert_allclose(out[g][1], want, rtol=1e-5)
+        assert out[g][2] == {"n_train": n.sum(), "members": len(members)}
+    assert group_experts(up, "none", 0, 2) == (up, {})
+    one, rep = group_experts(up, len(up), seed=0, rank=2)  # groups of one: the experts as sent
+    assert sorted(len(m) for m in rep["groups"].values()) == [1] * len(up)
+    for g, (lora, _, _) in one.items():
+        (c,) = rep["groups"][g]
+        assert lora is up[c][0]
+    for bad in ("0", "x", "3"):  # tiny has 2 clients
+        with pytest.raises(ConfigError, match="unify.groups"):
+            resolve_config({"benchmark": "tiny", "overrides": f"unify.groups={bad}"})
+
+
+class _Private:
+    """Stands for a client's private split on the server: any read fails the test."""
+
+    def __getattr__(self, name):
+        raise AssertionError(f"the server read private data ({name})")
+
+    def __len__(self):
+        raise AssertionError("the server read private data (len)")
+
+    def __getitem__(self, i):
+        raise AssertionError("the server read private data (item)")
+
+    def __array__(self, *a, **k):
+        raise AssertionError("the server read private data (array)")
+
+
+def test_grouped_unify_reads_only_what_the_clients_uploaded():
+    """The real MetaMoE unify with unify.groups=1 on a benchmark whose every private split is
+    unreadable: it groups, merges and fine-tunes from the uploads and the public pool alone;
+    with one group per client it builds exactly the ungrouped MoE."""
+    from metamoe.data import load_benchmark
+    from metamoe.models.vit import ViT
+    from metamoe.server.seed import vit_config
+    from metamoe.strategies.metamoe import MetaMoE
+
+    cfg = resolve_config({"benchmark": "tiny", "overrides": "unify.groups=1 unify.epochs=1"})
+    bench = load_benchmark(cfg)
+    hidden = _Private()
+    bench.domains = [replace(d, x_train=hidden, y_train=hidden, x_test=hidden, y_test=hidden,
+                             x_val=hidden, y_val=hidden) for d in bench.domains]
+    torch.manual_seed(0)
+    seed = ViT(vit_config(cfg, bench.num_classes)).eval()
+    loras = fresh_loras(seed, cfg.expert.rank, cfg.expert.alpha, [1, 2])
+    L, d = seed.cfg.depth, seed.cfg.dim
+    experts = {n: ({k: v.numpy() + 0.01 for k, v in lo.items()},
+                   np.random.default_rng(i).normal(size=(L, d)).astype(np.float32),
+                   {"n_train": 100.0 * (i + 1)})
+               for i, (n, lo) in enumerate(zip(("mnist", "uci"), loras, strict=True))}
+    strat = MetaMoE(cfg, seed, bench, None)
+    union = strat.unify_data({"mnist": {"rw_dpp": np.arange(0, 40)},
+                              "uci": {"rw_dpp": np.arange(30, 70)}})
+    moe = strat.unify(experts, union)
+    assert list(moe.moe_cfg.expert_names) == ["group-0"]
+    assert strat.group_report["groups"] == {"group-0": ["mnist", "uci"]}
+
+    two = resolve_config({"benchmark": "tiny", "overrides": "unify.groups=2 unify.epochs=0"})
+    plain = resolve_config({"benchmark": "tiny", "overrides": "unify.epochs=0"})
+    a = MetaMoE(two, seed, bench, None).unify(experts, union)
+    b = MetaMoE(plain, seed, bench, None).unify(experts, union)
+    assert list(a.moe_cfg.expert_names) == ["group-0", "group-1"]
+    for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
+        assert ka == kb and torch.equal(va, vb), ka
