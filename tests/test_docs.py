@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -124,3 +125,17 @@ def test_figures_script_regenerates_every_committed_image(tmp_path: Path):
     # deterministic images: the committed ones are exactly what the script draws today
     stale = [n for n in committed if (tmp_path / n).read_bytes() != (FIGURES / n).read_bytes()]
     assert not stale, f"docs/figures/{stale} differ from the result files: run `make figures`"
+
+
+def test_the_committed_text_dp_table_is_what_its_runs_give(tmp_path):
+    """docs/results/text/dp_table.json is scripts/dp_table.py's aggregate of the committed run
+    records next to it: three seeds per ε, totals ε = 1, 4, 8 met per client."""
+    out = tmp_path / "dp_table.json"
+    proc = subprocess.run([sys.executable, "scripts/dp_table.py", "docs/results/text/dp_runs",
+                           str(out)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    got = json.loads(out.read_text())
+    assert got == json.loads((ROOT / "docs/results/text/dp_table.json").read_text())
+    for eps in (1, 4, 8):
+        row = got[f"metamoe[dp_eps{eps}]"]
+        assert row["seeds"] == 3 and row["privacy_total_epsilon"] == [eps]
