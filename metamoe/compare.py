@@ -34,12 +34,15 @@ by ONE run of a suite strategy (``metamoe/strategies/oneshot.py``):
   metamoe[no_ca_router] and metamoe[authors_code] (they differ only in the unify phase).
 
 A suite is used when two or more of its rows are requested (``--no-share`` runs every row
-alone). Sharing is honest: each suite member is built with exactly the config it has alone,
-and the suite refuses to run if a member's expert/sketch/model/seed config differs (see
-``oneshot.make_members``); upload bytes count only what each row's method sends. Every other
-row (metamoe[no_rw_dpp], metamoe[random_proxies], the two unrestricted_moe_* upper bounds and the iterative FL
-baselines) is its own run. Iterative methods that are not registered are listed as
-unavailable in the table instead of failing the comparison.
+alone); a row of a suite's method whose experiment changes only the server stage (the recipe
+trials, e.g. ``metamoe[lambda1]``, ``flexolmo[top2]``, ``metamoe[groups3]``) joins it, and the
+suite run computes exactly the rows requested. Sharing is honest: each suite member is built
+with exactly the config it has alone, and the suite refuses to run if a member's config of a
+shared phase differs (``suites.check_member``); upload bytes count only what each row's method
+sends. Every other row (metamoe[no_rw_dpp], metamoe[random_proxies], the two
+unrestricted_moe_* upper bounds and the iterative FL baselines) is its own run. Iterative
+methods that are not registered are listed as unavailable in the table instead of failing the
+comparison.
 
 Resume: a run's id is ``<method>[-<experiment>]-s<seed>-<hash>`` (hash of the resolved config
 and, for a suite, its members' configs) under ``<out>/runs/``; a run whose ``metrics.json``
