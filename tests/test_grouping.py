@@ -72,11 +72,10 @@ def test_kmeans_on_router_vectors_recovers_the_domains():
     labels, info = assign(feats, 16, 0)  # more groups than experts left: one each
     assert sorted(labels) == list(range(15)) and info["clamped_to"] == 15
     # no structure (pure noise around one profile): auto keeps an expert per client
-    flat = _uploads(2, noise=1.0)
-    for c, e in flat.items():
-        flat[c] = (e[0], np.random.default_rng(hash(c) % 2**32).normal(size=e[1].shape), e[2])
-    labels, info = assign(features([e[1] for e in flat.values()]), "auto", seed=0)
-    assert max(info["silhouette"].values()) < 0.25 and len(set(labels)) == 6
+    for k in (12, 18, 30):
+        noise = [np.random.default_rng(100 + i).normal(size=(2, 8)) for i in range(k)]
+        labels, info = assign(features(noise), "auto", seed=0)
+        assert max(info["silhouette"].values()) < 0.5 and len(set(labels)) == k
 
 
 def test_group_experts_weights_router_vectors_by_sample_count():

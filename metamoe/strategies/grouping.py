@@ -11,7 +11,8 @@ here can reach a client's data (tests/test_grouping.py checks both).
   share, e.g. M0's own activation profile).
 * **Groups**: k-means (k-means++ with 10 seeded restarts) with E clusters; ``auto`` picks E in
   2..min(K - 1, 16) with the best cosine silhouette, and keeps one expert per client when K < 4
-  or no E reaches a silhouette of 0.25 (no clear group structure).
+  or no E reaches a silhouette of 0.5 (no clear group structure: k-means on
+  structureless router vectors scores 0.16-0.29, three domains' clients 0.91-0.94).
 * **One expert per group**: the members' LoRA deltas averaged with weights n_train / Σ n_train,
   ΔW_g = Σ_i w_i B_i A_i, computed exactly in factored form and cut back to the clients' rank
   r by a truncated SVD (so the MoE of E groups has the shape of a MoE of E clients); the share
@@ -29,7 +30,7 @@ from metamoe.models.lora import is_lora_key
 
 log = logging.getLogger("metamoe")
 AUTO_MAX_GROUPS = 16
-AUTO_MIN_SILHOUETTE = 0.25
+AUTO_MIN_SILHOUETTE = 0.5
 
 
 def parse_groups(value) -> int | str:
