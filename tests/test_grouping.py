@@ -124,10 +124,11 @@ def test_grouped_unify_reads_only_what_the_clients_uploaded():
     from metamoe.strategies.metamoe import MetaMoE
 
     cfg = resolve_config({"benchmark": "tiny", "overrides": "unify.groups=1 unify.epochs=1"})
-    bench = load_benchmark(cfg)
     hidden = _Private()
-    bench.domains = [replace(d, x_train=hidden, y_train=hidden, x_test=hidden, y_test=hidden,
-                             x_val=hidden, y_val=hidden) for d in bench.domains]
+    shared = load_benchmark(cfg)  # cached per process: change a copy, not the shared object
+    bench = replace(shared, domains=[replace(d, x_train=hidden, y_train=hidden, x_test=hidden,
+                                             y_test=hidden, x_val=hidden, y_val=hidden)
+                                     for d in shared.domains])
     torch.manual_seed(0)
     seed = ViT(vit_config(cfg, bench.num_classes)).eval()
     loras = fresh_loras(seed, cfg.expert.rank, cfg.expert.alpha, [1, 2])
@@ -150,3 +151,4 @@ def test_grouped_unify_reads_only_what_the_clients_uploaded():
     assert list(a.moe_cfg.expert_names) == ["group-0", "group-1"]
     for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
         assert ka == kb and torch.equal(va, vb), ka
+    assert all(isinstance(d.x_train, np.ndarray) for d in load_benchmark(cfg).domains)
