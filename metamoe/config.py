@@ -498,6 +498,9 @@ def validate(cfg: DictConfig) -> None:
     if groups not in ("none", "auto") and not (groups.isdigit() and int(groups) >= 1):
         raise ConfigError(f"unify.groups must be 'none', 'auto' or a positive integer, got "
                           f"{cfg.unify.groups!r}")
+    if groups != "none" and cfg.unify.router_init == "random":
+        raise ConfigError("unify.groups groups the clients by their router vectors, which "
+                          "unify.router_init=random (BTX) does not use")
     if groups.isdigit() and int(groups) > num_clients(cfg) > 0:
         raise ConfigError(f"unify.groups={groups} but the benchmark has {num_clients(cfg)} "
                           "clients")

@@ -96,6 +96,8 @@ def test_group_experts_weights_router_vectors_by_sample_count():
     for bad in ("0", "x", "3"):  # tiny has 2 clients
         with pytest.raises(ConfigError, match="unify.groups"):
             resolve_config({"benchmark": "tiny", "overrides": f"unify.groups={bad}"})
+    with pytest.raises(ConfigError, match="router_init=random"):  # BTX has no router vectors
+        resolve_config({"benchmark": "tiny", "method": "btx", "overrides": "unify.groups=2"})
 
 
 class _Private:
