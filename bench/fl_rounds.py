@@ -109,7 +109,7 @@ def sweep(benchmark: str, rounds: list[int], methods: list[str], seeds: int, spl
 
 
 def main(argv: list[str] | None = None) -> int:
-    from metamoe.compare import FL
+    from metamoe.compare import FL, add_run_args
 
     ap = argparse.ArgumentParser(prog="python -m bench.fl_rounds", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -118,10 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--methods", default=",".join(FL))
     ap.add_argument("--seeds", type=int, default=1)
     ap.add_argument("--split", choices=("test", "val"), default="val")
-    ap.add_argument("--overrides", default="")
-    ap.add_argument("--output-dir", default=None)
-    ap.add_argument("--cache-dir", default=None)
-    ap.add_argument("--timeout", type=float, default=3600.0)
+    add_run_args(ap)  # --output-dir, --cache-dir, --overrides, --timeout
     a = ap.parse_args(argv)
     try:
         rounds = [int(x) for x in a.rounds.split(",") if x.strip()]

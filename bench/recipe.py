@@ -83,7 +83,7 @@ def write_markdown(path: Path, result: dict) -> None:
 
 def run(benchmark: str, seeds: int, router_epochs: list[int], families: list[str],
         output_dir: str | None, overrides: str = "", cache_dir: str | None = None,
-        timeout: float = 3600.0) -> dict:
+        timeout: float = 3600.0) -> tuple[dict, Path]:
     from metamoe.compare import compare
     from metamoe.server.report import code_commit
 
@@ -105,10 +105,12 @@ def run(benchmark: str, seeds: int, router_epochs: list[int], families: list[str
               "overrides": overrides, "commit": code_commit(), **choose(tables, families)}
     (out / "recipe.json").write_text(json.dumps(result, indent=2))
     write_markdown(out / "recipe.md", result)
-    return result
+    return result, out
 
 
 def main(argv: list[str] | None = None) -> int:
+    from metamoe.compare import add_run_args
+
     ap = argparse.ArgumentParser(prog="python -m bench.recipe", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--benchmark", default="text")
@@ -116,10 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--router-epochs", default="",
                     help="comma-separated unify.epochs (default: the benchmark's E0 and 3*E0)")
     ap.add_argument("--families", default=",".join(TRIALS))
-    ap.add_argument("--overrides", default="")
-    ap.add_argument("--output-dir", default=None)
-    ap.add_argument("--cache-dir", default=None)
-    ap.add_argument("--timeout", type=float, default=3600.0)
+    add_run_args(ap)  # --output-dir, --cache-dir, --overrides, --timeout
     a = ap.parse_args(argv)
     try:
         epochs = [int(x) for x in a.router_epochs.split(",") if x.strip()]
@@ -134,10 +133,9 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     fams = [f.strip() for f in a.families.split(",") if f.strip()]
-    res = run(a.benchmark, a.seeds, epochs, fams, a.output_dir, a.overrides, a.cache_dir,
-              a.timeout)
-    print((Path(a.output_dir or ROOT / "results" / f"recipe-{a.benchmark}") / "recipe.md")
-          .read_text())
+    res, out = run(a.benchmark, a.seeds, epochs, fams, a.output_dir, a.overrides, a.cache_dir,
+                   a.timeout)
+    print((out / "recipe.md").read_text())
     print(json.dumps({"choice": res["choice"],
                       **{f: {n: t["average"] for n, t in tr.items()}
                          for f, tr in res["families"].items()}}))

@@ -266,6 +266,15 @@ def compare(benchmark: str = "vision", seeds: int = 1, methods: list[str] | None
     return out
 
 
+def add_run_args(ap: argparse.ArgumentParser) -> None:
+    """The arguments a command passes through to :func:`compare` (this module's CLI and the
+    bench/ commands that drive comparisons)."""
+    ap.add_argument("--output-dir", default=None)
+    ap.add_argument("--cache-dir", default=None)
+    ap.add_argument("--overrides", default="", help="OmegaConf dotlist applied to every run")
+    ap.add_argument("--timeout", type=float, default=3600.0)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m metamoe.compare", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -273,9 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", type=int, default=1, help="seeds 0..N-1")
     ap.add_argument("--methods", default="", help="comma-separated rows, e.g. "
                     "'btm,metamoe,metamoe[no_pa]' (default: all)")
-    ap.add_argument("--output-dir", default=None)
-    ap.add_argument("--cache-dir", default=None)
-    ap.add_argument("--overrides", default="", help="OmegaConf dotlist applied to every run")
+    add_run_args(ap)  # --output-dir, --cache-dir, --overrides, --timeout
     ap.add_argument("--no-share", action="store_true",
                     help="run every row alone (no suite runs sharing client phases)")
     ap.add_argument("--split", choices=("test", "val"), default="test",
@@ -283,7 +290,6 @@ def main(argv: list[str] | None = None) -> int:
                          "(carved from train, never trained on): make every choice on val")
     ap.add_argument("--allow-budget-departure", action="store_true",
                     help="run rows that break the budget rule (metamoe/budget.py); recorded")
-    ap.add_argument("--timeout", type=float, default=3600.0)
     ap.add_argument("--references", action="store_true",
                     help="also tabulate the metamoe run's own seed model and single experts "
                          "(rows metamoe/zero_shot, metamoe/expert[<name>])")

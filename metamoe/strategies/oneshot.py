@@ -100,9 +100,7 @@ class OneShot(PhaseStrategy):
     def random_public(self, k: int) -> np.ndarray:
         """A seeded uniform sample of k·m public pool items (MetaMoE's proxy budget for k
         clients): BTX's and the from-scratch upper bound's public data."""
-        rng = np.random.default_rng(self.cfg.run.seed)
-        size = min(k * int(self.cfg.select.m), len(self.bench.pool_x))
-        return np.sort(rng.choice(len(self.bench.pool_x), size=size, replace=False))
+        return self.random_pool(k * int(self.cfg.select.m))
 
 
 @register("zero_shot")

@@ -194,10 +194,15 @@ class PhaseStrategy(Strategy):
         chosen = [sel[self.cfg.select.method] for sel in selections.values()]
         union = np.unique(np.concatenate(chosen)) if chosen else np.zeros(0, np.int64)
         if self.cfg.unify.data == "random_public":
-            rng = np.random.default_rng(self.cfg.run.seed)
-            size = min(sum(len(c) for c in chosen), len(self.bench.pool_x))
-            return np.sort(rng.choice(len(self.bench.pool_x), size=size, replace=False))
+            return self.random_pool(sum(len(c) for c in chosen))
         return union
+
+    def random_pool(self, size: int) -> np.ndarray:
+        """A seeded uniform sample of ``size`` public pool items (at most the whole pool),
+        sorted: the public data of the rows that train on random public samples."""
+        rng = np.random.default_rng(self.cfg.run.seed)
+        size = min(size, len(self.bench.pool_x))
+        return np.sort(rng.choice(len(self.bench.pool_x), size=size, replace=False))
 
     # ---------------------------------------------------------------- phase 5: evaluate
     def configure_evaluate(self, fed: Federation, moe: MoEMixin, extra: dict) -> dict:
