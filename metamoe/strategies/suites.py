@@ -10,6 +10,8 @@ are exactly what each method would train alone (client seeds are config-derived;
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 from omegaconf import DictConfig, OmegaConf
 
 from metamoe.config import ConfigError, resolve_config, to_container, validate
@@ -122,6 +124,12 @@ def make_members(cfg: DictConfig, spec, seed_model, bench, pool_features) -> dic
             for rname, method, exp in spec}
 
 
+@lru_cache(maxsize=8)
+def _suite_config(suite: str, benchmark: str, overrides: str) -> DictConfig:
+    """The suite's resolved config (read-only), once per comparison plan, not once per row."""
+    return resolve_config({"benchmark": benchmark, "method": suite, "overrides": overrides})
+
+
 def joins(suite: str, row: str, benchmark: str, overrides: str = "") -> bool:
     """Whether ``row`` can be a member of ``suite`` on ``benchmark`` (under ``overrides``):
     one of its default rows, or a row of one of its methods whose experiment changes only
@@ -132,9 +140,8 @@ def joins(suite: str, row: str, benchmark: str, overrides: str = "") -> bool:
     method, exp = parse_row(row)
     if method not in {m for _, m, _ in spec}:
         return False
-    cfg = resolve_config({"benchmark": benchmark, "method": suite, "overrides": overrides})
     try:
-        check_member(cfg, row, method, exp)
+        check_member(_suite_config(suite, benchmark, overrides), row, method, exp)
     except ConfigError:
         return False
     return True
