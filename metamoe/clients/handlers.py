@@ -20,7 +20,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from metamoe.clients import stages
 from metamoe.clients.node import localize, node_data, seed_model, store_seed
 from metamoe.models.io import moe_from_state
-from metamoe.protocol import MOE_SPEC, decode_settings, from_record, get_record, to_record
+from metamoe.models.lora import lora_shapes
+from metamoe.protocol import MOE_SPEC, check_arrays, decode_settings, from_record, get_record, to_record
 from metamoe.training import derive_seed
 
 log = logging.getLogger("metamoe")
@@ -59,8 +60,16 @@ def expert(msg: Message, context: Context) -> Message:
     idx = np.asarray(sel.pop("selected"), dtype=np.int64)
     if len(idx) and (idx.min() < 0 or idx.max() >= len(bench.pool_x)):
         raise ValueError(f"proxy index out of range [0, {len(bench.pool_x)})")
-    lora, vectors, metrics = stages.expert_stage(cfg, seed, node.domain, bench, idx,
-                                                 derive_seed(cfg.run.seed, node.partition_id))
+    init, epochs, rng = None, None, derive_seed(cfg.run.seed, node.partition_id)
+    if "group-round" in msg.content:  # unify.group_expert=fedavg: a round of a group's expert
+        rnd = get_record(msg.content, "group-round", ConfigRecord, "server")
+        init = check_arrays(from_record(get_record(msg.content, "init", ArrayRecord, "server")),
+                            lora_shapes(seed.cfg.depth, seed.cfg.dim, seed.cfg.mlp_hidden,
+                                        int(cfg.expert.rank)), "server", "group expert")
+        epochs = float(rnd["epochs"])
+        rng = derive_seed(cfg.run.seed, node.partition_id, int(rnd["round"]))
+    lora, vectors, metrics = stages.expert_stage(cfg, seed, node.domain, bench, idx, rng,
+                                                 init=init, epochs=epochs)
     if sel:  # selection-quality ablation: coverage of each method's picks
         sel["selected"] = idx
         metrics.update(stages.coverage(seed, node.domain, bench, sel, cfg.select.embedding,

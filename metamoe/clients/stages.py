@@ -14,14 +14,14 @@ import logging
 
 import numpy as np
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from metamoe.clients.privacy import dp_sigmas, effective_count, expert_dp, require_min_count, sample_token_counts
 from metamoe.data import Domain, VisionBenchmark
 from metamoe.data.dataset import as_inputs, concat_inputs
 from metamoe.dpsgd import dpsgd_epsilon
-from metamoe.models.lora import ffn_input_means, inject_ffn_lora, lora_state_dict
+from metamoe.models.lora import ffn_input_means, inject_ffn_lora, load_lora_state_dict, lora_state_dict
 from metamoe.models.moe import M0_FFN, MoEMixin
 from metamoe.proxy import sketch as psk
 from metamoe.training import accuracy, features, predict_logits, seeded, train
@@ -75,7 +75,8 @@ def sketch_stage(cfg: DictConfig, seed: nn.Module, dom: Domain, bench: VisionBen
 
 
 def expert_stage(cfg: DictConfig, seed: nn.Module, dom: Domain, bench: VisionBenchmark,
-                 proxy_idx: np.ndarray, rng_seed: int
+                 proxy_idx: np.ndarray, rng_seed: int, init: dict | None = None,
+                 epochs: float | None = None
                  ) -> tuple[dict[str, np.ndarray], np.ndarray, dict]:
     """Proxy-aligned expert: LoRA on M0's FFNs trained on Dp ∪ proxies (paper §3.3).
 
@@ -85,8 +86,13 @@ def expert_stage(cfg: DictConfig, seed: nn.Module, dom: Domain, bench: VisionBen
     (:class:`~metamoe.clients.privacy.PrivacyError`) when Dp, or its effective share of the
     router vectors' tokens, is below ``privacy.min_count``: the proxies do not count (the
     server chose them and can subtract their part of the mean).
+    ``init`` / ``epochs``: one round of a group's shared expert (``unify.group_expert=fedavg``,
+    ``strategies/group_fl.py``): training starts from the server's LoRA ``init`` and runs
+    ``epochs`` passes (a share of ``expert.epochs``) instead of ``expert.epochs``.
     """
     ec = cfg.expert
+    if epochs is not None:
+        ec = OmegaConf.merge(OmegaConf.to_container(ec), {"epochs": float(epochs)})
     pc = cfg.privacy
     min_count = int(pc.min_count)
     require_min_count("the expert (LoRA trained on the private train split) and its train "
@@ -102,6 +108,8 @@ def expert_stage(cfg: DictConfig, seed: nn.Module, dom: Domain, bench: VisionBen
     # (config, data, rng_seed) and not on what ran before in this process.
     with seeded(rng_seed):
         model = inject_ffn_lora(copy.deepcopy(seed), ec.rank, ec.alpha)
+    if init is not None:
+        load_lora_state_dict(model, {k: torch.from_numpy(np.array(v)) for k, v in init.items()})
     # Inputs stay lazily decoded where the client's data is (CLIP-sized images); expert
     # training reads the augmented view of the train split when there is one.
     xp = as_inputs(dom.x_train)

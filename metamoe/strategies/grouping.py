@@ -17,6 +17,9 @@ here can reach a client's data (tests/test_grouping.py checks both).
   ΔW_g = Σ_i w_i B_i A_i, computed exactly in factored form and cut back to the clients' rank
   r by a truncated SVD (so the MoE of E groups has the shape of a MoE of E clients); the share
   of ΔW_g's energy kept is reported. Router vectors: the members' n_train-weighted mean.
+* ``unify.group_expert=fedavg`` trains one shared expert per group instead
+  (``strategies/group_fl.py``); its groups come from the proxy selections
+  (:func:`proxy_features`), since no expert exists yet.
 """
 
 from __future__ import annotations
@@ -54,6 +57,17 @@ def features(vectors: list[np.ndarray]) -> np.ndarray:
     v = v - v.mean(axis=0, keepdims=True)
     v = v / np.maximum(np.linalg.norm(v, axis=2, keepdims=True), 1e-12)
     return v.reshape(len(vectors), -1)
+
+
+def proxy_features(pool_features: np.ndarray, selections: list[np.ndarray]) -> np.ndarray:
+    """[K, d] grouping features from the server's own data, for ``unify.group_expert=fedavg``
+    (groups are formed before any expert exists): per client, the mean unit-norm public-pool
+    embedding of the proxies the server selected for it from its sketch, centred over clients
+    and scaled to unit norm (proxy sets of one domain's clients overlap, so their means agree)."""
+    z = np.asarray(pool_features, np.float64)
+    z = z / np.maximum(np.linalg.norm(z, axis=1, keepdims=True), 1e-12)
+    means = np.stack([z[np.asarray(idx, np.int64)].mean(axis=0) for idx in selections])
+    return features([m[None] for m in means])
 
 
 def assign(feats: np.ndarray, groups: int | str, seed: int) -> tuple[np.ndarray, dict]:
@@ -116,6 +130,12 @@ def merge_loras(loras: list[dict[str, np.ndarray]], weights: np.ndarray,
         new_a[:r] = root[:, None] * (vh[:r] @ qa.T)
         out[key_a], out[key_b] = new_a.astype(np.float32), new_b.astype(np.float32)
     return out, kept
+
+
+def members_of(names: list[str], labels: np.ndarray) -> dict[str, list[str]]:
+    """{"group-<g>": [client names]} of the group labels from :func:`assign`."""
+    return {f"group-{g}": [n for n, lab in zip(names, labels.tolist(), strict=True) if lab == g]
+            for g in range(int(labels.max()) + 1)}
 
 
 def group_experts(experts: dict[str, tuple], groups, seed: int,

@@ -15,6 +15,7 @@ from metamoe.models.io import moe_from_state, shipped_state
 from metamoe.protocol import EVALUATE, EXPERT, SKETCH
 from metamoe.proxy import sketch as psk
 from metamoe.strategies.base import Federation, Outcome, pack, register, unpack
+from metamoe.strategies.group_fl import group_fedavg
 from metamoe.strategies.phases import PhaseStrategy
 
 log = logging.getLogger("metamoe")
@@ -69,7 +70,12 @@ class MetaMoE(PhaseStrategy):
                 arrs = unpack(flat)[c]
                 vec = arrs.pop("__router__")
                 experts[c] = (arrs, vec, meta["metrics"][c])
+            self.group_report = meta.get("groups", {})
             fed.resumed.append("expert")
+        elif self.cfg.unify.group_expert == "fedavg":  # one expert per group, FedAvg rounds
+            with fed.phase("expert"):
+                experts, self.group_report = group_fedavg(self, fed, selections,
+                                                          with_seed=not seed_sent)
         else:
             with fed.phase("expert"):
                 got = fed.exchange("expert", EXPERT,
@@ -77,14 +83,17 @@ class MetaMoE(PhaseStrategy):
                                    lambda nid, c: self.aggregate_expert(fed, nid, c))
             order = sorted(got, key=lambda n: fed.clients[n].partition_id)
             experts = {fed.client_name(n): got[n] for n in order}
-            if ck:
-                ck.save("expert", pack({c: {**e[0], "__router__": e[1]}
-                                        for c, e in experts.items()}),
-                        {"order": list(experts), "metrics": {c: e[2] for c, e in experts.items()}})
+        if ck and "expert" not in fed.resumed:
+            ck.save("expert", pack({c: {**e[0], "__router__": e[1]} for c, e in experts.items()}),
+                    {"order": list(experts), "metrics": {c: e[2] for c, e in experts.items()},
+                     "groups": self.group_report})
         extra.update(self.expert_extras(experts))
         experts = self.screen(fed, experts, selections, extra)
 
-        used = {c: selections[c] for c in experts}
+        # the proxies of the clients whose experts (or groups) reach unify
+        trained = set(experts) if not self.group_report.get("expert") else \
+            {c for g in experts for c in self.group_report["groups"][g]}
+        used = {c: sel for c, sel in selections.items() if c in trained}
         saved = ck.load("unify") if ck else None
         if saved:
             moe = moe_from_state({k: torch.from_numpy(v) for k, v in saved[0].items()},

@@ -169,9 +169,12 @@ class PhaseStrategy(Strategy):
         """MetaMoE's unify stage: the experts merged with router rows from their router
         vectors, then router, λ and experts fine-tuned on the union of the proxies."""
         uc = self.cfg.unify
-        # unify.groups: one expert per group of clients (grouping.py); report in metrics.json
-        experts, self.group_report = group_experts(experts, uc.groups, int(self.cfg.run.seed),
-                                                   int(self.cfg.expert.rank))
+        # unify.groups: one expert per group of clients (grouping.py); report in metrics.json.
+        # With group_expert=fedavg the experts are the groups' already (group_fl.py).
+        if uc.group_expert == "merge":
+            experts, self.group_report = group_experts(experts, uc.groups,
+                                                       int(self.cfg.run.seed),
+                                                       int(self.cfg.expert.rank))
         moe = self.expert_moe(experts, vectors=uc.router_init != "random")
         if uc.epochs == 0 or len(union_idx) == 0:
             return moe

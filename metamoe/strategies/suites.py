@@ -105,6 +105,10 @@ def check_member(cfg: DictConfig, rname: str, method: str, exp: str) -> DictConf
     """``method`` [+ ``exp``]'s own config, after checking that the suite's shared phases are
     exactly its own (raises :class:`ConfigError` naming the section that differs)."""
     mcfg = member_config(cfg, method, exp)
+    if mcfg.unify.group_expert == "fedavg":
+        raise ConfigError(f"suite {cfg.method}: member {rname} trains its experts per group "
+                          "(unify.group_expert=fedavg), not in the suite's expert phase — run "
+                          "it alone")
     cls = _member_class(method)
     sections = list(SHARED_SECTIONS) + (["sketch"] if cls.needs_sketch else [])
     if cls.needs_experts and cfg.expert.use_proxies:

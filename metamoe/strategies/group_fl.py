@@ -1,0 +1,107 @@
+"""One shared expert per group, trained by FedAvg among the group's members
+(``unify.group_expert=fedavg``; the alternative, ``merge``, merges uploaded experts:
+``strategies/grouping.py``).
+
+MetaMoE's expert phase, run as ``unify.group_rounds`` R rounds per group:
+
+1. **Groups** before any expert exists, from what the server already holds: the proxy sets it
+   selected from the clients' sketches (:func:`grouping.proxy_features`, k-means with
+   ``unify.groups`` E clusters or ``auto``).
+2. **Rounds**: a group's expert starts at M0 (a fresh LoRA with B = 0). In round r every member
+   gets the group's current LoRA and the group's proxies (the union of its members' proxy
+   sets), trains ``expert.epochs / R`` passes over its Dp ∪ those proxies
+   (``clients/stages.py expert_stage``) and uploads the expert reply it always uploads; the
+   server averages the members' LoRA factors weighted by ``n_train`` (FedAvg on LoRA, as the
+   ``fedavg`` baseline does). R rounds × expert.epochs / R keeps the budget rule's passes
+   over Dp.
+3. The group's router vectors are its members' last-round vectors, ``n_train``-weighted.
+
+A member that fails or is rejected in a round is left out of that round's average (logged
+and recorded by :class:`~metamoe.strategies.base.Federation`); a group no member answered
+keeps its LoRA; a group with no reply in the last round has no expert. Uploads: R expert
+replies per client, counted in upload bytes.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+from flwr.app import ConfigRecord, RecordDict
+
+from metamoe.models.lora import fresh_loras
+from metamoe.protocol import EXPERT, to_record
+from metamoe.strategies.base import Federation
+from metamoe.strategies.fl_common import fedavg_states
+from metamoe.strategies.grouping import assign, members_of, parse_groups, proxy_features
+from metamoe.training import derive_seed
+
+log = logging.getLogger("metamoe")
+
+
+def proxy_groups(pool_features: np.ndarray, selections: dict[str, np.ndarray], groups,
+                 seed: int) -> tuple[dict[str, list[str]], dict]:
+    """{"group-<g>": [clients]} and the assignment info, from the proxy sets ``selections``
+    ({client: indices into the public pool})."""
+    names = list(selections)
+    labels, info = assign(proxy_features(pool_features, [selections[c] for c in names]),
+                          parse_groups(groups), seed)
+    return members_of(names, labels), {**info, "features": "proxies"}
+
+
+def group_fedavg(strat, fed: Federation, selections: dict[str, dict[str, np.ndarray]],
+                 with_seed: bool) -> tuple[dict[str, tuple], dict]:
+    """The expert phase of ``unify.group_expert=fedavg`` (module doc): returns one expert per
+    group {group: (LoRA, router vectors, {"n_train", "members"})} and the group report."""
+    cfg, uc, ec = strat.cfg, strat.cfg.unify, strat.cfg.expert
+    method = cfg.select.method
+    own = {info.name: sel[method] for info in fed.clients.values()
+           if (sel := selections.get(info.name)) is not None}
+    members, info = proxy_groups(strat.pool_features, own, uc.groups, int(cfg.run.seed))
+    log.info("unify.group_expert=fedavg: %d clients -> %d groups %s", len(own), len(members),
+             {g: len(m) for g, m in members.items()})
+    node_of = {info.name: nid for nid, info in fed.clients.items()}
+    rounds, rank, alpha = int(uc.group_rounds), int(ec.rank), float(ec.alpha)
+    state = {g: {k: v.numpy() for k, v in fresh_loras(
+        strat.seed_model, rank, alpha, [derive_seed(int(cfg.run.seed), 7919, i)])[0].items()}
+        for i, g in enumerate(members)}
+    proxies = {g: np.unique(np.concatenate([own[c] for c in ms])) for g, ms in members.items()}
+    seed = strat.configure_sketch([0])[0] if with_seed else None
+    last: dict[str, dict[str, tuple]] = {}
+    for r in range(1, rounds + 1):
+        payloads = {}
+        for g, ms in members.items():
+            for c in ms:
+                if node_of.get(c) not in fed.clients:
+                    continue
+                content = RecordDict({
+                    "proxies": to_record({"selected": proxies[g]}),
+                    "init": to_record(state[g]),
+                    "group-round": ConfigRecord({"round": r, "epochs": float(ec.epochs) / rounds,
+                                                 "group": g})})
+                if seed is not None and r == 1:
+                    content["seed"], content["seed-config"] = seed["seed"], seed["seed-config"]
+                payloads[node_of[c]] = content
+        got = fed.exchange(f"expert-r{r}", EXPERT, payloads,
+                           lambda nid, c: strat.aggregate_expert(fed, nid, c))
+        by_name = {fed.client_name(n): v for n, v in got.items()}
+        last = {}
+        for g, ms in members.items():
+            ups = {c: by_name[c] for c in ms if c in by_name}
+            if not ups:
+                log.warning("group %s: no valid expert reply in round %d; its LoRA is kept",
+                            g, r)
+                continue
+            n = [float(u[2]["n_train"]) for u in ups.values()]
+            state[g] = fedavg_states([u[0] for u in ups.values()], n)
+            last[g] = ups
+    experts = {}
+    for g, ups in last.items():
+        n = np.array([float(u[2]["n_train"]) for u in ups.values()])
+        w = n / n.sum()
+        vec = sum(wi * np.asarray(u[1], np.float64) for wi, u in zip(w, ups.values(), strict=True))
+        experts[g] = (state[g], np.asarray(vec, np.float32),
+                      {"n_train": float(n.sum()), "members": float(len(ups))})
+    report = {**info, "E": len(experts), "groups": members, "expert": "fedavg",
+              "rounds": rounds}
+    return experts, report
