@@ -154,3 +154,80 @@ def test_grouped_unify_reads_only_what_the_clients_uploaded():
     for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
         assert ka == kb and torch.equal(va, vb), ka
     assert all(isinstance(d.x_train, np.ndarray) for d in load_benchmark(cfg).domains)
+
+
+def test_proxy_groups_recover_the_domains_from_the_servers_own_data():
+    """unify.group_expert=fedavg groups before any expert exists: from the proxy sets the
+    server selected (indices into its own pool), overlapping within a domain."""
+    from metamoe.strategies.group_fl import proxy_groups
+
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(3, 16))
+    pool = np.concatenate([c + 0.5 * rng.normal(size=(200, 16)) for c in centres])
+    sel = {f"d{i % 3}-{i // 3}": np.sort(rng.choice(np.arange(200) + 200 * (i % 3), 60, False))
+           for i in range(12)}
+    members, info = proxy_groups(pool, sel, 3, seed=0)
+    assert info["features"] == "proxies" and len(members) == 3
+    assert purity(members, {c: c.split("-")[0] for c in sel}) == 1.0
+    members, info = proxy_groups(pool, sel, "auto", seed=0)
+    assert len(members) == 3 and max(info["silhouette"], key=info["silhouette"].get) == "3"
+
+
+def test_group_fedavg_config_is_checked_before_training():
+    base = "unify.group_expert=fedavg screen.enabled=false"
+    with pytest.raises(ConfigError, match="unify.groups"):
+        resolve_config({"benchmark": "tiny", "overrides": base})
+    with pytest.raises(ConfigError, match="screen.enabled"):
+        resolve_config({"benchmark": "tiny", "overrides": "unify.groups=2 "
+                                                           "unify.group_expert=fedavg"})
+    with pytest.raises(ConfigError, match="DP over rounds"):
+        resolve_config({"benchmark": "tiny", "overrides": f"{base} unify.groups=2 "
+                                                           "privacy.expert_dp_sigma=1"})
+    with pytest.raises(ConfigError, match="group_expert"):
+        resolve_config({"benchmark": "tiny", "overrides": "unify.groups=2 "
+                                                           "unify.group_expert=mean"})
+    with pytest.raises(ConfigError, match="method=metamoe"):
+        resolve_config({"benchmark": "tiny", "method": "flexolmo",
+                        "overrides": f"{base} unify.groups=2"})
+    from metamoe.strategies.suites import joins
+
+    assert joins("metamoe_suite", "metamoe[groups3]", "vision_k20")
+    assert not joins("metamoe_suite", "metamoe[groups3_fedavg]", "vision_k20")
+
+
+@pytest.mark.slow
+def test_group_fedavg_rounds_average_the_members_uploads(tmp_path, cache_dir):
+    """The real apps in Flower's simulation, 4 clients in 2 groups, 2 rounds: each member
+    starts from its group's LoRA (M0 in round 1: B = 0), round 2's LoRA is the n_train-weighted
+    mean of the members' round-1 uploads, and the MoE has one expert per group."""
+    import json
+
+    from metamoe.protocol import EXPERT, IDENTIFY
+    from tests.upload_audit import record_run
+
+    rc = {"benchmark": "tiny", "experiment": "groups3_fedavg", "run-id": "gf",
+          "output-dir": str(tmp_path), "cache-dir": cache_dir,
+          "overrides": "benchmark.clients_per_domain=2 unify.groups=2 unify.group_rounds=2"}
+    uploads, sent = record_run(rc, nodes=4)
+    m = json.loads((tmp_path / "gf" / "metrics.json").read_text())
+    g = m["groups"]
+    assert (g["expert"], g["E"], g["rounds"], g["purity"]) == ("fedavg", 2, 2, 1.0)
+    assert sorted(m["references"]["experts"]) == ["group-0", "group-1"]
+    node = {u["info"][1]["name"]: nid for t, nid, u in uploads if t == IDENTIFY}
+    ups = {}  # node -> [round-1 reply, round-2 reply]
+    for t, nid, u in uploads:
+        if t == EXPERT:
+            ups.setdefault(nid, []).append(u)
+    for gname, ms in g["groups"].items():
+        nids = [node[c] for c in ms]
+        inits = [[s["init"][1] for s in sent[(EXPERT, n)]] for n in nids]
+        assert all(len(i) == 2 and len(ups[n]) == 2 for i, n in zip(inits, nids))
+        for k, v in inits[0][0].items():  # round 1: the same fresh LoRA (= M0) for all
+            assert all(np.array_equal(v, i[0][k]) for i in inits)
+            if "lora_B" in k:
+                assert not v.any()
+        w = np.array([ups[n][0]["metrics"][1]["n_train"] for n in nids], np.float64)
+        for k, v in inits[0][1].items():  # round 2: the weighted mean of round 1's uploads
+            want = sum(wi * ups[n][0]["expert"][1][k] for wi, n in zip(w / w.sum(), nids))
+            np.testing.assert_allclose(v, want, rtol=1e-5, atol=1e-7)
+            assert all(np.array_equal(v, i[1][k]) for i in inits)
