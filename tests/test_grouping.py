@@ -218,7 +218,7 @@ def test_group_fedavg_rounds_average_the_members_uploads(tmp_path, cache_dir):
     for t, nid, u in uploads:
         if t == EXPERT:
             ups.setdefault(nid, []).append(u)
-    for gname, ms in g["groups"].items():
+    for ms in g["groups"].values():
         nids = [node[c] for c in ms]
         inits = [[s["init"][1] for s in sent[(EXPERT, n)]] for n in nids]
         assert all(len(i) == 2 and len(ups[n]) == 2 for i, n in zip(inits, nids))

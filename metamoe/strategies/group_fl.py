@@ -55,12 +55,12 @@ def group_fedavg(strat, fed: Federation, selections: dict[str, dict[str, np.ndar
     group {group: (LoRA, router vectors, {"n_train", "members"})} and the group report."""
     cfg, uc, ec = strat.cfg, strat.cfg.unify, strat.cfg.expert
     method = cfg.select.method
-    own = {info.name: sel[method] for info in fed.clients.values()
-           if (sel := selections.get(info.name)) is not None}
+    own = {ci.name: sel[method] for ci in fed.clients.values()
+           if (sel := selections.get(ci.name)) is not None}
     members, info = proxy_groups(strat.pool_features, own, uc.groups, int(cfg.run.seed))
     log.info("unify.group_expert=fedavg: %d clients -> %d groups %s", len(own), len(members),
              {g: len(m) for g, m in members.items()})
-    node_of = {info.name: nid for nid, info in fed.clients.items()}
+    node_of = {ci.name: nid for nid, ci in fed.clients.items()}
     rounds, rank, alpha = int(uc.group_rounds), int(ec.rank), float(ec.alpha)
     state = {g: {k: v.numpy() for k, v in fresh_loras(
         strat.seed_model, rank, alpha, [derive_seed(int(cfg.run.seed), 7919, i)])[0].items()}
