@@ -32,7 +32,7 @@ from flwr.app import ConfigRecord, RecordDict
 from metamoe.models.lora import fresh_loras
 from metamoe.protocol import EXPERT, to_record
 from metamoe.strategies.base import Federation
-from metamoe.strategies.fl_common import fedavg_states
+from metamoe.strategies.fl_common import fedavg_states, weighted_mean
 from metamoe.strategies.grouping import assign, members_of, parse_groups, proxy_features
 from metamoe.training import derive_seed
 
@@ -62,9 +62,10 @@ def group_fedavg(strat, fed: Federation, selections: dict[str, dict[str, np.ndar
              {g: len(m) for g, m in members.items()})
     node_of = {ci.name: nid for nid, ci in fed.clients.items()}
     rounds, rank, alpha = int(uc.group_rounds), int(ec.rank), float(ec.alpha)
-    state = {g: {k: v.numpy() for k, v in fresh_loras(
-        strat.seed_model, rank, alpha, [derive_seed(int(cfg.run.seed), 7919, i)])[0].items()}
-        for i, g in enumerate(members)}
+    inits = fresh_loras(strat.seed_model, rank, alpha,
+                        [derive_seed(int(cfg.run.seed), 7919, i) for i in range(len(members))])
+    state = {g: {k: v.numpy() for k, v in lo.items()}
+             for g, lo in zip(members, inits, strict=True)}
     proxies = {g: np.unique(np.concatenate([own[c] for c in ms])) for g, ms in members.items()}
     seed = strat.configure_sketch([0])[0] if with_seed else None
     last: dict[str, dict[str, tuple]] = {}
@@ -77,8 +78,8 @@ def group_fedavg(strat, fed: Federation, selections: dict[str, dict[str, np.ndar
                 content = RecordDict({
                     "proxies": to_record({"selected": proxies[g]}),
                     "init": to_record(state[g]),
-                    "group-round": ConfigRecord({"round": r, "epochs": float(ec.epochs) / rounds,
-                                                 "group": g})})
+                    "group-round": ConfigRecord({"round": r,
+                                                 "epochs": float(ec.epochs) / rounds})})
                 if seed is not None and r == 1:
                     content["seed"], content["seed-config"] = seed["seed"], seed["seed-config"]
                 payloads[node_of[c]] = content
@@ -97,11 +98,9 @@ def group_fedavg(strat, fed: Federation, selections: dict[str, dict[str, np.ndar
             last[g] = ups
     experts = {}
     for g, ups in last.items():
-        n = np.array([float(u[2]["n_train"]) for u in ups.values()])
-        w = n / n.sum()
-        vec = sum(wi * np.asarray(u[1], np.float64) for wi, u in zip(w, ups.values(), strict=True))
-        experts[g] = (state[g], np.asarray(vec, np.float32),
-                      {"n_train": float(n.sum()), "members": float(len(ups))})
+        n = [float(u[2]["n_train"]) for u in ups.values()]
+        experts[g] = (state[g], weighted_mean([u[1] for u in ups.values()], n),
+                      {"n_train": float(sum(n)), "members": float(len(ups))})
     report = {**info, "E": len(experts), "groups": members, "expert": "fedavg",
               "rounds": rounds}
     return experts, report

@@ -30,6 +30,7 @@ import numpy as np
 
 from metamoe.config import ConfigError
 from metamoe.models.lora import is_lora_key
+from metamoe.strategies.fl_common import weighted_mean
 
 log = logging.getLogger("metamoe")
 AUTO_MAX_GROUPS = 16
@@ -151,19 +152,16 @@ def group_experts(experts: dict[str, tuple], groups, seed: int,
     labels, info = assign(features([experts[c][1] for c in names]), g, seed)
     n = np.array([float(experts[c][2].get("n_train", 1.0)) for c in names])
     out: dict[str, tuple] = {}
-    members: dict[str, list[str]] = {}
+    members = members_of(names, labels)
     kept: dict[str, float] = {}
-    for lab in range(int(labels.max()) + 1):
-        idx = [i for i, x in enumerate(labels) if x == lab]
-        gname = f"group-{lab}"
-        w = n[idx] / n[idx].sum()
+    for gname, ms in members.items():
+        idx = [names.index(c) for c in ms]
         if len(idx) == 1:  # a group of one is that client's expert, unchanged
-            lora, kept[gname] = experts[names[idx[0]]][0], 1.0
+            lora, kept[gname] = experts[ms[0]][0], 1.0
         else:
-            lora, kept[gname] = merge_loras([experts[names[i]][0] for i in idx], w, rank)
-        vec = sum(wi * np.asarray(experts[names[i]][1], np.float64) for wi, i in zip(w, idx))
-        members[gname] = [names[i] for i in idx]
-        out[gname] = (lora, np.asarray(vec, np.float32),
+            lora, kept[gname] = merge_loras([experts[c][0] for c in ms],
+                                            n[idx] / n[idx].sum(), rank)
+        out[gname] = (lora, weighted_mean([experts[c][1] for c in ms], n[idx]),
                       {"n_train": float(n[idx].sum()), "members": len(idx)})
     report = {**info, "E": len(out), "groups": members,
               "kept_energy": {k: round(v, 6) for k, v in kept.items()}}

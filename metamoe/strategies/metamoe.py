@@ -91,7 +91,7 @@ class MetaMoE(PhaseStrategy):
         experts = self.screen(fed, experts, selections, extra)
 
         # the proxies of the clients whose experts (or groups) reach unify
-        trained = set(experts) if not self.group_report.get("expert") else \
+        trained = set(experts) if self.cfg.unify.group_expert == "merge" else \
             {c for g in experts for c in self.group_report["groups"][g]}
         used = {c: sel for c, sel in selections.items() if c in trained}
         saved = ck.load("unify") if ck else None
