@@ -39,6 +39,13 @@ class BenchmarkConf:
     domains: list[str] = field(default_factory=lambda: ["mnist", "uci", "fashion"])
     clients_per_domain: int = 1
     num_clients: int = -1  # total K, assigned round-robin to domains (-1: domains x per-domain)
+    # How a domain's train split is divided among its clients (metamoe/data/partition.py):
+    # iid | dirichlet (label skew, flwr-datasets' DirichletPartitioner); size_skew none |
+    # linear | exponential (client j of a domain holds a share ∝ j+1 or e^(j+1)).
+    partition: str = "iid"
+    dirichlet_alpha: float = 0.5
+    size_skew: str = "none"
+    min_partition_size: int = 10  # a skewed split gives every client at least this many
     max_train: int = -1  # cap per domain (-1: all); tiny configs for tests
     max_test: int = -1
     max_pool: int = -1  # random subsample of the public pool (-1: all)
@@ -370,6 +377,8 @@ CHOICES = {
     "fl.aggregation": ("mean", "median", "trimmed", "krum"),
     "fl.weighting": ("samples", "uniform"),
     "benchmark.eval_split": ("test", "val"),
+    "benchmark.partition": ("iid", "dirichlet"),
+    "benchmark.size_skew": ("none", "linear", "exponential"),
     "run.precision": ("fp32", "bf16", "fp16"),
 }
 
@@ -392,12 +401,20 @@ def _merge(base: DictConfig, other: Any, source: str) -> DictConfig:
                           f"{str(e).splitlines()[0]}") from None
 
 
-def _yaml(kind: str, name: str) -> DictConfig:
+def _yaml(kind: str, name: str, seen: tuple[str, ...] = ()) -> DictConfig:
+    """``conf/<kind>/<name>.yaml``; a top-level ``extends: <other>`` is merged over ``other``
+    (e.g. ``text_k60`` extends ``text``)."""
     path = conf_dir() / kind / f"{name}.yaml"
     if not path.exists():
         avail = sorted(p.stem for p in (conf_dir() / kind).glob("*.yaml"))
         raise ConfigError(f"unknown {kind} {name!r}: no {path}; available: {avail}")
-    return OmegaConf.load(path)
+    conf = OmegaConf.load(path)
+    base = conf.pop("extends", None)
+    if base is not None:
+        if str(base) in (*seen, name):
+            raise ConfigError(f"{path}: 'extends: {base}' is a cycle ({' -> '.join(seen)})")
+        conf = OmegaConf.merge(_yaml(kind, str(base), (*seen, name)), conf)
+    return conf
 
 
 def _split_top_commas(token: str) -> list[str]:
@@ -489,6 +506,10 @@ def validate(cfg: DictConfig) -> None:
     for key in positive:
         if OmegaConf.select(cfg, key) <= 0:
             raise ConfigError(f"{key} must be positive, got {OmegaConf.select(cfg, key)}")
+    if cfg.benchmark.dirichlet_alpha <= 0 or cfg.benchmark.min_partition_size < 1:
+        raise ConfigError("benchmark.dirichlet_alpha must be > 0 and benchmark."
+                          f"min_partition_size >= 1 (got {cfg.benchmark.dirichlet_alpha}, "
+                          f"{cfg.benchmark.min_partition_size})")
     for sect in ("pretrain", "expert", "unify"):
         if cfg[sect].epochs < 0 or cfg[sect].lr <= 0 or cfg[sect].batch_size <= 0:
             raise ConfigError(f"{sect}: epochs >= 0, lr > 0 and batch_size > 0 required")

@@ -3,8 +3,9 @@
 ``load_benchmark(cfg)`` builds (and caches per process) the benchmark named by the resolved
 config; ``client_partition(cfg, bench, partition_id)`` gives one client its private domain
 data. Client ``i`` owns domain ``domains[i % D]``; with ``clients_per_domain > 1`` the domain's
-train split is divided IID (seeded) among its clients, and they share its validation and test
-splits (``eval_split``: which of the two a run evaluates on).
+train split is divided among its clients (IID, or skewed by label and size: ``partition.py``),
+and they share its validation and test splits (``eval_split``: which of the two a run
+evaluates on).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pathlib import Path
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
+from metamoe.data.partition import split_indices
 from metamoe.data.vision import Domain, VisionBenchmark, build_vision_benchmark
 
 __all__ = ["Domain", "VisionBenchmark", "load_benchmark", "client_partition", "client_names",
@@ -190,6 +192,11 @@ def client_partition(cfg: DictConfig, bench: VisionBenchmark, partition_id: int
     name, dom = names[partition_id], eval_split(cfg, names[partition_id], bench.domain(dname))
     if k == 1:
         return name, dom
-    perm = np.random.default_rng(cfg.benchmark.data_seed + 1).permutation(len(dom.x_train))
-    part = np.array_split(perm, k)[sub]
+    b = cfg.benchmark
+    # iid keeps its historical seed (data_seed + 1); the skewed splits differ per domain
+    seed = b.data_seed + 1 + (0 if b.partition == "iid" and b.size_skew == "none"
+                              else list(b.domains).index(dname))
+    part = split_indices(dom.y_train, k, partition=b.partition, alpha=b.dirichlet_alpha,
+                         size_skew=b.size_skew, min_size=b.min_partition_size, seed=seed,
+                         where=f"domain {dname!r}")[sub]
     return name, replace(dom, x_train=dom.x_train[part], y_train=dom.y_train[part])

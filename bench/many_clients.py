@@ -1,0 +1,165 @@
+"""Many clients, few experts: accuracy, upload and wall time as K grows at a fixed set of
+domains.
+
+    python -m bench.many_clients [--benchmark vision] [--seeds 3] [--ks 3,12,30,60]
+                                 [--rows per_client_moe,grouped_moe,fedavg,flexolmo]
+                                 [--split test|val] [--output-dir results/many-clients-<bench>]
+
+K = 3 is ``<benchmark>`` itself (one client per domain). Every larger K is
+``<benchmark>_k60`` (20 clients per domain, Dirichlet(0.5) label skew inside a domain) with
+``benchmark.num_clients=K`` and ``select.m`` = clip(4000 / K, 100, the benchmark's m) rounded
+to tens, the rule ``conf/benchmark/vision_k60.yaml`` documents (K = 20 gives vision_k20's 200).
+Rows, each one ``metamoe.compare`` row run over the same seeds:
+
+* ``per_client_moe`` — ``metamoe``: one expert per client, K experts;
+* ``grouped_moe`` — ``metamoe[groups3]``: the server groups the K clients into E = 3 by their
+  proxy sets and merges each group's LoRA deltas (``unify.groups``), E experts;
+* ``fedavg`` and ``flexolmo`` — as in the comparison.
+
+Writes ``<out>/K<k>/`` (each K's compare output, runs reused when present) and
+``<out>/many_clients.json`` / ``.md``. Printed: one table (rows x K: average accuracy,
+upload bytes per client, rounds, wall seconds per run); the last line is one JSON object
+keyed by K as a string, each {``per_client_moe``, ``grouped_moe``, ``fedavg``, ``flexolmo``:
+mean average accuracy in [0, 1], ``purity``: the grouped MoE's mean grouping purity}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+ROWS = {"per_client_moe": "metamoe", "grouped_moe": "metamoe[groups3]",
+        "fedavg": "fedavg", "flexolmo": "flexolmo"}
+
+
+def proxies_per_client(k: int, base_m: int) -> int:
+    """select.m at K clients: clip(4000 / K, 100, base_m), rounded to tens."""
+    return int(min(base_m, max(100, 10 * round(400 / k))))
+
+
+def setting(benchmark: str, k: int) -> tuple[str, str]:
+    """(benchmark config, overrides) of the K-client run."""
+    from metamoe.config import resolve_config
+
+    base = resolve_config({"benchmark": benchmark})
+    if k == len(base.benchmark.domains):
+        return benchmark, ""
+    many = f"{benchmark}_k60"
+    return many, f"benchmark.num_clients={k} select.m={proxies_per_client(k, base.select.m)}"
+
+
+def row_wall(metrics: dict, row: str) -> float:
+    """Wall seconds of one row's run: a suite row counts the shared phases and its own
+    server phases (``merge[row]``, ``evaluate[row]``)."""
+    wall = metrics.get("wall_seconds") or {}
+    if "rows" not in metrics or len(metrics.get("rows") or {}) <= 1:
+        return float(wall.get("total", math.nan))
+    return float(sum(v for p, v in wall.items() if p != "total"
+                     and ("[" not in p or p.endswith(f"[{row}]"))))
+
+
+def summarise(out: Path, k: int) -> dict:
+    """{row key: {average, std, per_seed_average, upload_bytes, rounds, wall}, purity, k}
+    from one K's compare output (each row's wall time and the grouping purity read from the
+    metrics.json of the runs that row came from)."""
+    table = json.loads((out / "table.json").read_text())
+    res: dict = {}
+    purity: list[float] = []
+    for key, row in ROWS.items():
+        t = table.get(row)
+        if not t or "average" not in t:
+            res[key] = {"status": (t or {}).get("reason", "not run")}
+            continue
+        walls = []
+        for rid in t["runs"]:
+            m = json.loads((out / "runs" / rid / "metrics.json").read_text())
+            walls.append(row_wall(m, row))
+            g = (m.get("rows") or {}).get(row, {}).get("groups") or {}
+            if key == "grouped_moe" and "purity" in g:
+                purity.append(float(g["purity"]))
+        res[key] = {"average": t["average"], "std": t["std"],
+                    "per_seed_average": t["per_seed_average"],
+                    "upload_bytes": t["upload_bytes"], "rounds": t.get("rounds", 1),
+                    "wall": sum(walls) / len(walls)}
+    res["purity"] = sum(purity) / len(purity) if purity else None
+    res["k"] = k
+    return res
+
+
+def render(result: dict) -> str:
+    ks = list(result["k"])
+    lines = [f"# Many clients on `{result['benchmark']}` ({result['split']} split, seeds 0-"
+             f"{result['seeds'] - 1}, commit {result['commit'][:7]})", "",
+             "Average accuracy in % (mean ± std over seeds) / upload per client / rounds / "
+             "wall seconds per run.", "",
+             "| row | " + " | ".join(f"K = {k}" for k in ks) + " |",
+             "|---|" + "---|" * len(ks)]
+    for key in ROWS:
+        cells = []
+        for k in ks:
+            r = result["k"][k].get(key, {})
+            cells.append(r.get("status", "") if "average" not in r else
+                         f"{100 * r['average']:.2f} ± {100 * r['std']:.2f} / "
+                         f"{r['upload_bytes'] / 1e3:.0f} KB / {r['rounds']} / {r['wall']:.0f} s")
+        lines.append(f"| {key} | " + " | ".join(cells) + " |")
+    lines.append("| grouping purity | " + " | ".join(
+        "-" if result["k"][k]["purity"] is None else f"{result['k'][k]['purity']:.3f}"
+        for k in ks) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def run(benchmark: str, seeds: int, ks: list[int], rows: list[str], split: str,
+        output_dir: str | None, cache_dir: str | None, timeout: float) -> dict:
+    from metamoe.compare import compare
+    from metamoe.server.report import code_commit
+
+    bad = [r for r in rows if r not in ROWS]
+    if bad or not ks or any(k < 1 for k in ks):
+        raise SystemExit(f"unknown rows {bad} (known: {list(ROWS)}) or bad --ks {ks}")
+    out = Path(output_dir or ROOT / "results" / f"many-clients-{benchmark}").resolve()
+    result: dict = {"benchmark": benchmark, "seeds": seeds, "split": split,
+                    "commit": code_commit(), "settings": {}, "k": {}}
+    for k in ks:
+        bench, ov = setting(benchmark, k)
+        result["settings"][str(k)] = {"benchmark": bench, "overrides": ov}
+        d = compare(bench, seeds, [ROWS[r] for r in rows], str(out / f"K{k}"), cache_dir,
+                    overrides=ov, timeout=timeout, split=split)
+        result["k"][str(k)] = summarise(d, k)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "many_clients.json").write_text(json.dumps(result, indent=2, allow_nan=True))
+    (out / "many_clients.md").write_text(render(result))
+    return result
+
+
+def last_line(result: dict) -> dict:
+    return {k: {**{key: r[key]["average"] if "average" in r.get(key, {}) else None
+                   for key in ROWS}, "purity": r["purity"]}
+            for k, r in result["k"].items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.many_clients", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--benchmark", default="vision")
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--ks", default="3,12,30,60")
+    ap.add_argument("--rows", default=",".join(ROWS))
+    ap.add_argument("--split", default="test", choices=("test", "val"))
+    ap.add_argument("--output-dir", default=None)
+    ap.add_argument("--cache-dir", default=None)
+    ap.add_argument("--timeout", type=float, default=7200.0, help="seconds per run")
+    a = ap.parse_args(argv)
+    result = run(a.benchmark, a.seeds, [int(k) for k in a.ks.split(",") if k.strip()],
+                 [r for r in a.rows.split(",") if r.strip()], a.split, a.output_dir,
+                 a.cache_dir, a.timeout)
+    print(render(result))
+    print(json.dumps(last_line(result)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,76 @@
+"""bench/many_clients.py: its K settings are the committed configs, and its table and last
+line follow the interface the issue names (keyed by K, averages in [0, 1], purity)."""
+
+import json
+
+import pytest
+
+from bench.many_clients import ROWS, last_line, proxies_per_client, render, setting, summarise
+from metamoe.compare_tables import aggregate
+from metamoe.config import config_hash, resolve_config, to_container
+
+
+def test_the_proxy_rule_reproduces_the_committed_configs():
+    assert proxies_per_client(20, 500) == resolve_config({"benchmark": "vision_k20"}).select.m
+    assert proxies_per_client(60, 500) == resolve_config({"benchmark": "vision_k60"}).select.m
+    assert proxies_per_client(60, 200) == resolve_config({"benchmark": "text_k60"}).select.m
+    assert [proxies_per_client(k, 500) for k in (3, 12, 30)] == [500, 330, 130]
+
+
+@pytest.mark.parametrize("bench", ["vision", "text"])
+def test_k60_is_the_committed_many_clients_benchmark(bench):
+    name, ov = setting(bench, 60)
+    assert name == f"{bench}_k60"
+    plain = resolve_config({"benchmark": name})
+    assert config_hash(to_container(resolve_config({"benchmark": name, "overrides": ov}))) \
+        == config_hash(to_container(plain))
+    assert plain.benchmark.partition == "dirichlet" and plain.benchmark.dirichlet_alpha == 0.5
+    assert setting(bench, 3) == (bench, "")
+    k12 = resolve_config({"benchmark": name, "overrides": setting(bench, 12)[1]})
+    assert k12.benchmark.num_clients == 12 and k12.benchmark.partition == "dirichlet"
+
+
+def _fake_compare_dir(tmp_path, k):
+    """A compare output dir in compare's own schema: per-seed rows through compare_tables."""
+    out = tmp_path / f"K{k}"
+    per_seed = {}
+    for seed in range(2):
+        suite = {"rows": {}, "wall_seconds": {"expert": 10.0, "merge[metamoe]": 2.0,
+                                              "evaluate[metamoe]": 3.0,
+                                              "merge[metamoe[groups3]]": 1.0,
+                                              "evaluate[metamoe[groups3]]": 1.0, "total": 17.0}}
+        for row, acc in (("metamoe", 0.70 + seed / 100), ("metamoe[groups3]", 0.80)):
+            r = {"accuracy": {"per_domain": {"a": acc}, "average": acc},
+                 "upload_bytes": {"c0": 100, "c1": 102}, "rounds": 1}
+            if row != "metamoe":
+                r["groups"] = {"E": 3, "purity": 1.0 - seed / 10}
+            suite["rows"][row] = r
+            per_seed.setdefault(row, []).append({**r, "_run": f"suite-s{seed}"})
+        fed = {"accuracy": {"per_domain": {"a": 0.6}, "average": 0.6},
+               "upload_bytes": {"c0": 5000}, "rounds": 4, "wall_seconds": {"total": 30.0}}
+        per_seed.setdefault("fedavg", []).append({**fed, "_run": f"fedavg-s{seed}"})
+        for rid, m in ((f"suite-s{seed}", suite), (f"fedavg-s{seed}", fed)):
+            (out / "runs" / rid).mkdir(parents=True)
+            (out / "runs" / rid / "metrics.json").write_text(json.dumps(m))
+    table = aggregate(per_seed, ["a"])
+    table["flexolmo"] = {"status": "unavailable", "reason": "run failed"}
+    (out / "table.json").write_text(json.dumps(table))
+    return out
+
+
+def test_summary_table_and_last_line(tmp_path):
+    res = {"benchmark": "vision", "seeds": 2, "split": "val", "commit": "abcdef0123",
+           "k": {str(k): summarise(_fake_compare_dir(tmp_path, k), k) for k in (3, 60)}}
+    s = res["k"]["60"]
+    assert s["per_client_moe"]["average"] == pytest.approx(0.705)
+    assert s["per_client_moe"]["wall"] == pytest.approx(15.0)  # shared phases + its own
+    assert s["grouped_moe"]["wall"] == pytest.approx(12.0)
+    assert s["fedavg"]["wall"] == 30.0 and s["fedavg"]["rounds"] == 4
+    assert s["purity"] == pytest.approx(0.95)
+    assert s["flexolmo"] == {"status": "run failed"}
+    line = json.loads(json.dumps(last_line(res)))
+    assert set(line) == {"3", "60"}
+    assert set(line["60"]) == {*ROWS, "purity"}
+    assert line["60"]["grouped_moe"] == pytest.approx(0.80) and line["60"]["flexolmo"] is None
+    md = render(res)
+    assert "K = 60" in md and "80.00 ± 0.00" in md and "0.950" in md
