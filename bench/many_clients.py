@@ -3,6 +3,7 @@ domains.
 
     python -m bench.many_clients [--benchmark vision] [--seeds 3] [--ks 3,12,30,60]
                                  [--rows per_client_moe,grouped_moe,fedavg,flexolmo]
+                                 [--grouped groups3|groups3_fedavg] [--overrides "k=v ..."]
                                  [--split test|val] [--output-dir results/many-clients-<bench>]
 
 K = 3 is ``<benchmark>`` itself (one client per domain). Every larger K is
@@ -14,10 +15,12 @@ Rows, each one ``metamoe.compare`` row run over the same seeds:
 * ``per_client_moe`` — ``metamoe``: one expert per client, K experts;
 * ``grouped_moe`` — ``metamoe[groups3]``: the server groups the K clients into E = 3 by their
   proxy sets and merges each group's LoRA deltas (``unify.groups``), E experts;
+  ``--grouped groups3_fedavg`` trains each group's expert by FedAvg rounds instead;
 * ``fedavg`` and ``flexolmo`` — as in the comparison.
 
 Writes ``<out>/K<k>/`` (each K's compare output, runs reused when present) and
-``<out>/many_clients.json`` / ``.md``. Printed: one table (rows x K: average accuracy,
+``<out>/many_clients.json`` / ``.md``. ``--overrides`` (an OmegaConf dotlist) applies to every
+K and every row. Printed: one table (rows x K: average accuracy,
 upload bytes per client, rounds, wall seconds per run); the last line is one JSON object
 keyed by K as a string, each {``per_client_moe``, ``grouped_moe``, ``fedavg``, ``flexolmo``:
 mean average accuracy in [0, 1], ``purity``: the grouped MoE's mean grouping purity}.
@@ -62,14 +65,14 @@ def row_wall(metrics: dict, row: str) -> float:
                      and ("[" not in p or p.endswith(f"[{row}]"))))
 
 
-def summarise(out: Path, k: int) -> dict:
+def summarise(out: Path, k: int, rows: dict[str, str] = ROWS) -> dict:
     """{row key: {average, std, per_seed_average, upload_bytes, rounds, wall}, purity, k}
     from one K's compare output (each row's wall time and the grouping purity read from the
     metrics.json of the runs that row came from)."""
     table = json.loads((out / "table.json").read_text())
     res: dict = {}
     purity: list[float] = []
-    for key, row in ROWS.items():
+    for key, row in rows.items():
         t = table.get(row)
         if not t or "average" not in t:
             res[key] = {"status": (t or {}).get("reason", "not run")}
@@ -78,7 +81,7 @@ def summarise(out: Path, k: int) -> dict:
         for rid in t["runs"]:
             m = json.loads((out / "runs" / rid / "metrics.json").read_text())
             walls.append(row_wall(m, row))
-            g = (m.get("rows") or {}).get(row, {}).get("groups") or {}
+            g = (m.get("rows") or {}).get(row, m).get("groups") or {}
             if key == "grouped_moe" and "purity" in g:
                 purity.append(float(g["purity"]))
         res[key] = {"average": t["average"], "std": t["std"],
@@ -113,22 +116,26 @@ def render(result: dict) -> str:
 
 
 def run(benchmark: str, seeds: int, ks: list[int], rows: list[str], split: str,
-        output_dir: str | None, cache_dir: str | None, timeout: float) -> dict:
+        output_dir: str | None, cache_dir: str | None, timeout: float,
+        grouped: str = "groups3", overrides: str = "") -> dict:
     from metamoe.compare import compare
     from metamoe.server.report import code_commit
 
     bad = [r for r in rows if r not in ROWS]
     if bad or not ks or any(k < 1 for k in ks):
         raise SystemExit(f"unknown rows {bad} (known: {list(ROWS)}) or bad --ks {ks}")
+    names = {**ROWS, "grouped_moe": f"metamoe[{grouped}]"}
     out = Path(output_dir or ROOT / "results" / f"many-clients-{benchmark}").resolve()
     result: dict = {"benchmark": benchmark, "seeds": seeds, "split": split,
-                    "commit": code_commit(), "settings": {}, "k": {}}
+                    "commit": code_commit(), "rows": {r: names[r] for r in rows},
+                    "overrides": overrides, "settings": {}, "k": {}}
     for k in ks:
         bench, ov = setting(benchmark, k)
+        ov = f"{ov} {overrides}".strip()
         result["settings"][str(k)] = {"benchmark": bench, "overrides": ov}
-        d = compare(bench, seeds, [ROWS[r] for r in rows], str(out / f"K{k}"), cache_dir,
+        d = compare(bench, seeds, [names[r] for r in rows], str(out / f"K{k}"), cache_dir,
                     overrides=ov, timeout=timeout, split=split)
-        result["k"][str(k)] = summarise(d, k)
+        result["k"][str(k)] = summarise(d, k, {r: names[r] for r in rows})
     out.mkdir(parents=True, exist_ok=True)
     (out / "many_clients.json").write_text(json.dumps(result, indent=2, allow_nan=True))
     (out / "many_clients.md").write_text(render(result))
@@ -148,6 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--ks", default="3,12,30,60")
     ap.add_argument("--rows", default=",".join(ROWS))
+    ap.add_argument("--grouped", default="groups3", help="experiment of the grouped_moe row")
+    ap.add_argument("--overrides", default="", help="OmegaConf dotlist for every run")
     ap.add_argument("--split", default="test", choices=("test", "val"))
     ap.add_argument("--output-dir", default=None)
     ap.add_argument("--cache-dir", default=None)
@@ -155,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     result = run(a.benchmark, a.seeds, [int(k) for k in a.ks.split(",") if k.strip()],
                  [r for r in a.rows.split(",") if r.strip()], a.split, a.output_dir,
-                 a.cache_dir, a.timeout)
+                 a.cache_dir, a.timeout, a.grouped, a.overrides)
     print(render(result))
     print(json.dumps(last_line(result)))
     return 0
