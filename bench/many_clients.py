@@ -107,7 +107,7 @@ def render(result: dict) -> str:
             r = result["k"][k].get(key, {})
             cells.append(r.get("status", "") if "average" not in r else
                          f"{100 * r['average']:.2f} ± {100 * r['std']:.2f} / "
-                         f"{r['upload_bytes'] / 1e3:.0f} KB / {r['rounds']} / {r['wall']:.0f} s")
+                         f"{r['upload_bytes'] / 1024:.1f} KB / {r['rounds']} / {r['wall']:.0f} s")
         lines.append(f"| {key} | " + " | ".join(cells) + " |")
     lines.append("| grouping purity | " + " | ".join(
         "-" if result["k"][k]["purity"] is None else f"{result['k'][k]['purity']:.3f}"

@@ -167,9 +167,11 @@ class UnifyConf(OptimConf):
     groups: str = "none"
     # a group's expert: merge (its members' uploaded experts, n_train-weighted ΔW) | fedavg
     # (group_rounds FedAvg rounds among the members on one shared expert from M0, on their
-    # data ∪ the group's proxies; groups from the proxy selections; strategies/group_fl.py)
+    # data ∪ proxies; groups from the proxy selections; strategies/group_fl.py)
     group_expert: str = "merge"
     group_rounds: int = 4
+    # fedavg: the proxies a member trains on: own (its own selection) | union (the group's)
+    group_proxies: str = "union"
     data: str = "proxies"  # proxies | random_public (BTX)
     train_experts: bool = True
     train_router: bool = True
@@ -368,6 +370,7 @@ CHOICES = {
     "unify.context": ("sample", "batch", "none"),
     "unify.router_score": ("dot", "euclidean"),
     "unify.router_init": ("vectors", "random"),
+    "unify.group_proxies": ("own", "union"),
     "unify.data": ("proxies", "random_public"),
     "fl.train": ("lora",),
     "fl.context": ("sample", "batch", "none"),

@@ -196,10 +196,12 @@ def test_group_fedavg_config_is_checked_before_training():
 
 
 @pytest.mark.slow
-def test_group_fedavg_rounds_average_the_members_uploads(tmp_path, cache_dir):
+@pytest.mark.parametrize("proxies", ["union", "own"])
+def test_group_fedavg_rounds_average_the_members_uploads(tmp_path, cache_dir, proxies):
     """The real apps in Flower's simulation, 4 clients in 2 groups, 2 rounds: each member
     starts from its group's LoRA (M0 in round 1: B = 0), round 2's LoRA is the n_train-weighted
-    mean of the members' round-1 uploads, and the MoE has one expert per group."""
+    mean of the members' round-1 uploads, and the MoE has one expert per group. A member
+    trains on the group's proxies (union of its members' selections) or its own selection."""
     import json
 
     from metamoe.protocol import EXPERT, IDENTIFY
@@ -207,7 +209,8 @@ def test_group_fedavg_rounds_average_the_members_uploads(tmp_path, cache_dir):
 
     rc = {"benchmark": "tiny", "experiment": "groups3_fedavg", "run-id": "gf",
           "output-dir": str(tmp_path), "cache-dir": cache_dir,
-          "overrides": "benchmark.clients_per_domain=2 unify.groups=2 unify.group_rounds=2"}
+          "overrides": "benchmark.clients_per_domain=2 unify.groups=2 unify.group_rounds=2 "
+                       f"unify.group_proxies={proxies}"}
     uploads, sent = record_run(rc, nodes=4)
     m = json.loads((tmp_path / "gf" / "metrics.json").read_text())
     g = m["groups"]
@@ -231,3 +234,13 @@ def test_group_fedavg_rounds_average_the_members_uploads(tmp_path, cache_dir):
             want = sum(wi * ups[n][0]["expert"][1][k] for wi, n in zip(w / w.sum(), nids))
             np.testing.assert_allclose(v, want, rtol=1e-5, atol=1e-7)
             assert all(np.array_equal(v, i[1][k]) for i in inits)
+        got = [[set(s["proxies"][1]["selected"].tolist()) for s in sent[(EXPERT, n)]]
+               for n in nids]
+        assert all(p[0] == p[1] for p in got)  # the same proxies in every round
+        for n, p in zip(nids, got):
+            assert ups[n][0]["metrics"][1]["n_proxies"] == len(p[0])
+        union = set().union(*(p[0] for p in got))
+        if proxies == "union":
+            assert all(p[0] == union for p in got)
+        else:  # each its own selection: the group's union is the members' sets together
+            assert all(p[0] < union for p in got)

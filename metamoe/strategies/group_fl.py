@@ -8,8 +8,10 @@ MetaMoE's expert phase, run as ``unify.group_rounds`` R rounds per group:
    selected from the clients' sketches (:func:`grouping.proxy_features`, k-means with
    ``unify.groups`` E clusters or ``auto``).
 2. **Rounds**: a group's expert starts at M0 (a fresh LoRA with B = 0). In round r every member
-   gets the group's current LoRA and the group's proxies (the union of its members' proxy
-   sets), trains ``expert.epochs / R`` passes over its Dp ∪ those proxies
+   gets the group's current LoRA and proxies (``unify.group_proxies``: ``union``, the group's,
+   i.e. the union of its members' proxy sets, or ``own``, the member's own selection, so that
+   a group passes over each proxy about as often as one client over its own), trains
+   ``expert.epochs / R`` passes over its Dp ∪ those proxies
    (``clients/stages.py expert_stage``) and uploads the expert reply it always uploads; the
    server averages the members' LoRA factors weighted by ``n_train`` (FedAvg on LoRA, as the
    ``fedavg`` baseline does). R rounds × expert.epochs / R keeps the budget rule's passes
@@ -66,7 +68,9 @@ def group_fedavg(strat, fed: Federation, selections: dict[str, dict[str, np.ndar
                         [derive_seed(int(cfg.run.seed), 7919, i) for i in range(len(members))])
     state = {g: {k: v.numpy() for k, v in lo.items()}
              for g, lo in zip(members, inits, strict=True)}
-    proxies = {g: np.unique(np.concatenate([own[c] for c in ms])) for g, ms in members.items()}
+    union = {g: np.unique(np.concatenate([own[c] for c in ms])) for g, ms in members.items()}
+    proxies = {c: own[c] if uc.group_proxies == "own" else union[g]
+               for g, ms in members.items() for c in ms}
     seed = strat.configure_sketch([0])[0] if with_seed else None
     last: dict[str, dict[str, tuple]] = {}
     for r in range(1, rounds + 1):
@@ -76,7 +80,7 @@ def group_fedavg(strat, fed: Federation, selections: dict[str, dict[str, np.ndar
                 if node_of.get(c) not in fed.clients:
                     continue
                 content = RecordDict({
-                    "proxies": to_record({"selected": proxies[g]}),
+                    "proxies": to_record({"selected": proxies[c]}),
                     "init": to_record(state[g]),
                     "group-round": ConfigRecord({"round": r,
                                                  "epochs": float(ec.epochs) / rounds})})
