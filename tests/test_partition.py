@@ -102,3 +102,21 @@ def test_benchmark_options_reach_the_clients():
 def test_bad_partition_config_fails_before_training(over, key):
     with pytest.raises(ConfigError, match=key):
         resolve_config({"benchmark": "tiny", "overrides": over})
+
+
+def test_vision_k60_clients_are_label_skewed_and_cover_their_domains():
+    from metamoe.config import num_clients
+
+    cfg = resolve_config({"benchmark": "vision_k60"})
+    bench = load_benchmark(cfg)
+    assert num_clients(cfg) == 60
+    parts = [client_partition(cfg, bench, i) for i in range(60)]
+    for d in bench.domains:
+        mine = [p for name, p in parts if name.startswith(f"{d.name}-")]
+        assert len(mine) == 20 and min(len(p.x_train) for p in mine) >= 10
+        assert sum(len(p.x_train) for p in mine) == len(d.x_train)
+        skew = np.mean([0.5 * np.abs(np.bincount(p.y_train - min(d.classes), minlength=10)
+                                     / len(p.y_train)
+                                     - np.bincount(d.y_train - min(d.classes), minlength=10)
+                                     / len(d.y_train)).sum() for p in mine])
+        assert skew > 0.3, (d.name, skew)
