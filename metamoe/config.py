@@ -167,7 +167,8 @@ class UnifyConf(OptimConf):
     groups: str = "none"
     # a group's expert: merge (its members' uploaded experts, n_train-weighted ΔW) | fedavg
     # (group_rounds FedAvg rounds among the members on one shared expert from M0, on their
-    # data ∪ proxies; groups from the proxy selections; strategies/group_fl.py)
+    # data ∪ proxies; groups from the proxy selections; strategies/group_fl.py) | cyclic (the
+    # same rounds, the expert passed from member to member within a round)
     group_expert: str = "merge"
     group_rounds: int = 4
     # fedavg: the proxies a member trains on: own (its own selection) | union (the group's)
@@ -530,23 +531,26 @@ def validate(cfg: DictConfig) -> None:
     if groups != "none" and cfg.unify.router_init == "random":
         raise ConfigError("unify.groups groups the clients by their router vectors, which "
                           "unify.router_init=random (BTX) does not use")
-    if cfg.unify.group_expert not in ("merge", "fedavg") or cfg.unify.group_rounds < 1:
-        raise ConfigError(f"unify.group_expert must be 'merge' or 'fedavg' (got "
+    if cfg.unify.group_expert not in ("merge", "fedavg", "cyclic") or cfg.unify.group_rounds < 1:
+        raise ConfigError(f"unify.group_expert must be 'merge', 'fedavg' or 'cyclic' (got "
                           f"{cfg.unify.group_expert!r}) and unify.group_rounds >= 1 (got "
                           f"{cfg.unify.group_rounds})")
-    if cfg.unify.group_expert == "fedavg":
+    if cfg.unify.group_expert in ("fedavg", "cyclic"):
         if groups == "none" or cfg.method != "metamoe":
-            raise ConfigError("unify.group_expert=fedavg trains one expert per group in "
+            raise ConfigError(f"unify.group_expert={cfg.unify.group_expert} trains one expert "
+                              "per group in "
                               "MetaMoE's expert phase: it needs method=metamoe and "
                               f"unify.groups set (got method={cfg.method}, "
                               f"unify.groups={cfg.unify.groups})")
         if cfg.screen.enabled:
-            raise ConfigError("unify.group_expert=fedavg: screen.enabled screens one-shot "
+            raise ConfigError(f"unify.group_expert={cfg.unify.group_expert}: screen.enabled "
+                              "screens one-shot "
                               "expert uploads; a group's round uploads share its LoRA and "
                               "would read as replays. Set screen.enabled=false")
         if cfg.privacy.expert_dp_sigma > 0 or cfg.privacy.target_epsilon > 0 \
                 or cfg.privacy.router_dp_sigma > 0:
-            raise ConfigError("unify.group_expert=fedavg uploads an expert every round; "
+            raise ConfigError(f"unify.group_expert={cfg.unify.group_expert} uploads an expert "
+                              "every round; "
                               "DP over rounds is not accounted: privacy.expert_dp_sigma, "
                               "router_dp_sigma and target_epsilon must be 0")
     if groups.isdigit() and int(groups) > num_clients(cfg) > 0:

@@ -193,6 +193,10 @@ def test_group_fedavg_config_is_checked_before_training():
 
     assert joins("metamoe_suite", "metamoe[groups3]", "vision_k20")
     assert not joins("metamoe_suite", "metamoe[groups3_fedavg]", "vision_k20")
+    assert not joins("metamoe_suite", "metamoe[groups3_cyclic]", "vision_k20")
+    with pytest.raises(ConfigError, match="group_expert=cyclic.*screen.enabled"):
+        resolve_config({"benchmark": "tiny", "overrides": "unify.groups=2 "
+                                                           "unify.group_expert=cyclic"})
 
 
 @pytest.mark.slow
@@ -244,3 +248,36 @@ def test_group_fedavg_rounds_average_the_members_uploads(tmp_path, cache_dir, pr
             assert all(p[0] == union for p in got)
         else:  # each its own selection: the group's union is the members' sets together
             assert all(p[0] < union for p in got)
+
+
+@pytest.mark.slow
+def test_cyclic_group_expert_passes_the_lora_from_member_to_member(tmp_path, cache_dir):
+    """unify.group_expert=cyclic in the real apps, 4 clients in 2 groups, 2 rounds: within a
+    round a group's second member starts from exactly what its first member uploaded, and
+    round 2's first member from what the last member of round 1 uploaded."""
+    import json
+
+    from metamoe.protocol import EXPERT, IDENTIFY
+    from tests.upload_audit import record_run
+
+    rc = {"benchmark": "tiny", "experiment": "groups3_cyclic", "run-id": "gc",
+          "output-dir": str(tmp_path), "cache-dir": cache_dir,
+          "overrides": "benchmark.clients_per_domain=2 unify.groups=2 unify.group_rounds=2"}
+    uploads, sent = record_run(rc, nodes=4)
+    m = json.loads((tmp_path / "gc" / "metrics.json").read_text())
+    g = m["groups"]
+    assert (g["expert"], g["E"], g["rounds"], g["purity"]) == ("cyclic", 2, 2, 1.0)
+    node = {u["info"][1]["name"]: nid for t, nid, u in uploads if t == IDENTIFY}
+    ups: dict = {}
+    for t, nid, u in uploads:
+        if t == EXPERT:
+            ups.setdefault(nid, []).append(u["expert"][1])
+    for ms in g["groups"].values():
+        a, b = (node[c] for c in ms)
+        init = {n: [s["init"][1] for s in sent[(EXPERT, n)]] for n in (a, b)}
+        assert len(init[a]) == len(init[b]) == 2 == len(ups[a]) == len(ups[b])
+        assert all(not v.any() for k, v in init[a][0].items() if "lora_B" in k)  # M0
+        for k in init[a][0]:
+            np.testing.assert_array_equal(init[b][0][k], ups[a][0][k])  # a -> b, round 1
+            np.testing.assert_array_equal(init[a][1][k], ups[b][0][k])  # b -> a, round 2
+            np.testing.assert_array_equal(init[b][1][k], ups[a][1][k])

@@ -1,6 +1,6 @@
-"""One shared expert per group, trained by FedAvg among the group's members
-(``unify.group_expert=fedavg``; the alternative, ``merge``, merges uploaded experts:
-``strategies/grouping.py``).
+"""One shared expert per group, trained among the group's members by FedAvg
+(``unify.group_expert=fedavg``) or by passing it from member to member (``cyclic``); the
+alternative, ``merge``, merges uploaded experts (``strategies/grouping.py``).
 
 MetaMoE's expert phase, run as ``unify.group_rounds`` R rounds per group:
 
@@ -14,8 +14,12 @@ MetaMoE's expert phase, run as ``unify.group_rounds`` R rounds per group:
    ``expert.epochs / R`` passes over its Dp ∪ those proxies
    (``clients/stages.py expert_stage``) and uploads the expert reply it always uploads; the
    server averages the members' LoRA factors weighted by ``n_train`` (FedAvg on LoRA, as the
-   ``fedavg`` baseline does). R rounds × expert.epochs / R keeps the budget rule's passes
-   over Dp.
+   ``fedavg`` baseline does). ``cyclic`` (cyclic weight transfer): within a round the members
+   train one after another, in a fixed order, each starting from the LoRA the previous one
+   uploaded (the groups in parallel: step j trains every group's j-th member), so the group's
+   expert takes as many sequential optimiser steps as one client holding the group's data;
+   a round takes as many exchanges as the largest group has members. Either way R rounds ×
+   expert.epochs / R keeps the budget rule's passes over Dp.
 3. The group's router vectors are its members' last-round vectors, ``n_train``-weighted.
 
 A member that fails or is rejected in a round is left out of that round's average (logged
@@ -60,8 +64,8 @@ def group_fedavg(strat, fed: Federation, selections: dict[str, dict[str, np.ndar
     own = {ci.name: sel[method] for ci in fed.clients.values()
            if (sel := selections.get(ci.name)) is not None}
     members, info = proxy_groups(strat.pool_features, own, uc.groups, int(cfg.run.seed))
-    log.info("unify.group_expert=fedavg: %d clients -> %d groups %s", len(own), len(members),
-             {g: len(m) for g, m in members.items()})
+    log.info("unify.group_expert=%s: %d clients -> %d groups %s", uc.group_expert, len(own),
+             len(members), {g: len(m) for g, m in members.items()})
     node_of = {ci.name: nid for nid, ci in fed.clients.items()}
     rounds, rank, alpha = int(uc.group_rounds), int(ec.rank), float(ec.alpha)
     inits = fresh_loras(strat.seed_model, rank, alpha,
@@ -72,39 +76,49 @@ def group_fedavg(strat, fed: Federation, selections: dict[str, dict[str, np.ndar
     proxies = {c: own[c] if uc.group_proxies == "own" else union[g]
                for g, ms in members.items() for c in ms}
     seed = strat.configure_sketch([0])[0] if with_seed else None
+    cyclic = uc.group_expert == "cyclic"
+    # fedavg: one step per round, every member at once; cyclic: the j-th member of every group
+    # in step (r, j), the groups in parallel
+    width = max(len(ms) for ms in members.values()) if cyclic else 1
     last: dict[str, dict[str, tuple]] = {}
     for r in range(1, rounds + 1):
-        payloads = {}
-        for g, ms in members.items():
-            for c in ms:
-                if node_of.get(c) not in fed.clients:
+        for j in range(width):
+            active = {g: (ms[j:j + 1] if cyclic else ms) for g, ms in members.items()}
+            payloads = {}
+            for g, ms in active.items():
+                for c in ms:
+                    if node_of.get(c) not in fed.clients:
+                        continue
+                    content = RecordDict({
+                        "proxies": to_record({"selected": proxies[c]}),
+                        "init": to_record(state[g]),
+                        "group-round": ConfigRecord({"round": r,
+                                                     "epochs": float(ec.epochs) / rounds})})
+                    if seed is not None and r == 1:  # a member's first message
+                        content["seed"], content["seed-config"] = seed["seed"], \
+                            seed["seed-config"]
+                    payloads[node_of[c]] = content
+            phase = f"expert-r{r}" + (f"-{j}" if cyclic else "")
+            got = fed.exchange(phase, EXPERT, payloads,
+                               lambda nid, c: strat.aggregate_expert(fed, nid, c))
+            by_name = {fed.client_name(n): v for n, v in got.items()}
+            if j == 0:
+                last = {}
+            for g, ms in active.items():
+                ups = {c: by_name[c] for c in ms if c in by_name}
+                if not ups:
+                    if ms:
+                        log.warning("group %s: no valid expert reply in %s; its LoRA is kept",
+                                    g, phase)
                     continue
-                content = RecordDict({
-                    "proxies": to_record({"selected": proxies[c]}),
-                    "init": to_record(state[g]),
-                    "group-round": ConfigRecord({"round": r,
-                                                 "epochs": float(ec.epochs) / rounds})})
-                if seed is not None and r == 1:
-                    content["seed"], content["seed-config"] = seed["seed"], seed["seed-config"]
-                payloads[node_of[c]] = content
-        got = fed.exchange(f"expert-r{r}", EXPERT, payloads,
-                           lambda nid, c: strat.aggregate_expert(fed, nid, c))
-        by_name = {fed.client_name(n): v for n, v in got.items()}
-        last = {}
-        for g, ms in members.items():
-            ups = {c: by_name[c] for c in ms if c in by_name}
-            if not ups:
-                log.warning("group %s: no valid expert reply in round %d; its LoRA is kept",
-                            g, r)
-                continue
-            n = [float(u[2]["n_train"]) for u in ups.values()]
-            state[g] = fedavg_states([u[0] for u in ups.values()], n)
-            last[g] = ups
+                n = [float(u[2]["n_train"]) for u in ups.values()]
+                state[g] = fedavg_states([u[0] for u in ups.values()], n)
+                last.setdefault(g, {}).update(ups)
     experts = {}
     for g, ups in last.items():
         n = [float(u[2]["n_train"]) for u in ups.values()]
         experts[g] = (state[g], weighted_mean([u[1] for u in ups.values()], n),
                       {"n_train": float(sum(n)), "members": float(len(ups))})
-    report = {**info, "E": len(experts), "groups": members, "expert": "fedavg",
+    report = {**info, "E": len(experts), "groups": members, "expert": uc.group_expert,
               "rounds": rounds}
     return experts, report

@@ -72,7 +72,7 @@ class MetaMoE(PhaseStrategy):
                 experts[c] = (arrs, vec, meta["metrics"][c])
             self.group_report = meta.get("groups", {})
             fed.resumed.append("expert")
-        elif self.cfg.unify.group_expert == "fedavg":  # one expert per group, FedAvg rounds
+        elif self.cfg.unify.group_expert != "merge":  # one expert per group, trained in rounds
             with fed.phase("expert"):
                 experts, self.group_report = group_fedavg(self, fed, selections,
                                                           with_seed=not seed_sent)

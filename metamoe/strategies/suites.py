@@ -105,9 +105,9 @@ def check_member(cfg: DictConfig, rname: str, method: str, exp: str) -> DictConf
     """``method`` [+ ``exp``]'s own config, after checking that the suite's shared phases are
     exactly its own (raises :class:`ConfigError` naming the section that differs)."""
     mcfg = member_config(cfg, method, exp)
-    if mcfg.unify.group_expert == "fedavg":
+    if mcfg.unify.group_expert != "merge":
         raise ConfigError(f"suite {cfg.method}: member {rname} trains its experts per group "
-                          "(unify.group_expert=fedavg), not in the suite's expert phase — run "
+                          f"(unify.group_expert={mcfg.unify.group_expert}), not in the suite's expert phase — run "
                           "it alone")
     cls = _member_class(method)
     sections = list(SHARED_SECTIONS) + (["sketch"] if cls.needs_sketch else [])
