@@ -9,7 +9,9 @@ domains.
 K = 3 is ``<benchmark>`` itself (one client per domain). Every larger K is
 ``<benchmark>_k60`` (20 clients per domain, Dirichlet(0.5) label skew inside a domain) with
 ``benchmark.num_clients=K`` and ``select.m`` = clip(4000 / K, 100, the benchmark's m) rounded
-to tens, the rule ``conf/benchmark/vision_k60.yaml`` documents (K = 20 gives vision_k20's 200).
+to tens, the rule ``conf/benchmark/vision_k60.yaml`` documents (K = 20 gives vision_k20's 200);
+they inherit its ``expert.batch_size`` 16 (chosen on val), so ``--overrides
+expert.batch_size=16`` puts K = 3 on the same recipe (docs/results.md's command).
 Rows, each one ``metamoe.compare`` row run over the same seeds:
 
 * ``per_client_moe`` — ``metamoe``: one expert per client, K experts;
