@@ -252,9 +252,10 @@ def test_group_fedavg_rounds_average_the_members_uploads(tmp_path, cache_dir, pr
 
 @pytest.mark.slow
 def test_cyclic_group_expert_passes_the_lora_from_member_to_member(tmp_path, cache_dir):
-    """unify.group_expert=cyclic in the real apps, 4 clients in 2 groups, 2 rounds: within a
-    round a group's second member starts from exactly what its first member uploaded, and
-    round 2's first member from what the last member of round 1 uploaded."""
+    """unify.group_expert=cyclic in the real apps, 5 clients in groups of 3 and 2, 2 rounds:
+    within a round each member starts from exactly what the previous member uploaded, round
+    2's first member from what round 1's last member uploaded; the round's last step holds
+    one client (below federation.min_clients=2), which is checked over the whole round."""
     import json
 
     from metamoe.protocol import EXPERT, IDENTIFY
@@ -262,22 +263,24 @@ def test_cyclic_group_expert_passes_the_lora_from_member_to_member(tmp_path, cac
 
     rc = {"benchmark": "tiny", "experiment": "groups3_cyclic", "run-id": "gc",
           "output-dir": str(tmp_path), "cache-dir": cache_dir,
-          "overrides": "benchmark.clients_per_domain=2 unify.groups=2 unify.group_rounds=2"}
-    uploads, sent = record_run(rc, nodes=4)
+          "overrides": "benchmark.num_clients=5 unify.groups=2 unify.group_rounds=2 "
+                       "federation.min_clients=2"}
+    uploads, sent = record_run(rc, nodes=5)
     m = json.loads((tmp_path / "gc" / "metrics.json").read_text())
     g = m["groups"]
     assert (g["expert"], g["E"], g["rounds"], g["purity"]) == ("cyclic", 2, 2, 1.0)
+    assert sorted(len(ms) for ms in g["groups"].values()) == [2, 3]
     node = {u["info"][1]["name"]: nid for t, nid, u in uploads if t == IDENTIFY}
     ups: dict = {}
     for t, nid, u in uploads:
         if t == EXPERT:
             ups.setdefault(nid, []).append(u["expert"][1])
     for ms in g["groups"].values():
-        a, b = (node[c] for c in ms)
-        init = {n: [s["init"][1] for s in sent[(EXPERT, n)]] for n in (a, b)}
-        assert len(init[a]) == len(init[b]) == 2 == len(ups[a]) == len(ups[b])
-        assert all(not v.any() for k, v in init[a][0].items() if "lora_B" in k)  # M0
-        for k in init[a][0]:
-            np.testing.assert_array_equal(init[b][0][k], ups[a][0][k])  # a -> b, round 1
-            np.testing.assert_array_equal(init[a][1][k], ups[b][0][k])  # b -> a, round 2
-            np.testing.assert_array_equal(init[b][1][k], ups[a][1][k])
+        nids = [node[c] for c in ms]
+        init = {n: [s["init"][1] for s in sent[(EXPERT, n)]] for n in nids}
+        assert all(len(init[n]) == 2 == len(ups[n]) for n in nids)
+        assert all(not v.any() for k, v in init[nids[0]][0].items() if "lora_B" in k)  # M0
+        chain = [(r, n) for r in range(2) for n in nids]  # the order the expert travels
+        for (r0, prev), (r1, nxt) in zip(chain, chain[1:]):
+            for k, v in init[nxt][r1].items():
+                np.testing.assert_array_equal(v, ups[prev][r0][k])

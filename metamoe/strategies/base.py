@@ -174,9 +174,11 @@ class Federation:
             log.info("phase %s done in %.1fs", name, self.wall[name])
 
     def exchange(self, phase: str, message_type: str, payloads: dict[int, RecordDict],
-                 validate: Callable[[int, RecordDict], T]) -> dict[int, T]:
+                 validate: Callable[[int, RecordDict], T],
+                 min_replies: int | None = None) -> dict[int, T]:
         """Send each node its payload; return {node_id: validate(node_id, content)} for the
-        valid replies. Rejections and missing nodes are logged and recorded."""
+        valid replies. Rejections and missing nodes are logged and recorded. ``min_replies``
+        (default ``federation.min_clients``): fewer valid replies raise :class:`PhaseError`."""
         msgs = []
         for nid, content in payloads.items():
             self.download_bytes[self.client_name(nid)] += record_nbytes(content)
@@ -184,10 +186,11 @@ class Federation:
                                 group_id=phase))
         replies = self.grid.send_and_receive(
             msgs, timeout=float(self.cfg.federation.phase_timeout_s))
-        return self.collect(phase, payloads, replies, validate)
+        return self.collect(phase, payloads, replies, validate, min_replies)
 
     def collect(self, phase: str, expected: Iterable[int], replies: Iterable[Message],
-                validate: Callable[[int, RecordDict], T]) -> dict[int, T]:
+                validate: Callable[[int, RecordDict], T],
+                min_replies: int | None = None) -> dict[int, T]:
         """Screen one phase's replies from the nodes in ``expected``: error replies, strays,
         duplicates, oversized and invalid uploads are rejected and logged; the rest count
         towards upload bytes. Raises :class:`PhaseError` below ``federation.min_clients``."""
@@ -221,7 +224,7 @@ class Federation:
         if gone:
             self.missing[phase] = gone
             log.warning("phase %s: no valid reply from %s", phase, ", ".join(gone))
-        need = int(self.cfg.federation.min_clients)
+        need = int(self.cfg.federation.min_clients if min_replies is None else min_replies)
         if len(out) < need:
             raise PhaseError(f"phase {phase}: only {len(out)} valid client replies, "
                              f"federation.min_clients={need}; missing/rejected: {gone}")

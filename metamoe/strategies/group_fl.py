@@ -37,7 +37,7 @@ from flwr.app import ConfigRecord, RecordDict
 
 from metamoe.models.lora import fresh_loras
 from metamoe.protocol import EXPERT, to_record
-from metamoe.strategies.base import Federation
+from metamoe.strategies.base import Federation, PhaseError
 from metamoe.strategies.fl_common import fedavg_states, weighted_mean
 from metamoe.strategies.grouping import assign, members_of, parse_groups, proxy_features
 from metamoe.training import derive_seed
@@ -99,8 +99,11 @@ def group_fedavg(strat, fed: Federation, selections: dict[str, dict[str, np.ndar
                             seed["seed-config"]
                     payloads[node_of[c]] = content
             phase = f"expert-r{r}" + (f"-{j}" if cyclic else "")
+            # a cyclic step holds one member per group: federation.min_clients is checked
+            # over the whole round instead
             got = fed.exchange(phase, EXPERT, payloads,
-                               lambda nid, c: strat.aggregate_expert(fed, nid, c))
+                               lambda nid, c: strat.aggregate_expert(fed, nid, c),
+                               min_replies=0 if cyclic else None)
             by_name = {fed.client_name(n): v for n, v in got.items()}
             if j == 0:
                 last = {}
@@ -114,6 +117,10 @@ def group_fedavg(strat, fed: Federation, selections: dict[str, dict[str, np.ndar
                 n = [float(u[2]["n_train"]) for u in ups.values()]
                 state[g] = fedavg_states([u[0] for u in ups.values()], n)
                 last.setdefault(g, {}).update(ups)
+        answered = sum(len(v) for v in last.values())
+        if cyclic and answered < int(cfg.federation.min_clients):
+            raise PhaseError(f"phase expert-r{r}: only {answered} members answered in the "
+                             f"round, federation.min_clients={cfg.federation.min_clients}")
     experts = {}
     for g, ups in last.items():
         n = [float(u[2]["n_train"]) for u in ups.values()]
