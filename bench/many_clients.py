@@ -3,7 +3,8 @@ domains.
 
     python -m bench.many_clients [--benchmark vision] [--seeds 3] [--ks 3,12,30,60]
                                  [--rows per_client_moe,grouped_moe,fedavg,flexolmo]
-                                 [--grouped groups3|groups3_fedavg] [--overrides "k=v ..."]
+                                 [--grouped groups3_cyclic|groups3|groups3_fedavg]
+                                 [--overrides "k=v ..."]
                                  [--split test|val] [--output-dir results/many-clients-<bench>]
 
 K = 3 is ``<benchmark>`` itself (one client per domain). Every larger K is
@@ -15,9 +16,12 @@ expert.batch_size=16`` puts K = 3 on the same recipe (docs/results.md's command)
 Rows, each one ``metamoe.compare`` row run over the same seeds:
 
 * ``per_client_moe`` — ``metamoe``: one expert per client, K experts;
-* ``grouped_moe`` — ``metamoe[groups3]``: the server groups the K clients into E = 3 by their
-  proxy sets and merges each group's LoRA deltas (``unify.groups``), E experts;
-  ``--grouped groups3_fedavg`` trains each group's expert by FedAvg rounds instead;
+* ``grouped_moe`` — ``metamoe[groups3_cyclic]`` (the variant chosen on vision_k60's val
+  split): the server groups the K clients into E = 3 by the proxy sets it selected, and each
+  group's expert is passed from member to member for 8 rounds (``unify.group_expert=cyclic``),
+  E experts; ``--grouped groups3`` merges the members' uploaded LoRA deltas instead (grouped
+  by router vectors; it shares the ``per_client_moe`` run), ``groups3_fedavg`` trains each
+  group's expert by FedAvg rounds;
 * ``fedavg`` and ``flexolmo`` — as in the comparison.
 
 Writes ``<out>/K<k>/`` (each K's compare output, runs reused when present) and
@@ -37,7 +41,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-ROWS = {"per_client_moe": "metamoe", "grouped_moe": "metamoe[groups3]",
+ROWS = {"per_client_moe": "metamoe", "grouped_moe": "metamoe[groups3_cyclic]",
         "fedavg": "fedavg", "flexolmo": "flexolmo"}
 
 
@@ -119,7 +123,7 @@ def render(result: dict) -> str:
 
 def run(benchmark: str, seeds: int, ks: list[int], rows: list[str], split: str,
         output_dir: str | None, cache_dir: str | None, timeout: float,
-        grouped: str = "groups3", overrides: str = "") -> dict:
+        grouped: str = "groups3_cyclic", overrides: str = "") -> dict:
     from metamoe.compare import compare
     from metamoe.server.report import code_commit
 
@@ -157,7 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--ks", default="3,12,30,60")
     ap.add_argument("--rows", default=",".join(ROWS))
-    ap.add_argument("--grouped", default="groups3", help="experiment of the grouped_moe row")
+    ap.add_argument("--grouped", default="groups3_cyclic",
+                    help="experiment of the grouped_moe row")
     ap.add_argument("--overrides", default="", help="OmegaConf dotlist for every run")
     ap.add_argument("--split", default="test", choices=("test", "val"))
     ap.add_argument("--output-dir", default=None)

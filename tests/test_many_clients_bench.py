@@ -60,7 +60,9 @@ def _fake_compare_dir(tmp_path, k):
 
 def test_summary_table_and_last_line(tmp_path):
     res = {"benchmark": "vision", "seeds": 2, "split": "val", "commit": "abcdef0123",
-           "k": {str(k): summarise(_fake_compare_dir(tmp_path, k), k) for k in (3, 60)}}
+           "k": {str(k): summarise(_fake_compare_dir(tmp_path, k), k,
+                                   {**ROWS, "grouped_moe": "metamoe[groups3]"})
+                 for k in (3, 60)}}
     s = res["k"]["60"]
     assert s["per_client_moe"]["average"] == pytest.approx(0.705)
     assert s["per_client_moe"]["wall"] == pytest.approx(15.0)  # shared phases + its own
