@@ -334,6 +334,10 @@ class RunConf:
     device: str = "auto"
     precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast for compute; weights stay fp32)
     data_workers: int = 0  # DataLoader workers for Dataset inputs (0: in the process)
+    # Evaluation also scores M0 and every single expert on each client (the references in
+    # metrics.json) when the model has at most this many experts (-1: always): K clients x K
+    # experts passes, the slowest phase at K = 60. Changes no row's accuracy.
+    eval_references_max: int = 20
     # A suite run's rows, comma-separated (metamoe.compare sets it; strategies/suites.py);
     # empty: the suite's default rows.
     members: str = ""

@@ -264,12 +264,16 @@ def test_cyclic_group_expert_passes_the_lora_from_member_to_member(tmp_path, cac
     rc = {"benchmark": "tiny", "experiment": "groups3_cyclic", "run-id": "gc",
           "output-dir": str(tmp_path), "cache-dir": cache_dir,
           "overrides": "benchmark.num_clients=5 unify.groups=2 unify.group_rounds=2 "
-                       "federation.min_clients=2"}
+                       "federation.min_clients=2 run.eval_references_max=1"}
     uploads, sent = record_run(rc, nodes=5)
     m = json.loads((tmp_path / "gc" / "metrics.json").read_text())
     g = m["groups"]
     assert (g["expert"], g["E"], g["rounds"], g["purity"]) == ("cyclic", 2, 2, 1.0)
     assert sorted(len(ms) for ms in g["groups"].values()) == [2, 3]
+    # 2 experts > run.eval_references_max=1: the clients score the MoE only
+    assert 0 < m["accuracy"]["average"] <= 1
+    assert np.isnan(m["references"]["zero_shot"]["average"])
+    assert all(np.isnan(e["average"]) for e in m["references"]["experts"].values())
     node = {u["info"][1]["name"]: nid for t, nid, u in uploads if t == IDENTIFY}
     ups: dict = {}
     for t, nid, u in uploads:

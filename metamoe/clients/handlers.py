@@ -91,8 +91,9 @@ def evaluate(msg: Message, context: Context) -> Message:
         moe = localize(node, moe, seed_model(context) if "seed" in context.state else None)
     metrics = stages.evaluate_stage(moe, node.domain, list(conf["moe"]["expert_names"]),
                                     mode=str(conf.get("mode", "routed")),
+                                    references=bool(conf.get("references", True)),
                                     min_count=int(node.cfg.privacy.min_count))
     log.info("client %s: unified %.4f zero-shot %.4f", node.name, metrics["acc_unified"],
-             metrics["acc_zero_shot"])
+             metrics.get("acc_zero_shot", float("nan")))
     # Uploaded: accuracies and routing shares on the client's test split (scalars).
     return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)

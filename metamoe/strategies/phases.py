@@ -210,14 +210,18 @@ class PhaseStrategy(Strategy):
     # ---------------------------------------------------------------- phase 5: evaluate
     def configure_evaluate(self, fed: Federation, moe: MoEMixin, extra: dict) -> dict:
         state = torch_state_to_record(shipped_state(moe))
+        cap = int(self.cfg.run.eval_references_max)
+        self.eval_references = cap < 0 or len(moe.moe_cfg.expert_names) <= cap
         conf = encode_settings(MOE_SPEC, {"model": moe.cfg.to_dict(),
-                                          "moe": moe.moe_cfg.to_dict(), **extra})
+                                          "moe": moe.moe_cfg.to_dict(),
+                                          "references": self.eval_references, **extra})
         return {nid: RecordDict({"moe": state, CONFIG: conf}) for nid in fed.clients}
 
     def aggregate_evaluate(self, fed: Federation, nid: int, content: RecordDict):
         name = fed.client_name(nid)
         return check_metrics(get_record(content, "metrics", MetricRecord, name),
-                             ["acc_unified", "acc_zero_shot"], name)
+                             ["acc_unified"] + (["acc_zero_shot"] if getattr(
+                                 self, "eval_references", True) else []), name)
 
     def expert_extras(self, experts: dict[str, tuple]) -> dict:
         """Training metrics and the client-side proxy-coverage ablation, for metrics.json:
