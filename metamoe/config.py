@@ -171,7 +171,8 @@ class UnifyConf(OptimConf):
     # same rounds, the expert passed from member to member within a round)
     group_expert: str = "merge"
     group_rounds: int = 4
-    # fedavg: the proxies a member trains on: own (its own selection) | union (the group's)
+    # fedavg / cyclic: the proxies a member trains on: own (its own selection) | union (the
+    # group's)
     group_proxies: str = "union"
     data: str = "proxies"  # proxies | random_public (BTX)
     train_experts: bool = True
