@@ -27,6 +27,8 @@ from typing import Any
 from omegaconf import II, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from metamoe.data.partition import PARTITIONS, SIZE_SKEWS
+
 
 class ConfigError(ValueError):
     """A configuration key or value is invalid; the message names it."""
@@ -376,6 +378,7 @@ CHOICES = {
     "unify.context": ("sample", "batch", "none"),
     "unify.router_score": ("dot", "euclidean"),
     "unify.router_init": ("vectors", "random"),
+    "unify.group_expert": ("merge", "fedavg", "cyclic"),
     "unify.group_proxies": ("own", "union"),
     "unify.data": ("proxies", "random_public"),
     "fl.train": ("lora",),
@@ -386,8 +389,8 @@ CHOICES = {
     "fl.aggregation": ("mean", "median", "trimmed", "krum"),
     "fl.weighting": ("samples", "uniform"),
     "benchmark.eval_split": ("test", "val"),
-    "benchmark.partition": ("iid", "dirichlet"),
-    "benchmark.size_skew": ("none", "linear", "exponential"),
+    "benchmark.partition": PARTITIONS,
+    "benchmark.size_skew": SIZE_SKEWS,
     "run.precision": ("fp32", "bf16", "fp16"),
 }
 
@@ -536,10 +539,8 @@ def validate(cfg: DictConfig) -> None:
     if groups != "none" and cfg.unify.router_init == "random":
         raise ConfigError("unify.groups groups the clients by their router vectors, which "
                           "unify.router_init=random (BTX) does not use")
-    if cfg.unify.group_expert not in ("merge", "fedavg", "cyclic") or cfg.unify.group_rounds < 1:
-        raise ConfigError(f"unify.group_expert must be 'merge', 'fedavg' or 'cyclic' (got "
-                          f"{cfg.unify.group_expert!r}) and unify.group_rounds >= 1 (got "
-                          f"{cfg.unify.group_rounds})")
+    if cfg.unify.group_rounds < 1:
+        raise ConfigError(f"unify.group_rounds must be >= 1, got {cfg.unify.group_rounds}")
     if cfg.unify.group_expert in ("fedavg", "cyclic"):
         if groups == "none" or cfg.method != "metamoe":
             raise ConfigError(f"unify.group_expert={cfg.unify.group_expert} trains one expert "

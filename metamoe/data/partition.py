@@ -74,7 +74,7 @@ def _flower_split(label_bytes: bytes, dtype: str, k: int, partition: str, alpha:
     ds = datasets.Dataset.from_dict({"label": dense, "row": np.arange(len(labels))})
     # The size partitioners take consecutive rows: shuffled first, seeded.
     ds = ds.shuffle(seed=seed)
-    sizes, sizer = None, None
+    sizes = None
     if size_skew != "none":
         sizer = (LinearPartitioner if size_skew == "linear" else ExponentialPartitioner)(k)
         sizer.dataset = ds
@@ -82,13 +82,12 @@ def _flower_split(label_bytes: bytes, dtype: str, k: int, partition: str, alpha:
         sizes = [int(sizer.partition_id_to_size[j]) for j in range(k)]
         if min(sizes) < max(1, min_size):
             raise ValueError(f"the smallest client would hold {min(sizes)} samples")
-    if partition == "dirichlet" and sizes is not None:
-        part = InnerDirichletPartitioner(sizes, "label", alpha, shuffle=False, seed=seed)
-    elif partition == "dirichlet":
-        part = DirichletPartitioner(k, "label", alpha, min_partition_size=min_size,
-                                    self_balancing=False, shuffle=False, seed=seed)
-    else:
-        part = sizer  # already holds ds
-    if part is not sizer:
+    if partition == "dirichlet":
+        part = (InnerDirichletPartitioner(sizes, "label", alpha, shuffle=False, seed=seed)
+                if sizes is not None else
+                DirichletPartitioner(k, "label", alpha, min_partition_size=min_size,
+                                     self_balancing=False, shuffle=False, seed=seed))
         part.dataset = ds
+    else:  # iid with a size skew: the sizer's own consecutive rows of the shuffled ds
+        part = sizer
     return tuple(tuple(sorted(part.load_partition(j)["row"])) for j in range(k))
