@@ -27,8 +27,6 @@ from typing import Any
 from omegaconf import II, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from metamoe.data.partition import PARTITIONS, SIZE_SKEWS
-
 
 class ConfigError(ValueError):
     """A configuration key or value is invalid; the message names it."""
@@ -389,8 +387,8 @@ CHOICES = {
     "fl.aggregation": ("mean", "median", "trimmed", "krum"),
     "fl.weighting": ("samples", "uniform"),
     "benchmark.eval_split": ("test", "val"),
-    "benchmark.partition": PARTITIONS,
-    "benchmark.size_skew": SIZE_SKEWS,
+    "benchmark.partition": ("iid", "dirichlet"),  # metamoe/data/partition.py
+    "benchmark.size_skew": ("none", "linear", "exponential"),
     "run.precision": ("fp32", "bf16", "fp16"),
 }
 

@@ -26,8 +26,10 @@ from functools import lru_cache
 
 import numpy as np
 
-PARTITIONS = ("iid", "dirichlet")
-SIZE_SKEWS = ("none", "linear", "exponential")
+from metamoe.config import CHOICES
+
+PARTITIONS = CHOICES["benchmark.partition"]
+SIZE_SKEWS = CHOICES["benchmark.size_skew"]
 
 
 def split_indices(labels: np.ndarray, k: int, *, partition: str = "iid",
