@@ -269,6 +269,7 @@ def test_cyclic_group_expert_passes_the_lora_from_member_to_member(tmp_path, cac
     m = json.loads((tmp_path / "gc" / "metrics.json").read_text())
     g = m["groups"]
     assert (g["expert"], g["E"], g["rounds"], g["purity"]) == ("cyclic", 2, 2, 1.0)
+    assert m["rounds"] == 2  # what compare's table and bench.many_clients report
     assert sorted(len(ms) for ms in g["groups"].values()) == [2, 3]
     # 2 experts > run.eval_references_max=1: the clients score the MoE only
     assert 0 < m["accuracy"]["average"] <= 1

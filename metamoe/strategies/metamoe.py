@@ -87,6 +87,8 @@ class MetaMoE(PhaseStrategy):
             ck.save("expert", pack({c: {**e[0], "__router__": e[1]} for c, e in experts.items()}),
                     {"order": list(experts), "metrics": {c: e[2] for c, e in experts.items()},
                      "groups": self.group_report})
+        if self.cfg.unify.group_expert != "merge":  # the group experts' communication rounds
+            extra["rounds"] = int(self.group_report.get("rounds", self.cfg.unify.group_rounds))
         extra.update(self.expert_extras(experts))
         experts = self.screen(fed, experts, selections, extra)
 
