@@ -14,7 +14,7 @@ config is the reference):
   proxies has at most K·m samples, BTX's random public sample K·m).
 
 ``fl.weighting`` (samples | uniform) is reported with every FL budget. The FL section encodes
-the rule as interpolations of the expert and unify sections (``metamoe/config.py``
+the rule as interpolations of the expert and unify sections (``metamoe/config/schema.py``
 ``FLConf``), so a benchmark file sets a budget once; :func:`departures` finds any method whose
 resolved config breaks it (``tests/test_budget.py`` checks every method on ``vision`` and
 ``text``; ``metamoe.compare`` refuses a comparison that breaks it). Exempt: ``zero_shot``
