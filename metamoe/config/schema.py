@@ -180,8 +180,7 @@ def _per_round(total: int, rounds: int) -> float:
     of an epoch per round when rounds > passes: ``training.epoch_steps``)."""
     if int(rounds) < 1:
         raise ConfigError(f"fl.rounds must be >= 1, got {rounds}")
-    return int(total) // int(rounds) if int(total) % int(rounds) == 0 else \
-        float(total) / int(rounds)
+    return float(total) / int(rounds)  # a float, as FLConf.epochs is typed
 
 
 with warnings.catch_warnings():  # OmegaConf 2.4 renamed it register_resolver; 2.3 lacks that
