@@ -6,6 +6,7 @@ domains.
                                  [--grouped groups3_cyclic|groups3|groups3_fedavg]
                                  [--overrides "k=v ..."]
                                  [--split test|val] [--output-dir results/many-clients-<bench>]
+    python -m bench.many_clients --combine A/many_clients.json B/many_clients.json ...
 
 K = 3 is ``<benchmark>`` itself (one client per domain). Every larger K is
 ``<benchmark>_k60`` (20 clients per domain, Dirichlet(0.5) label skew inside a domain) with
@@ -30,6 +31,9 @@ K and every row. Printed: one table (rows x K: average accuracy,
 upload bytes per client, rounds, wall seconds per run); the last line is one JSON object
 keyed by K as a string, each {``per_client_moe``, ``grouped_moe``, ``fedavg``, ``flexolmo``:
 mean average accuracy in [0, 1], ``purity``: the grouped MoE's mean grouping purity}.
+``--combine`` runs nothing: it merges the ``many_clients.json`` of separate invocations (same
+benchmark, split and seeds; per K and row the last file wins) into one table that names each
+cell's source file, commit and row.
 """
 
 from __future__ import annotations
@@ -99,10 +103,48 @@ def summarise(out: Path, k: int, rows: dict[str, str] = ROWS) -> dict:
     return res
 
 
+def combine(paths: list[str]) -> dict:
+    """One result from several ``many_clients.json`` files of the same benchmark, split and
+    seeds (runs made by separate invocations, e.g. one row added later): for every K and row
+    the last file that has it wins; ``sources`` says, per K and row, which file, commit, row
+    (experiment) and overrides it came from, and the grouping purity follows the
+    ``grouped_moe`` row's file."""
+    if not paths:
+        raise SystemExit("--combine needs at least one many_clients.json")
+    files = [(p, json.loads(Path(p).read_text())) for p in paths]
+    first = files[0][1]
+    for p, f in files:
+        got = (f["benchmark"], f["split"], f["seeds"])
+        if got != (first["benchmark"], first["split"], first["seeds"]):
+            raise SystemExit(f"{p}: benchmark / split / seeds {got} differ from "
+                             f"{paths[0]}'s {(first['benchmark'], first['split'], first['seeds'])}")
+    result: dict = {"benchmark": first["benchmark"], "seeds": first["seeds"],
+                    "split": first["split"], "commit": [], "settings": {}, "k": {},
+                    "sources": {}, "combined": [str(p) for p in paths]}
+    for p, f in files:
+        for k, entry in f["k"].items():
+            merged = result["k"].setdefault(k, {"purity": None, "k": int(k)})
+            src = result["sources"].setdefault(k, {})
+            for key in ROWS:
+                if "average" not in entry.get(key, {}):
+                    continue
+                merged[key] = entry[key]
+                src[key] = {"file": Path(p).name, "commit": f["commit"],
+                            "row": f["rows"][key], "overrides": f["settings"][k]["overrides"]}
+                if key == "grouped_moe":
+                    merged["purity"] = entry.get("purity")
+                if f["commit"] not in result["commit"]:
+                    result["commit"].append(f["commit"])
+            result["settings"][k] = f["settings"][k]
+    result["k"] = dict(sorted(result["k"].items(), key=lambda kv: int(kv[0])))
+    return result
+
+
 def render(result: dict) -> str:
     ks = list(result["k"])
+    commits = result["commit"] if isinstance(result["commit"], list) else [result["commit"]]
     lines = [f"# Many clients on `{result['benchmark']}` ({result['split']} split, seeds 0-"
-             f"{result['seeds'] - 1}, commit {result['commit'][:7]})", "",
+             f"{result['seeds'] - 1}, commit {', '.join(c[:7] for c in commits)})", "",
              "Average accuracy in % (mean ± std over seeds) / upload per client / rounds / "
              "wall seconds per run.", "",
              "| row | " + " | ".join(f"K = {k}" for k in ks) + " |",
@@ -118,6 +160,11 @@ def render(result: dict) -> str:
     lines.append("| grouping purity | " + " | ".join(
         "-" if result["k"][k]["purity"] is None else f"{result['k'][k]['purity']:.3f}"
         for k in ks) + " |")
+    if result.get("sources"):  # a combined table: where each cell came from
+        lines += ["", "Sources (K: row <- file, commit, row run):", ""]
+        lines += [f"- K = {k}: " + "; ".join(
+            f"{key} <- {s['file']} {s['commit'][:7]} `{s['row']}`"
+            for key, s in result["sources"][k].items()) for k in ks]
     return "\n".join(lines) + "\n"
 
 
@@ -168,7 +215,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--output-dir", default=None)
     ap.add_argument("--cache-dir", default=None)
     ap.add_argument("--timeout", type=float, default=7200.0, help="seconds per run")
+    ap.add_argument("--combine", nargs="+", metavar="JSON", default=None,
+                    help="run nothing: merge these many_clients.json files (later wins per K "
+                         "and row) and write <output-dir>/many_clients.json / .md")
     a = ap.parse_args(argv)
+    if a.combine:
+        result = combine(a.combine)
+        out = Path(a.output_dir or ROOT / "results" / f"many-clients-{result['benchmark']}")
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "many_clients.json").write_text(json.dumps(result, indent=2, allow_nan=True))
+        (out / "many_clients.md").write_text(render(result))
+        print(render(result))
+        print(json.dumps(last_line(result)))
+        return 0
     result = run(a.benchmark, a.seeds, [int(k) for k in a.ks.split(",") if k.strip()],
                  [r for r in a.rows.split(",") if r.strip()], a.split, a.output_dir,
                  a.cache_dir, a.timeout, a.grouped, a.overrides)

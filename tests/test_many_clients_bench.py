@@ -76,3 +76,41 @@ def test_summary_table_and_last_line(tmp_path):
     assert line["60"]["grouped_moe"] == pytest.approx(0.80) and line["60"]["flexolmo"] is None
     md = render(res)
     assert "K = 60" in md and "80.00 ± 0.00" in md and "0.950" in md
+
+
+def test_combine_merges_separate_invocations_and_names_each_source(tmp_path):
+    """--combine: per K and row the last file wins, purity follows grouped_moe's file, every
+    cell names where it came from, and files of another split are refused."""
+    from bench.many_clients import combine, main
+
+    def result(commit, rows, ks, acc, split="test"):
+        k = {str(x): {**{r: {"average": acc, "std": 0.0, "per_seed_average": [acc],
+                             "upload_bytes": 1000, "rounds": 1, "wall": 1.0} for r in rows},
+                      "purity": 0.9 if "grouped_moe" in rows else None, "k": x} for x in ks}
+        return {"benchmark": "vision", "seeds": 1, "split": split, "commit": commit,
+                "rows": {r: ROWS[r] for r in rows}, "overrides": "",
+                "settings": {str(x): {"benchmark": "b", "overrides": f"k={x}"} for x in ks},
+                "k": k}
+
+    a = tmp_path / "a.json"
+    b = tmp_path / "b.json"
+    a.write_text(json.dumps(result("aaaaaaa1", ["per_client_moe", "grouped_moe"], [3, 60], 0.5)))
+    b.write_text(json.dumps(result("bbbbbbb2", ["grouped_moe", "fedavg"], [60], 0.8)))
+    res = combine([str(a), str(b)])
+    assert list(res["k"]) == ["3", "60"]
+    assert res["k"]["60"]["per_client_moe"]["average"] == 0.5
+    assert res["k"]["60"]["grouped_moe"]["average"] == 0.8 == res["k"]["60"]["fedavg"]["average"]
+    assert "flexolmo" not in res["k"]["60"] and res["k"]["3"]["grouped_moe"]["average"] == 0.5
+    assert res["sources"]["60"]["grouped_moe"]["file"] == "b.json"
+    assert res["sources"]["60"]["per_client_moe"]["commit"] == "aaaaaaa1"
+    assert res["commit"] == ["aaaaaaa1", "bbbbbbb2"]
+    md = render(res)
+    assert "aaaaaaa, bbbbbbb" in md and "grouped_moe <- b.json bbbbbbb" in md
+    assert last_line(res)["60"]["flexolmo"] is None
+    out = tmp_path / "out"
+    assert main(["--combine", str(a), str(b), "--output-dir", str(out)]) == 0
+    assert json.loads((out / "many_clients.json").read_text())["k"]["60"]["fedavg"]["average"] == 0.8
+    c = tmp_path / "c.json"
+    c.write_text(json.dumps(result("c", ["fedavg"], [60], 0.1, split="val")))
+    with pytest.raises(SystemExit, match="c.json"):
+        combine([str(a), str(c)])
