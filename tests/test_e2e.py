@@ -48,6 +48,9 @@ def test_tiny_flwr_run_completes_and_artifact_reproduces(tmp_path, monkeypatch, 
         assert key in m
     assert m["method"] == "metamoe" and m["benchmark"] == "tiny_learn"
     assert m["config"]["benchmark"]["name"] == "tiny_learn"  # the resolved config is recorded
+    assert len(m["commit"]) == 40 or m["commit"] == "unknown"
+    env = m["environment"]  # what else the numbers depend on
+    assert env["torch"] == torch.__version__ and env["flwr"] == "1.41.0" and env["cpu_count"] > 0
     assert set(m["accuracy"]["per_domain"]) == {"mnist", "uci"}
     assert all(0.0 <= v <= 1.0 for v in m["accuracy"]["per_domain"].values())
     assert set(m["references"]["experts"]) == {"mnist", "uci"}

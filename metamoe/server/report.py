@@ -3,7 +3,8 @@
 ``metrics.json`` top-level keys: ``method``, ``benchmark``, ``config`` (resolved),
 ``accuracy`` {``per_domain``: {domain: float}, ``average``}, ``references`` {``zero_shot``,
 ``experts`` → {client: {per_domain, average}}}, ``upload_bytes`` {client: int},
-``wall_seconds`` {phase: float, ``total``}; plus informational keys (``clients``, ``missing``,
+``wall_seconds`` {phase: float, ``total``}, ``commit`` and ``environment`` (package versions,
+CPU, threads); plus informational keys (``clients``, ``missing``,
 ``rejected``, ``proxy_coverage``, ...).
 """
 
@@ -35,18 +36,51 @@ def code_commit(root: Path | None = None) -> str:
         return os.environ["METAMOE_COMMIT"]
     git = (root or Path(__file__).resolve().parents[2]) / ".git"
     try:
+        if git.is_file():  # a worktree: ".git" names its git dir, refs live in the common dir
+            git = (git.parent / git.read_text().strip().removeprefix("gitdir: ")).resolve()
+        common = (git / (git / "commondir").read_text().strip()).resolve() \
+            if (git / "commondir").exists() else git
         head = (git / "HEAD").read_text().strip()
         if not head.startswith("ref: "):
             return head
         ref = head[5:]
-        if (git / ref).exists():
-            return (git / ref).read_text().strip()
-        for line in (git / "packed-refs").read_text().splitlines():
+        for d in (git, common):
+            if (d / ref).exists():
+                return (d / ref).read_text().strip()
+        for line in (common / "packed-refs").read_text().splitlines():
             if line.endswith(" " + ref):
                 return line.split()[0]
     except OSError:
         pass
     return "unknown"
+
+
+def environment() -> dict:
+    """What else a result depends on (recorded in ``metrics.json``): the same seed and config
+    reproduce bit for bit on one machine and environment, not across CPU models or package
+    versions."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    import torch
+
+    def ver(pkg: str) -> str | None:
+        try:
+            return version(pkg)
+        except PackageNotFoundError:
+            return None
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in
+                   Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"python": platform.python_version(), "platform": platform.platform(), "cpu": cpu,
+            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            **{pkg: ver(pkg) for pkg in ("torch", "flwr", "ray", "numpy", "faiss-cpu",
+                                         "faiss-gpu", "scikit-learn", "transformers")}}
 
 
 def build_metrics(cfg, fed: Federation, outcome: Outcome, wall_total: float,
@@ -67,6 +101,7 @@ def build_metrics(cfg, fed: Federation, outcome: Outcome, wall_total: float,
         "benchmark": cfg.benchmark.name,
         "config": to_container(cfg),
         "commit": code_commit(),
+        "environment": environment(),
         "accuracy": _acc_block(per_domain("acc_unified")),
         "references": {
             "zero_shot": _acc_block(per_domain("acc_zero_shot")),
