@@ -88,7 +88,7 @@ class MetaMoE(PhaseStrategy):
                     {"order": list(experts), "metrics": {c: e[2] for c, e in experts.items()},
                      "groups": self.group_report})
         if self.cfg.unify.group_expert != "merge":  # the group experts' communication rounds
-            extra["rounds"] = int(self.group_report.get("rounds", self.cfg.unify.group_rounds))
+            extra["rounds"] = int(self.cfg.unify.group_rounds)
         extra.update(self.expert_extras(experts))
         experts = self.screen(fed, experts, selections, extra)
 
