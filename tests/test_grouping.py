@@ -194,6 +194,11 @@ def test_group_fedavg_config_is_checked_before_training():
     assert joins("metamoe_suite", "metamoe[groups3]", "vision_k20")
     assert not joins("metamoe_suite", "metamoe[groups3_fedavg]", "vision_k20")
     assert not joins("metamoe_suite", "metamoe[groups3_cyclic]", "vision_k20")
+    with pytest.raises(ConfigError, match="group_order.*group_expert=fedavg"):
+        resolve_config({"benchmark": "tiny", "experiment": "groups3_fedavg",
+                        "overrides": "unify.group_order=shuffled"})
+    with pytest.raises(ConfigError, match="group_final.*group_expert=merge"):
+        resolve_config({"benchmark": "tiny", "overrides": "unify.group_final=average"})
     with pytest.raises(ConfigError, match="group_expert=cyclic.*screen.enabled"):
         resolve_config({"benchmark": "tiny", "overrides": "unify.groups=2 "
                                                            "unify.group_expert=cyclic"})
@@ -251,24 +256,35 @@ def test_group_fedavg_rounds_average_the_members_uploads(tmp_path, cache_dir, pr
 
 
 @pytest.mark.slow
-def test_cyclic_group_expert_passes_the_lora_from_member_to_member(tmp_path, cache_dir):
+@pytest.mark.parametrize("order,final", [("fixed", "last"), ("shuffled", "average")])
+def test_cyclic_group_expert_passes_the_lora_from_member_to_member(tmp_path, cache_dir,
+                                                                   order, final):
     """unify.group_expert=cyclic in the real apps, 5 clients in groups of 3 and 2, 2 rounds:
     within a round each member starts from exactly what the previous member uploaded, round
-    2's first member from what round 1's last member uploaded; the round's last step holds
-    one client (below federation.min_clients=2), which is checked over the whole round."""
+    2's first member from what round 1's last member uploaded, in the grouping's order or in
+    each round's seeded permutation (unify.group_order); the round's last step holds one
+    client (below federation.min_clients=2), which is checked over the whole round. The MoE's
+    expert (no unify training: unify.epochs=0) is the last member's upload or the n_train-
+    weighted mean of the last round's uploads (unify.group_final)."""
     import json
 
+    from metamoe.models.io import load_moe
     from metamoe.protocol import EXPERT, IDENTIFY
+    from metamoe.strategies.group_fl import shuffled
     from tests.upload_audit import record_run
 
     rc = {"benchmark": "tiny", "experiment": "groups3_cyclic", "run-id": "gc",
           "output-dir": str(tmp_path), "cache-dir": cache_dir,
           "overrides": "benchmark.num_clients=5 unify.groups=2 unify.group_rounds=2 "
-                       "federation.min_clients=2 run.eval_references_max=1"}
+                       "federation.min_clients=2 run.eval_references_max=1 unify.epochs=0 "
+                       f"unify.group_order={order} unify.group_final={final}"}
     uploads, sent = record_run(rc, nodes=5)
     m = json.loads((tmp_path / "gc" / "metrics.json").read_text())
     g = m["groups"]
     assert (g["expert"], g["E"], g["rounds"], g["purity"]) == ("cyclic", 2, 2, 1.0)
+    assert (g["order"], g["final"]) == (order, final)
+    moe = load_moe(tmp_path / "gc")
+    slot = {name: i for i, name in enumerate(moe.moe_cfg.expert_names)}
     assert m["rounds"] == 2  # what compare's table and bench.many_clients report
     assert sorted(len(ms) for ms in g["groups"].values()) == [2, 3]
     # 2 experts > run.eval_references_max=1: the clients score the MoE only
@@ -277,15 +293,33 @@ def test_cyclic_group_expert_passes_the_lora_from_member_to_member(tmp_path, cac
     assert all(np.isnan(e["average"]) for e in m["references"]["experts"].values())
     node = {u["info"][1]["name"]: nid for t, nid, u in uploads if t == IDENTIFY}
     ups: dict = {}
+    n_train: dict = {}
     for t, nid, u in uploads:
         if t == EXPERT:
             ups.setdefault(nid, []).append(u["expert"][1])
-    for ms in g["groups"].values():
+            n_train[nid] = float(u["metrics"][1]["n_train"])
+    seed = 0  # the tiny benchmark's run.seed
+    for gname, ms in g["groups"].items():
+        orders = [shuffled(ms, seed, r) if order == "shuffled" else ms for r in (1, 2)]
         nids = [node[c] for c in ms]
         init = {n: [s["init"][1] for s in sent[(EXPERT, n)]] for n in nids}
         assert all(len(init[n]) == 2 == len(ups[n]) for n in nids)
-        assert all(not v.any() for k, v in init[nids[0]][0].items() if "lora_B" in k)  # M0
-        chain = [(r, n) for r in range(2) for n in nids]  # the order the expert travels
+        first = node[orders[0][0]]
+        assert all(not v.any() for k, v in init[first][0].items() if "lora_B" in k)  # M0
+        # the order the expert travels
+        chain = [(r, node[c]) for r in range(2) for c in orders[r]]
         for (r0, prev), (r1, nxt) in zip(chain, chain[1:]):
             for k, v in init[nxt][r1].items():
                 np.testing.assert_array_equal(v, ups[prev][r0][k])
+        got = {k: v.numpy() for k, v in moe.export_expert(slot[gname]).items()}
+        if final == "last":
+            want = ups[chain[-1][1]][1]
+        else:
+            w = np.array([n_train[n] for n in nids])
+            want = {k: sum(wi * ups[n][1][k] for wi, n in zip(w / w.sum(), nids))
+                    for k in got}
+        assert sorted(got) == sorted(want)
+        for k, v in got.items():
+            np.testing.assert_allclose(v, want[k], rtol=1e-5, atol=1e-7)
+    if order == "shuffled":  # a permutation that moves someone in some round
+        assert any(shuffled(ms, seed, r) != ms for ms in g["groups"].values() for r in (1, 2))

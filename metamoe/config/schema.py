@@ -157,6 +157,12 @@ class UnifyConf(OptimConf):
     # fedavg / cyclic: the proxies a member trains on: own (its own selection) | union (the
     # group's)
     group_proxies: str = "union"
+    # cyclic: the members' order in each round: fixed (the grouping's) | shuffled (a fresh
+    # seeded order every round)
+    group_order: str = "fixed"
+    # cyclic: the group's expert is the last member's LoRA (last) or the n_train-weighted
+    # average of the last round's members' LoRAs (average: along one round's trajectory)
+    group_final: str = "last"
     data: str = "proxies"  # proxies | random_public (BTX)
     train_experts: bool = True
     train_router: bool = True
@@ -360,6 +366,8 @@ CHOICES = {
     "unify.router_init": ("vectors", "random"),
     "unify.group_expert": ("merge", "fedavg", "cyclic"),
     "unify.group_proxies": ("own", "union"),
+    "unify.group_order": ("fixed", "shuffled"),
+    "unify.group_final": ("last", "average"),
     "unify.data": ("proxies", "random_public"),
     "fl.train": ("lora",),
     "fl.context": ("sample", "batch", "none"),

@@ -15,12 +15,19 @@ MetaMoE's expert phase, run as ``unify.group_rounds`` R rounds per group:
    (``clients/stages.py expert_stage``) and uploads the expert reply it always uploads; the
    server averages the members' LoRA factors weighted by ``n_train`` (FedAvg on LoRA, as the
    ``fedavg`` baseline does). ``cyclic`` (cyclic weight transfer): within a round the members
-   train one after another, in a fixed order, each starting from the LoRA the previous one
-   uploaded (the groups in parallel: step j trains every group's j-th member), so the group's
-   expert takes as many sequential optimiser steps as one client holding the group's data;
-   a round takes as many exchanges as the largest group has members. Either way R rounds ×
-   expert.epochs / R keeps the budget rule's passes over Dp.
-3. The group's router vectors are its members' last-round vectors, ``n_train``-weighted.
+   train one after another, each starting from the LoRA the previous one uploaded (the
+   groups in parallel: step j trains every group's j-th member), so the group's expert takes
+   as many sequential optimiser steps as one client holding the group's data; a round takes
+   as many exchanges as the largest group has members. The order is the grouping's in every
+   round (``unify.group_order=fixed``) or a fresh seeded permutation per round
+   (``shuffled``). Either way R rounds × expert.epochs / R keeps the budget rule's passes
+   over Dp.
+3. The group's expert is its last state: with ``fedavg`` the last round's average, with
+   ``cyclic`` the last member's LoRA (``unify.group_final=last``) or the ``n_train``-weighted
+   average of the LoRAs its members uploaded in the last round (``average``: a mean along
+   one round's trajectory, which weighs every member's data alike instead of the last
+   member's most). Its router vectors are its members' last-round vectors,
+   ``n_train``-weighted.
 
 A member that fails or is rejected in a round is left out of that round's average (logged
 and recorded by :class:`~metamoe.strategies.base.Federation`); a group no member answered
@@ -55,6 +62,12 @@ def proxy_groups(pool_features: np.ndarray, selections: dict[str, np.ndarray], g
     return members_of(names, labels), {**info, "features": "proxies"}
 
 
+def shuffled(members: list[str], seed: int, rnd: int) -> list[str]:
+    """``members`` in round ``rnd``'s seeded order (``unify.group_order=shuffled``)."""
+    perm = np.random.default_rng(derive_seed(seed, 7927, rnd)).permutation(len(members))
+    return [members[i] for i in perm]
+
+
 def group_fedavg(strat, fed: Federation, selections: dict[str, dict[str, np.ndarray]],
                  with_seed: bool) -> tuple[dict[str, tuple], dict]:
     """The expert phase of ``unify.group_expert=fedavg`` (module doc): returns one expert per
@@ -83,7 +96,11 @@ def group_fedavg(strat, fed: Federation, selections: dict[str, dict[str, np.ndar
     last: dict[str, dict[str, tuple]] = {}
     for r in range(1, rounds + 1):
         for j in range(width):
-            active = {g: (ms[j:j + 1] if cyclic else ms) for g, ms in members.items()}
+            if j == 0:
+                order = {g: (shuffled(ms, int(cfg.run.seed), r)
+                             if cyclic and uc.group_order == "shuffled" else ms)
+                         for g, ms in members.items()}
+            active = {g: (ms[j:j + 1] if cyclic else ms) for g, ms in order.items()}
             payloads = {}
             for g, ms in active.items():
                 for c in ms:
@@ -124,8 +141,12 @@ def group_fedavg(strat, fed: Federation, selections: dict[str, dict[str, np.ndar
     experts = {}
     for g, ups in last.items():
         n = [float(u[2]["n_train"]) for u in ups.values()]
+        if cyclic and uc.group_final == "average":
+            state[g] = fedavg_states([u[0] for u in ups.values()], n)
         experts[g] = (state[g], weighted_mean([u[1] for u in ups.values()], n),
                       {"n_train": float(sum(n)), "members": float(len(ups))})
     report = {**info, "E": len(experts), "groups": members, "expert": uc.group_expert,
               "rounds": rounds}
+    if cyclic:
+        report.update(order=uc.group_order, final=uc.group_final)
     return experts, report
