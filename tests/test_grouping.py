@@ -194,11 +194,6 @@ def test_group_fedavg_config_is_checked_before_training():
     assert joins("metamoe_suite", "metamoe[groups3]", "vision_k20")
     assert not joins("metamoe_suite", "metamoe[groups3_fedavg]", "vision_k20")
     assert not joins("metamoe_suite", "metamoe[groups3_cyclic]", "vision_k20")
-    with pytest.raises(ConfigError, match="group_order.*group_expert=fedavg"):
-        resolve_config({"benchmark": "tiny", "experiment": "groups3_fedavg",
-                        "overrides": "unify.group_order=shuffled"})
-    with pytest.raises(ConfigError, match="group_final.*group_expert=merge"):
-        resolve_config({"benchmark": "tiny", "overrides": "unify.group_final=average"})
     with pytest.raises(ConfigError, match="group_expert=cyclic.*screen.enabled"):
         resolve_config({"benchmark": "tiny", "overrides": "unify.groups=2 "
                                                            "unify.group_expert=cyclic"})

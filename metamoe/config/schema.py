@@ -157,10 +157,11 @@ class UnifyConf(OptimConf):
     # fedavg / cyclic: the proxies a member trains on: own (its own selection) | union (the
     # group's)
     group_proxies: str = "union"
-    # cyclic: the members' order in each round: fixed (the grouping's) | shuffled (a fresh
-    # seeded order every round)
+    # cyclic only (like group_rounds / group_proxies, ignored by the other group_expert
+    # values, so that one override can serve every row of a comparison): the members' order in
+    # each round: fixed (the grouping's) | shuffled (a fresh seeded order every round)
     group_order: str = "fixed"
-    # cyclic: the group's expert is the last member's LoRA (last) or the n_train-weighted
+    # cyclic only: the group's expert is the last member's LoRA (last) or the n_train-weighted
     # average of the last round's members' LoRAs (average: along one round's trajectory)
     group_final: str = "last"
     data: str = "proxies"  # proxies | random_public (BTX)

@@ -61,11 +61,6 @@ def validate(cfg: DictConfig) -> None:
                           "unify.router_init=random (BTX) does not use")
     if cfg.unify.group_rounds < 1:
         raise ConfigError(f"unify.group_rounds must be >= 1, got {cfg.unify.group_rounds}")
-    if cfg.unify.group_expert != "cyclic" and (cfg.unify.group_order != "fixed"
-                                               or cfg.unify.group_final != "last"):
-        raise ConfigError("unify.group_order / unify.group_final order and combine the "
-                          "members of unify.group_expert=cyclic, got group_expert="
-                          f"{cfg.unify.group_expert}")
     if cfg.unify.group_expert in ("fedavg", "cyclic"):
         if groups == "none" or cfg.method != "metamoe":
             raise ConfigError(f"unify.group_expert={cfg.unify.group_expert} trains one expert "
