@@ -239,3 +239,20 @@ def test_e2e_fedavg_median_survives_a_scaled_reply(tmp_path, cache_dir):
             stack = np.stack([last[p][k] for p in range(3)])
             np.testing.assert_allclose(got, np.median(stack, 0), rtol=1e-5, atol=1e-7)
             assert np.abs(stack.mean(0) - got).max() > np.abs(got).max(), (l, attr)
+
+
+def test_federation_orders_clients_and_replies_independently_of_arrival():
+    """Replies arrive in whatever order the nodes finish: a phase's result follows the
+    payloads' order and the registered clients follow (partition-id, name), so an
+    order-sensitive step (grouping's k-means rows, cyclic transfer's member order) is the
+    same on every run of a seed."""
+    cfg = _cfg("")
+    fed = Federation(grid=None, cfg=cfg)
+    for nid, pid in ((31, 2), (30, 0), (32, 1)):  # registered in arrival order
+        fed.clients[nid] = ClientInfo(nid, f"c{pid}", "mnist", pid, 300)
+    fed.order_clients()
+    assert [c.partition_id for c in fed.clients.values()] == [0, 1, 2]
+    w = {"w": np.ones((2, 3), np.float32)}
+    replies = [_reply(w, nid) for nid in (32, 31, 30)]  # arrival: last payload first
+    got = fed.collect("train", [30, 31, 32], replies, lambda nid, c: nid, min_replies=3)
+    assert list(got) == [30, 31, 32]

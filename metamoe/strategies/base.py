@@ -155,6 +155,15 @@ class Federation:
         with self.phase("identify"):
             self.exchange("identify", IDENTIFY, {n: RecordDict() for n in node_ids},
                           validate)
+        self.order_clients()
+
+    def order_clients(self) -> None:
+        """``self.clients`` in (partition-id, name) order. Replies arrive in whatever order the
+        nodes finish, and every phase iterates the clients: an order-sensitive step (the
+        k-means rows of grouping, cyclic transfer's member order) would otherwise change
+        from run to run with the same seed."""
+        self.clients = dict(sorted(self.clients.items(),
+                                   key=lambda kv: (kv[1].partition_id, kv[1].name)))
 
     def drop_missing(self, answered) -> None:
         """Forget clients that gave no valid reply in a phase (they skip later phases)."""
@@ -193,7 +202,9 @@ class Federation:
                 min_replies: int | None = None) -> dict[int, T]:
         """Screen one phase's replies from the nodes in ``expected``: error replies, strays,
         duplicates, oversized and invalid uploads are rejected and logged; the rest count
-        towards upload bytes. Raises :class:`PhaseError` below ``federation.min_clients``."""
+        towards upload bytes. Raises :class:`PhaseError` below ``federation.min_clients``.
+        The result is in the order of ``expected`` (the payloads'), not of the replies'
+        arrival, so that the same seed gives the same run."""
         expected = list(expected)
         limit = float(self.cfg.federation.max_upload_mb) * 2**20
         out: dict[int, T] = {}
@@ -228,7 +239,7 @@ class Federation:
         if len(out) < need:
             raise PhaseError(f"phase {phase}: only {len(out)} valid client replies, "
                              f"federation.min_clients={need}; missing/rejected: {gone}")
-        return out
+        return {nid: out[nid] for nid in expected if nid in out}
 
     def reject(self, phase: str, who: str, reason: str) -> None:
         """Log and record a rejected upload (``metrics.json["rejected"]``)."""
