@@ -293,7 +293,7 @@ def test_cyclic_group_expert_passes_the_lora_from_member_to_member(tmp_path, cac
         if t == EXPERT:
             ups.setdefault(nid, []).append(u["expert"][1])
             n_train[nid] = float(u["metrics"][1]["n_train"])
-    seed = 0  # the tiny benchmark's run.seed
+    seed = int(m["config"]["run"]["seed"])
     for gname, ms in g["groups"].items():
         orders = [shuffled(ms, seed, r) if order == "shuffled" else ms for r in (1, 2)]
         nids = [node[c] for c in ms]

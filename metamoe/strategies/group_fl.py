@@ -95,11 +95,10 @@ def group_fedavg(strat, fed: Federation, selections: dict[str, dict[str, np.ndar
     width = max(len(ms) for ms in members.values()) if cyclic else 1
     last: dict[str, dict[str, tuple]] = {}
     for r in range(1, rounds + 1):
+        order = {g: (shuffled(ms, int(cfg.run.seed), r)
+                     if cyclic and uc.group_order == "shuffled" else ms)
+                 for g, ms in members.items()}
         for j in range(width):
-            if j == 0:
-                order = {g: (shuffled(ms, int(cfg.run.seed), r)
-                             if cyclic and uc.group_order == "shuffled" else ms)
-                         for g, ms in members.items()}
             active = {g: (ms[j:j + 1] if cyclic else ms) for g, ms in order.items()}
             payloads = {}
             for g, ms in active.items():
