@@ -174,6 +174,8 @@ def rows_of(metrics: dict, job: Job, references: bool = False) -> dict[str, dict
                                      if job.method in FL_METHODS else 1) or 1)}
         else:
             raise RuntimeError(f"run of {job.method} has no row {r!r}")
+        if "ddome_own_share" in metrics and len(job.rows) == 1:  # where DDOME's gate routes
+            row = {**row, "ddome_own_share": metrics["ddome_own_share"]}
         out[r] = row
     return dict(sorted(out.items(), key=lambda kv: "/" in kv[0]))  # the method's row first
 

@@ -26,6 +26,12 @@ def aggregate(per_seed: dict[str, list[dict]], domains: list[str]) -> dict[str, 
             "seeds": len(rs),
             "runs": [x["_run"] for x in rs],
         }
+        if rs and all("ddome_own_share" in x for x in rs):
+            # DDOME: share of a domain's test samples its gate sent to that domain's experts
+            own = {d: [x["ddome_own_share"].get(d, float("nan")) for x in rs] for d in domains}
+            table[r]["ddome_own_share"] = {d: float(np.mean(v)) for d, v in own.items()}
+            table[r]["ddome_own_share_per_seed"] = {d: [float(a) for a in v]
+                                                    for d, v in own.items()}
     ref = table.get("metamoe")
     for r, t in table.items():  # paired by seed: MetaMoE's average minus this row's
         if ref is not None and r != "metamoe" and t["seeds"] == ref["seeds"]:
@@ -72,6 +78,16 @@ def write_markdown(path: Path, table: dict, unavailable: dict, domains: list[str
         lines += [f"| {r} | {100 * p['mean']:+.2f} ± {100 * p['std']:.2f} | "
                   + " / ".join(f"{100 * v:+.2f}" for v in p["per_seed"])
                   + f" | {p['wins']} of {len(p['per_seed'])} |" for r, p in paired.items()]
+    shares = {r: t for r, t in table.items() if "ddome_own_share" in t}
+    if shares:
+        lines += ["", "DDOME's gate: share of each domain's test samples sent to the experts "
+                      "anchored by that domain's clients (%, mean over seeds; per seed in "
+                      "brackets):", "", "| row | " + " | ".join(domains) + " |",
+                  "|---" * (len(domains) + 1) + "|"]
+        lines += [f"| {r} | " + " | ".join(
+            f"{100 * t['ddome_own_share'][d]:.1f} ("
+            + " / ".join(f"{100 * a:.0f}" for a in t["ddome_own_share_per_seed"][d]) + ")"
+            for d in domains) + " |" for r, t in shares.items()]
     if any(not t["private"] for t in table.values()):
         lines += ["", "NOT PRIVATE rows read the clients' private data on the server "
                       "(an upper bound, not a federated method)."]

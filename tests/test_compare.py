@@ -145,3 +145,25 @@ def test_paired_differences_against_metamoe(tmp_path):
     assert "metamoe_minus_this" not in table["short"]  # not the same seeds: no pairing
     write_markdown(tmp_path / "t.md", table, {}, ["a"], "x", [0, 1, 2])
     assert "| btm | +4.00 ± 3.74 | +5.00 / -1.00 / +8.00 | 2 of 3 |" in (tmp_path / "t.md").read_text()
+
+
+def test_ddome_rows_tabulate_where_the_gate_sends_each_domain(tmp_path):
+    """A DDOME run's ``ddome_own_share`` reaches its row in table.json (mean and per seed) and
+    table.md; rows without it get no such key."""
+    from metamoe.compare import write_markdown
+
+    def run(avg, seed, share=None):
+        r = {"accuracy": {"average": avg, "per_domain": {"a": avg, "b": avg}},
+             "upload_bytes": {"c": 1}, "_run": f"r{seed}"}
+        return r if share is None else {**r, "ddome_own_share": share}
+
+    per_seed = {"metamoe": [run(0.8, s) for s in range(2)],
+                "ddome[ddome_paper]": [run(0.6, 0, {"a": 0.9, "b": 0.2}),
+                                       run(0.6, 1, {"a": 0.7, "b": 0.4})]}
+    table = aggregate(per_seed, ["a", "b"])
+    t = table["ddome[ddome_paper]"]
+    assert t["ddome_own_share"] == {"a": pytest.approx(0.8), "b": pytest.approx(0.3)}
+    assert t["ddome_own_share_per_seed"] == {"a": [0.9, 0.7], "b": [0.2, 0.4]}
+    assert "ddome_own_share" not in table["metamoe"]
+    write_markdown(tmp_path / "t.md", table, {}, ["a", "b"], "x", [0, 1])
+    assert "| ddome[ddome_paper] | 80.0 (90 / 70) | 30.0 (20 / 40) |" in (tmp_path / "t.md").read_text()

@@ -9,6 +9,7 @@ is marked slow.
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 
@@ -389,6 +390,26 @@ def test_e2e_ddome(tmp_path, monkeypatch, cache_dir):
     m, _ = _e2e(tmp_path, monkeypatch, cache_dir, "ddome", OVR + " fl.ddome_anchors=false")
     assert all(len(v) == 2 for v in m["fl_rounds"][0]["experts"].values())
     assert set(m["ddome_test_experts"]) == {"mnist", "uci"}
+    # where each client's gate sent its test samples, in metrics.json; no anchors: no expert
+    # belongs to a domain, so the own-domain share is undefined
+    assert set(m["ddome_share"]) == {"mnist", "uci"}
+    assert all(sum(v.values()) == pytest.approx(1.0) for v in m["ddome_share"].values())
+    assert m["ddome_anchor_domain"] == {} and set(m["ddome_own_share"]) == {"mnist", "uci"}
+    assert all(math.isnan(v) for v in m["ddome_own_share"].values())
+
+
+def test_ddome_own_domain_share_sums_the_experts_anchored_in_the_domain():
+    """ddome_own_share: per domain, the mean over its clients of the test share sent to the
+    experts its own clients anchor (two anchors per domain with M = 6)."""
+    from metamoe.strategies.ddome import own_domain_share
+
+    share = {"a0": {"e0": 0.5, "e1": 0.25, "e2": 0.25, "e3": 0.0},
+             "a1": {"e0": 0.1, "e1": 0.1, "e2": 0.0, "e3": 0.8},
+             "b0": {"e0": 0.0, "e1": 1.0, "e2": 0.0, "e3": 0.0}}
+    dom = {"a0": "A", "a1": "A", "b0": "B"}
+    got = own_domain_share(share, dom, {0: "A", 1: "B", 2: "A", 3: "B"})
+    assert got == {"A": pytest.approx((0.75 + 0.1) / 2), "B": pytest.approx(1.0)}
+    assert math.isnan(own_domain_share(share, dom, {0: "A"})["B"])
 
 
 @pytest.mark.slow

@@ -159,7 +159,30 @@ class DDOME(FLStrategy):
         evals = {fed.client_name(n): m for n, m in got.items()}
         chosen = {c: [int(k.split("/e")[1]) for k, v in m.items()
                       if k.startswith("ddome_chosen/") and v > 0] for c, m in evals.items()}
+        share = {c: {f"e{e}": float(m.get(f"ddome_share/e{e}", float("nan"))) for e in range(M)}
+                 for c, m in evals.items()}
+        anchor_domain = {q: fed.clients[nid].domain for nid, q in anchors.items()
+                         if nid in fed.clients}
         return Outcome(evaluations=evals, model=None,
                        extra={"fl_rounds": history, "ddome_test_experts": chosen,
-                              "ddome_M": M, "ddome_K": K,
+                              "ddome_M": M, "ddome_K": K, "ddome_share": share,
+                              "ddome_anchor_domain": {f"e{q}": d for q, d in
+                                                      sorted(anchor_domain.items())},
+                              "ddome_own_share": own_domain_share(
+                                  share, {fed.client_name(n): c.domain
+                                          for n, c in fed.clients.items()}, anchor_domain),
                               "fl_aggregation": str(f.aggregation)})
+
+
+def own_domain_share(share: dict[str, dict[str, float]], domain_of: dict[str, str],
+                     anchor_domain: dict[int, str]) -> dict[str, float]:
+    """Per domain: the mean over its clients of the share of their test samples the gate sent
+    to an expert anchored by a client of the same domain (``metrics.json`` →
+    ``ddome_own_share``; NaN for a domain without an anchored expert, e.g. without anchors)."""
+    by_dom: dict[str, list[float]] = {}
+    for c, sh in share.items():
+        d = domain_of.get(c)
+        own = [q for q, ad in anchor_domain.items() if ad == d]
+        by_dom.setdefault(str(d), []).append(
+            float(sum(sh.get(f"e{q}", 0.0) for q in own)) if own else float("nan"))
+    return {d: float(np.mean(v)) for d, v in sorted(by_dom.items())}
