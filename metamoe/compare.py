@@ -2,7 +2,8 @@
 
     python -m metamoe.compare --benchmark vision --seeds 3 [--methods btm,metamoe,fedavg]
                               [--no-share] [--output-dir results/compare-vision]
-                              [--split test|val]
+                              [--split test|val] [--more-seeds 5:metamoe,flexolmo]
+                              [--publish docs/results/vision]
                               [--gpus-per-client auto|G] [--cpus-per-client 1] [--ray-address A]
 
 Writes ``results/compare-<bench>/``:
@@ -43,6 +44,12 @@ sends. Every other row (metamoe[no_rw_dpp], metamoe[random_proxies], the two
 unrestricted_moe_* upper bounds and the iterative FL baselines) is its own run. Iterative
 methods that are not registered are listed as unavailable in the table instead of failing the
 comparison.
+
+Seeds: ``--seeds N`` runs every row on seeds 0..N-1; ``--more-seeds M:rows`` runs the listed rows
+on seeds N..M-1 as well (the issue's 3 seeds for every row, 5 for MetaMoE, the best baseline and
+both upper bounds). Paired differences use the seeds both rows have (``metamoe_minus_this``
+names them); ``compare.json`` records ``seeds_per_row``. ``--publish DIR`` copies ``table.json``,
+``table.md``, ``compare.json`` and the plots to DIR (``make tables``).
 
 Resume: a run's id is ``<method>[-<experiment>]-s<seed>-<hash>`` (hash of the resolved config
 and, for a suite, its members' configs) under ``<out>/runs/``; a run whose ``metrics.json``
@@ -125,6 +132,22 @@ def plan(rows: list[str], share: bool = True, benchmark: str = "",
     return jobs, unavailable
 
 
+def seed_plan(seeds: int, rows: list[str], more: tuple[int, list[str]] | None = None
+              ) -> list[tuple[int, list[str]]]:
+    """[(seed, rows run on that seed)]: every row on seeds 0..seeds-1, and with ``more`` =
+    (M, rows') the rows' on seeds seeds..M-1 (each must be one of ``rows``)."""
+    out = [(s, list(rows)) for s in range(seeds)]
+    if more:
+        m, extra = more
+        bad = [r for r in extra if r not in rows]
+        if bad or m <= seeds:
+            raise ConfigError(f"--more-seeds {m}:{','.join(extra)}: needs more than --seeds "
+                              f"({seeds}) seeds and rows among the compared ones "
+                              f"(not compared: {bad})")
+        out += [(s, [r for r in rows if r in extra]) for s in range(seeds, m)]
+    return out
+
+
 def run_id(job: Job, benchmark: str, seed: int, overrides: str) -> str:
     cfg = resolve_config({"benchmark": benchmark, "method": job.method,
                           "experiment": job.experiment, "overrides": overrides, "seed": seed})
@@ -185,13 +208,17 @@ def compare(benchmark: str = "vision", seeds: int = 1, methods: list[str] | None
             overrides: str = "", timeout: float = 3600.0, quiet: bool = False,
             references: bool = False, gpus_per_client: str | float = "auto",
             cpus_per_client: int = 1, ray_address: str | None = None,
-            split: str = "test", allow_budget_departure: bool = False) -> Path:
+            split: str = "test", allow_budget_departure: bool = False,
+            more_seeds: tuple[int, list[str]] | None = None,
+            publish: str | None = None) -> Path:
     """Run (or reuse) every job of ``methods`` x ``seeds``; write the tables. ``gpus_per_client``,
     ``cpus_per_client`` and ``ray_address`` go to every :func:`metamoe.launch.launch` (they do
     not enter the run ids: a run is reused whatever device produced it). ``split="val"``
     evaluates every run on the clients' validation splits (``benchmark.eval_split=val``, part
     of each run's id): the split every choice is made on. Every row must keep the budget rule
-    (:func:`metamoe.budget.check_rows`) unless ``allow_budget_departure``."""
+    (:func:`metamoe.budget.check_rows`) unless ``allow_budget_departure``. ``more_seeds`` =
+    (M, rows) also runs those rows on seeds ``seeds``..M-1 (:func:`seed_plan`); ``publish``
+    copies the tables and plots to that directory."""
     from metamoe.launch import launch
 
     if split not in ("test", "val"):
@@ -200,11 +227,14 @@ def compare(benchmark: str = "vision", seeds: int = 1, methods: list[str] | None
         overrides = f"{overrides} benchmark.eval_split={split}".strip()
 
     rows = list(methods or DEFAULT_ROWS)
+    schedule = seed_plan(seeds, rows, more_seeds)  # a bad plan fails before anything is made
     suffix = "" if split == "test" else f"-{split}"
     out = Path(output_dir or ROOT / "results" / f"compare-{benchmark}{suffix}").resolve()
     (out / "runs").mkdir(parents=True, exist_ok=True)
     domains = list(resolve_config({"benchmark": benchmark}).benchmark.domains)
     jobs, unavailable = plan(rows, share, benchmark, overrides)
+    seed_jobs = [(seed, jobs if rs == rows else plan(rs, share, benchmark, overrides)[0])
+                 for seed, rs in schedule]
     budgets = check_rows(benchmark, {r: parse_row(r) for job in jobs for r in job.rows},
                          overrides, allow_budget_departure)
     say = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
@@ -215,11 +245,11 @@ def compare(benchmark: str = "vision", seeds: int = 1, methods: list[str] | None
     per_seed: dict[str, list[dict]] = {}
     timing: dict[str, float] = {}
     failed: dict[str, str] = {}
-    todo = [(seed, job) for seed in range(seeds) for job in jobs
-            if not (out / "runs" / run_id(job, benchmark, seed, overrides) / "metrics.json").exists()]
+    todo = [(seed, job) for seed, js in seed_jobs for job in js if not (
+        out / "runs" / run_id(job, benchmark, seed, overrides) / "metrics.json").exists()]
     runs = Progress(len(todo), "[compare] runs", unit="run")
-    for seed in range(seeds):
-        for job in jobs:
+    for seed, js in seed_jobs:
+        for job in js:
             rid = run_id(job, benchmark, seed, overrides)
             run_dir = out / "runs" / rid
             if (run_dir / "metrics.json").exists():
@@ -244,7 +274,7 @@ def compare(benchmark: str = "vision", seeds: int = 1, methods: list[str] | None
                 runs.step(info=rid)
             metrics = json.loads((run_dir / "metrics.json").read_text())
             for r, row in rows_of(metrics, job, references).items():
-                per_seed.setdefault(r, []).append({**row, "_run": rid})
+                per_seed.setdefault(r, []).append({**row, "_run": rid, "_seed": seed})
     runs.close()
     ordered = {r: per_seed[r] for r in rows if r in per_seed}
     ordered.update({r: v for r, v in per_seed.items() if r not in ordered})  # reference rows
@@ -255,17 +285,33 @@ def compare(benchmark: str = "vision", seeds: int = 1, methods: list[str] | None
     blob = {**table, **{r: {"status": "unavailable", "reason": why}
                         for r, why in unavailable.items()}}
     (out / "table.json").write_text(json.dumps(blob, indent=2, allow_nan=True))
-    write_markdown(out / "table.md", table, unavailable, domains, benchmark, list(range(seeds)),
-                   split)
+    write_markdown(out / "table.md", table, unavailable, domains, benchmark,
+                   list(range(len(schedule))), split)
     write_plots(out, table, domains)
     (out / "compare.json").write_text(json.dumps(
         {"benchmark": benchmark, "seeds": seeds, "split": split, "rows": rows, "share": share,
          "budgets": budgets,
          "overrides": overrides, "jobs": [j.__dict__ | {"members": list(j.members)}
                                           for j in jobs],
+         "more_seeds": list(more_seeds) if more_seeds else None,
+         "seeds_per_row": {r: t["seed_ids"] for r, t in table.items()},
          "launch_seconds": timing}, indent=2, default=str))
     say((out / "table.md").read_text())
+    if publish:
+        publish_tables(out, Path(publish))
     return out
+
+
+PUBLISHED = ("table.json", "table.md", "compare.json", "accuracy_per_domain.png",
+             "accuracy_vs_upload.png")
+
+
+def publish_tables(out: Path, dest: Path) -> list[Path]:
+    """Copy a comparison's tables and plots to ``dest`` (docs/results/<benchmark>/)."""
+    import shutil
+
+    dest.mkdir(parents=True, exist_ok=True)
+    return [Path(shutil.copy2(out / f, dest / f)) for f in PUBLISHED if (out / f).exists()]
 
 
 def add_run_args(ap: argparse.ArgumentParser) -> None:
@@ -295,6 +341,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--references", action="store_true",
                     help="also tabulate the metamoe run's own seed model and single experts "
                          "(rows metamoe/zero_shot, metamoe/expert[<name>])")
+    ap.add_argument("--more-seeds", default="", metavar="M:ROWS",
+                    help="also run these comma-separated rows on seeds --seeds..M-1, e.g. "
+                         "'5:metamoe,flexolmo' (paired differences use common seeds)")
+    ap.add_argument("--publish", default=None, metavar="DIR",
+                    help="copy table.json, table.md, compare.json and the plots to DIR")
     from metamoe.launch import add_resource_args
 
     add_resource_args(ap)  # --gpus-per-client, --cpus-per-client, --ray-address
@@ -303,6 +354,13 @@ def main(argv: list[str] | None = None) -> int:
         print("--seeds must be >= 1", file=sys.stderr)
         return 2
     methods = [m.strip() for m in a.methods.split(",") if m.strip()] if a.methods else None
+    more = None
+    if a.more_seeds:
+        m, _, rs = a.more_seeds.partition(":")
+        if not m.strip().isdigit() or not rs.strip():
+            print(f"--more-seeds must be M:row,row,..., got {a.more_seeds!r}", file=sys.stderr)
+            return 2
+        more = (int(m), [r.strip() for r in rs.split(",") if r.strip()])
     from metamoe.launch import exit_on_sigterm
 
     exit_on_sigterm()
@@ -312,7 +370,8 @@ def main(argv: list[str] | None = None) -> int:
                       a.overrides, a.timeout, references=a.references,
                       gpus_per_client=a.gpus_per_client, cpus_per_client=a.cpus_per_client,
                       ray_address=a.ray_address, split=a.split,
-                      allow_budget_departure=a.allow_budget_departure)
+                      allow_budget_departure=a.allow_budget_departure, more_seeds=more,
+                      publish=a.publish)
     except ConfigError as e:
         print(f"configuration error: {e}", file=sys.stderr)
         return 2

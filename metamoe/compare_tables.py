@@ -24,6 +24,7 @@ def aggregate(per_seed: dict[str, list[dict]], domains: list[str]) -> dict[str, 
             "upload_bytes": int(round(np.mean(ups))) if ups else 0,
             "rounds": int(max(rounds)) if rounds else 1,
             "seeds": len(rs),
+            "seed_ids": [int(x.get("_seed", i)) for i, x in enumerate(rs)],
             "runs": [x["_run"] for x in rs],
         }
         if rs and all("ddome_own_share" in x for x in rs):
@@ -33,12 +34,18 @@ def aggregate(per_seed: dict[str, list[dict]], domains: list[str]) -> dict[str, 
             table[r]["ddome_own_share_per_seed"] = {d: [float(a) for a in v]
                                                     for d, v in own.items()}
     ref = table.get("metamoe")
-    for r, t in table.items():  # paired by seed: MetaMoE's average minus this row's
-        if ref is not None and r != "metamoe" and t["seeds"] == ref["seeds"]:
-            d = np.subtract(ref["per_seed_average"], t["per_seed_average"])
-            t["metamoe_minus_this"] = {"per_seed": [float(v) for v in d],
-                                       "mean": float(np.mean(d)), "std": float(np.std(d)),
-                                       "wins": int((d > 0).sum())}
+    for r, t in table.items():  # paired by seed id: MetaMoE's average minus this row's
+        if ref is None or r == "metamoe":
+            continue
+        common = [s for s in t["seed_ids"] if s in ref["seed_ids"]]
+        if not common:
+            continue
+        a = [ref["per_seed_average"][ref["seed_ids"].index(s)] for s in common]
+        b = [t["per_seed_average"][t["seed_ids"].index(s)] for s in common]
+        d = np.subtract(a, b)
+        t["metamoe_minus_this"] = {"per_seed": [float(v) for v in d], "seeds": common,
+                                   "mean": float(np.mean(d)), "std": float(np.std(d)),
+                                   "wins": int((d > 0).sum())}
     return table
 
 
@@ -74,9 +81,10 @@ def write_markdown(path: Path, table: dict, unavailable: dict, domains: list[str
     if paired:
         lines += ["", "Paired by seed, MetaMoE's average minus each row's (points; wins = seeds "
                       "where MetaMoE is above):", "",
-                  "| row | mean ± std | per seed | MetaMoE wins |", "|---|---|---|---|"]
+                  "| row | mean ± std | per seed | seeds | MetaMoE wins |", "|---|---|---|---|---|"]
         lines += [f"| {r} | {100 * p['mean']:+.2f} ± {100 * p['std']:.2f} | "
                   + " / ".join(f"{100 * v:+.2f}" for v in p["per_seed"])
+                  + " | " + ",".join(str(s) for s in p.get("seeds", range(len(p["per_seed"]))))
                   + f" | {p['wins']} of {len(p['per_seed'])} |" for r, p in paired.items()]
     shares = {r: t for r, t in table.items() if "ddome_own_share" in t}
     if shares:

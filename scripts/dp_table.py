@@ -33,6 +33,7 @@ def from_records(folder: Path) -> dict:
         m = json.loads((d / "metrics.json").read_text())
         row = f"{m['method']}[{m['config']['run']['run_id'].split('-')[1]}]"
         per_row.setdefault(row, []).append({"accuracy": m["accuracy"], "_run": d.name,
+                                            "_seed": int(re.search(r"-s(\d+)-", d.name)[1]),
                                             "upload_bytes": m["upload_bytes"], "rounds": 1})
     if not per_row:
         raise SystemExit(f"{folder}: neither a table.json nor run records <id>/metrics.json")

@@ -132,19 +132,54 @@ def test_paired_differences_against_metamoe(tmp_path):
 
     def run(avg, seed):
         return {"accuracy": {"average": avg, "per_domain": {"a": avg}}, "upload_bytes": {"c": 1},
-                "_run": f"r{seed}"}
+                "_run": f"r{seed}", "_seed": seed}
 
-    per_seed = {"metamoe": [run(a, s) for s, a in enumerate((0.80, 0.82, 0.78))],
+    per_seed = {"metamoe": [run(a, s) for s, a in enumerate((0.80, 0.82, 0.78, 0.90))],
                 "btm": [run(a, s) for s, a in enumerate((0.75, 0.83, 0.70))],
-                "short": [run(0.5, 0)]}
+                "late": [run(0.5, 2), run(0.95, 3)],
+                "other": [run(0.5, 7)]}
     table = aggregate(per_seed, ["a"])
-    p = table["btm"]["metamoe_minus_this"]
+    p = table["btm"]["metamoe_minus_this"]  # paired on the seeds both rows have: 0, 1, 2
     assert p["per_seed"] == pytest.approx([0.05, -0.01, 0.08]) and p["wins"] == 2
-    assert p["mean"] == pytest.approx(0.04)
+    assert p["mean"] == pytest.approx(0.04) and p["seeds"] == [0, 1, 2]
+    assert table["metamoe"]["seeds"] == 4 and table["metamoe"]["seed_ids"] == [0, 1, 2, 3]
+    late = table["late"]["metamoe_minus_this"]  # seed 2 of metamoe against late's first run
+    assert late["seeds"] == [2, 3] and late["per_seed"] == pytest.approx([0.28, -0.05])
     assert "metamoe_minus_this" not in table["metamoe"]
-    assert "metamoe_minus_this" not in table["short"]  # not the same seeds: no pairing
-    write_markdown(tmp_path / "t.md", table, {}, ["a"], "x", [0, 1, 2])
-    assert "| btm | +4.00 ± 3.74 | +5.00 / -1.00 / +8.00 | 2 of 3 |" in (tmp_path / "t.md").read_text()
+    assert "metamoe_minus_this" not in table["other"]  # no common seed: no pairing
+    write_markdown(tmp_path / "t.md", table, {}, ["a"], "x", [0, 1, 2, 3])
+    md = (tmp_path / "t.md").read_text()
+    assert "| btm | +4.00 ± 3.74 | +5.00 / -1.00 / +8.00 | 0,1,2 | 2 of 3 |" in md
+    assert "| late | +11.50 ± 16.50 | +28.00 / -5.00 | 2,3 | 1 of 2 |" in md
+
+
+def test_more_seeds_plan_and_publish(tmp_path):
+    """``--more-seeds M:rows``: every row on seeds 0..N-1, the named rows on N..M-1 (planned
+    on their own, so MetaMoE runs alone there instead of in the suite); bad plans fail before
+    anything runs; ``--publish`` copies the tables."""
+    from metamoe.compare import main, publish_tables, seed_plan
+    from metamoe.config import ConfigError
+
+    rows = ["btm", "btx", "metamoe", "metamoe[no_ca_router]"]
+    sp = seed_plan(3, rows, (5, ["metamoe", "btx"]))
+    assert sp == [(0, rows), (1, rows), (2, rows), (3, ["btx", "metamoe"]),
+                  (4, ["btx", "metamoe"])]
+    assert seed_plan(2, rows) == [(0, rows), (1, rows)]
+    assert sorted(j.method for j in plan(sp[3][1])[0]) == ["btx", "metamoe"]
+    for bad in ((3, ["metamoe"]), (5, ["fedavg"])):
+        with pytest.raises(ConfigError, match="--more-seeds"):
+            seed_plan(3, rows, bad)
+    assert main(["--benchmark", "tiny", "--more-seeds", "five:metamoe"]) == 2
+    assert main(["--benchmark", "tiny", "--methods", "btm", "--more-seeds", "3:btx"]) == 2
+    src = tmp_path / "cmp"
+    src.mkdir()
+    for f in ("table.json", "table.md", "compare.json"):
+        (src / f).write_text(f)
+    (src / "runs").mkdir()
+    got = publish_tables(src, tmp_path / "docs" / "vision")
+    assert sorted(p.name for p in got) == ["compare.json", "table.json", "table.md"]
+    assert (tmp_path / "docs" / "vision" / "table.md").read_text() == "table.md"
+    assert not (tmp_path / "docs" / "vision" / "runs").exists()
 
 
 def test_ddome_rows_tabulate_where_the_gate_sends_each_domain(tmp_path):
