@@ -233,8 +233,11 @@ def compare(benchmark: str = "vision", seeds: int = 1, methods: list[str] | None
     (out / "runs").mkdir(parents=True, exist_ok=True)
     domains = list(resolve_config({"benchmark": benchmark}).benchmark.domains)
     jobs, unavailable = plan(rows, share, benchmark, overrides)
-    seed_jobs = [(seed, jobs if rs == rows else plan(rs, share, benchmark, overrides)[0])
-                 for seed, rs in schedule]
+    plans = {tuple(rows): jobs}  # one plan per distinct row set (the extra seeds share one)
+    for _, rs in schedule:
+        if tuple(rs) not in plans:
+            plans[tuple(rs)] = plan(rs, share, benchmark, overrides)[0]
+    seed_jobs = [(seed, plans[tuple(rs)]) for seed, rs in schedule]
     budgets = check_rows(benchmark, {r: parse_row(r) for job in jobs for r in job.rows},
                          overrides, allow_budget_departure)
     say = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))

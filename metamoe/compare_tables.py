@@ -84,7 +84,7 @@ def write_markdown(path: Path, table: dict, unavailable: dict, domains: list[str
                   "| row | mean ± std | per seed | seeds | MetaMoE wins |", "|---|---|---|---|---|"]
         lines += [f"| {r} | {100 * p['mean']:+.2f} ± {100 * p['std']:.2f} | "
                   + " / ".join(f"{100 * v:+.2f}" for v in p["per_seed"])
-                  + " | " + ",".join(str(s) for s in p.get("seeds", range(len(p["per_seed"]))))
+                  + " | " + ",".join(str(s) for s in p["seeds"])
                   + f" | {p['wins']} of {len(p['per_seed'])} |" for r, p in paired.items()]
     shares = {r: t for r, t in table.items() if "ddome_own_share" in t}
     if shares:

@@ -29,11 +29,14 @@ def from_records(folder: Path) -> dict:
     from metamoe.compare_tables import aggregate
 
     per_row: dict[str, list] = {}
-    for d in sorted(folder.glob("*-s[0-9]*-*"), key=lambda p: int(re.search(r"-s(\d+)-", p.name)[1])):
+    def seed(p: Path) -> int:  # run ids are <method>-<experiment>-s<seed>-<hash>
+        return int(re.search(r"-s(\d+)-", p.name)[1])
+
+    for d in sorted(folder.glob("*-s[0-9]*-*"), key=seed):
         m = json.loads((d / "metrics.json").read_text())
         row = f"{m['method']}[{m['config']['run']['run_id'].split('-')[1]}]"
         per_row.setdefault(row, []).append({"accuracy": m["accuracy"], "_run": d.name,
-                                            "_seed": int(re.search(r"-s(\d+)-", d.name)[1]),
+                                            "_seed": seed(d),
                                             "upload_bytes": m["upload_bytes"], "rounds": 1})
     if not per_row:
         raise SystemExit(f"{folder}: neither a table.json nor run records <id>/metrics.json")
