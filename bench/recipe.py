@@ -11,7 +11,9 @@ Eight trials per method, three binary knobs each:
   the benchmark's own E0 and 3·E0; text: 1 and 3);
 * FlexOlmo: top-1 / top-2 (``top2``), router only / router + experts on the server
   (``train_experts``), the same router-stage lengths (the budget rule keeps every routed
-  method's server stage equal, so a length is an override of the whole comparison);
+  method's server stage equal, so a length is an override of the whole comparison, and the
+  choice takes one length for both: the one whose best MetaMoE and best FlexOlmo trials have
+  the highest mean; each family's own best at any length is kept as ``best_alone``);
 * DDOME as its paper runs it (``ddome_paper``: 5 clients per domain): each client's top-K
   ∈ {2, 1} (``k1``), gate width ∈ {64, 256} (``h256``), experts M ∈ {3, 6} (``m6``).
 
@@ -20,9 +22,11 @@ length costs one ``metamoe_suite`` and one ``oneshot_suite`` run per seed (``met
 puts unify-only rows in their suite); DDOME's trials are one run each and do not depend on the
 router-stage length. Every run is evaluated on each client's validation split (``--split val``
 of :func:`metamoe.compare.compare`) and reused when present. Writes ``<out>/recipe.json``
-({family: {trial: {average, std, per_seed_average}}, "choice": {family: trial}}, the resolved
+({family: {trial: {average, std, per_seed_average}}, "choice": {family: trial},
+``router_epochs_choice``, ``best_alone``}, the resolved
 trial rows, commit) and ``<out>/recipe.md``. A trial is named ``<row>@E<router epochs>``. The
-last stdout line is one JSON object: {"choice": {family: trial}, family: {trial: average}}.
+last stdout line is one JSON object: {"choice": {family: trial}, "router_epochs": E,
+family: {trial: average}}.
 """
 
 from __future__ import annotations
@@ -59,9 +63,28 @@ def choose(tables: dict[int, dict], families: list[str]) -> dict:
                 if name not in trials:
                     trials[name] = {k: t[k] for k in ("average", "std", "per_seed_average")}
         out[fam] = trials
-    best = {fam: max(tr, key=lambda n, tr=tr: (tr[n]["average"], -list(tr).index(n)))
-            for fam, tr in out.items() if tr}
-    return {"families": out, "choice": best}
+    def best(trials: dict) -> str | None:
+        names = list(trials)
+        return max(names, key=lambda n: (trials[n]["average"], -names.index(n))) \
+            if names else None
+
+    alone = {fam: best(tr) for fam, tr in out.items() if tr}
+    choice = dict(alone)
+    # The budget rule gives every routed method the same server stage: one router-stage length
+    # E for all of them, the one whose families' best trials have the highest mean (ties to the
+    # shorter stage); an E some family lacks a trial at cannot be chosen.
+    staged = [f for f in families if f in SERVER_STAGE and out.get(f)]
+    stage = None
+    if staged:
+        at = {e: {f: best({n: t for n, t in out[f].items() if n.endswith(f"@E{e}")})
+                  for f in staged} for e in sorted(tables)}
+        ok = {e: b for e, b in at.items() if all(b.values())}
+        if ok:
+            stage = max(ok, key=lambda e: (sum(out[f][n]["average"] for f, n in ok[e].items())
+                                           / len(staged), -e))
+            choice.update(ok[stage])
+    return {"families": out, "choice": choice, "router_epochs_choice": stage,
+            "best_alone": alone}
 
 
 def write_markdown(path: Path, result: dict) -> None:
@@ -69,6 +92,10 @@ def write_markdown(path: Path, result: dict) -> None:
              f"{result['seeds'] - 1})", "",
              "Average validation accuracy in % (mean ± std over seeds); the chosen trial of "
              "each method in bold.", ""]
+    if result.get("router_epochs_choice") is not None:
+        lines += [f"Router-stage length (one for every routed method, the budget rule): "
+                  f"E = {result['router_epochs_choice']}. Each family's best at any length: "
+                  + ", ".join(f"`{n}`" for n in result.get("best_alone", {}).values()) + ".", ""]
     for fam, trials in result["families"].items():
         lines += [f"## {fam}", "", "| trial | average | per seed |", "|---|---|---|"]
         for name, t in trials.items():
@@ -136,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     res, out = run(a.benchmark, a.seeds, epochs, fams, a.output_dir, a.overrides, a.cache_dir,
                    a.timeout)
     print((out / "recipe.md").read_text())
-    print(json.dumps({"choice": res["choice"],
+    print(json.dumps({"choice": res["choice"], "router_epochs": res["router_epochs_choice"],
                       **{f: {n: t["average"] for n, t in tr.items()}
                          for f, tr in res["families"].items()}}))
     return 0

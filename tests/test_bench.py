@@ -131,5 +131,14 @@ def test_recipe_offers_each_method_the_same_trials_and_picks_on_val_averages() -
     res = choose(tables, ["metamoe", "flexolmo", "ddome"])
     assert list(res["families"]["metamoe"]) == ["metamoe@E1", "metamoe[lambda1]@E1",
                                                 "metamoe@E3"]
-    assert res["choice"] == {"metamoe": "metamoe[lambda1]@E1", "flexolmo": "flexolmo[top2]@E3",
+    # one router-stage length for both routed methods: flexolmo has trials at E3 only
+    assert res["choice"] == {"metamoe": "metamoe@E3", "flexolmo": "flexolmo[top2]@E3",
                              "ddome": "ddome[ddome_paper]"}
+    assert res["router_epochs_choice"] == 3
+    assert res["best_alone"]["metamoe"] == "metamoe[lambda1]@E1"
+    # both at both lengths: the length with the higher mean of the two families' best trials
+    tables[1].update({"flexolmo": t(0.55)})
+    tables[3].update({"metamoe": t(0.60)})
+    res = choose(tables, ["metamoe", "flexolmo"])
+    assert res["router_epochs_choice"] == 1  # (0.72 + 0.55) / 2 > (0.60 + 0.60) / 2
+    assert res["choice"] == {"metamoe": "metamoe[lambda1]@E1", "flexolmo": "flexolmo@E1"}

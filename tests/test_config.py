@@ -82,3 +82,38 @@ def test_the_flower_app_declares_every_run_config_key():
     root = Path(__file__).resolve().parents[1]
     app = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
     assert set(app) == RUN_CONFIG_KEYS
+
+
+def test_a_benchmarks_recipes_apply_to_their_method_only(tmp_path, monkeypatch):
+    """``recipes:`` in a benchmark file: a method's own settings on that benchmark (chosen on
+    val), merged over the method's file; MetaMoE's reach its suite and the same-start bound;
+    experiments and overrides still win; an unknown method is refused, named."""
+    import shutil
+
+    import metamoe.config.resolve as res
+
+    conf = tmp_path / "conf"
+    shutil.copytree(res.conf_dir(), conf)
+    (conf / "benchmark" / "rtest.yaml").write_text(
+        "extends: tiny\nbenchmark:\n  name: rtest\nrecipes:\n"
+        "  metamoe:\n    unify: {lambda_init: 1.0, router_score: euclidean}\n"
+        "  flexolmo:\n    unify: {top_k: 2}\n")
+    monkeypatch.setattr(res, "conf_dir", lambda: conf)
+
+    def unify(method, **kw):
+        return resolve_config({"benchmark": "rtest", "method": method, **kw}).unify
+
+    for m in ("metamoe", "metamoe_suite", "unrestricted_moe_same_start"):
+        assert (unify(m).lambda_init, unify(m).router_score) == (1.0, "euclidean"), m
+    assert (unify("flexolmo").top_k, unify("flexolmo").router_score) == (2, "dot")
+    assert (unify("btm").lambda_init, unify("btm").top_k) == (0.3, 1)
+    assert unify("metamoe", experiment="lambda1_euclid").lambda_init == 1.0
+    assert unify("metamoe", overrides="unify.lambda_init=0.5").lambda_init == 0.5
+    assert unify("metamoe", experiment="no_ca_router").context == "none"  # experiment wins
+    (conf / "benchmark" / "rbad.yaml").write_text("extends: tiny\nrecipes:\n  metamo: {}\n")
+    with pytest.raises(ConfigError, match=r"rbad.yaml: recipes for unknown method\(s\) \['metamo'\]"):
+        resolve_config({"benchmark": "rbad"})
+    (conf / "benchmark" / "rkey.yaml").write_text(
+        "extends: tiny\nrecipes:\n  metamoe:\n    unify: {lambda: 1.0}\n")
+    with pytest.raises(ConfigError, match="recipes.metamoe"):
+        resolve_config({"benchmark": "rkey"})

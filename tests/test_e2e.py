@@ -86,6 +86,16 @@ def test_tiny_flwr_run_completes_and_artifact_reproduces(tmp_path, monkeypatch, 
         for variant in ("trained", "init/dot", "init/euclidean"):
             assert np.isclose(sum(rs[variant][c]["route_share"].values()), 1.0, atol=1e-6)
 
+    # bench.unify_probe re-runs the server's unify from the run's checkpoints: its "metamoe"
+    # variant is the run's own unified MoE (up to float rounding across thread counts).
+    from bench.unify_probe import load_run, run_variant
+
+    probe = run_variant(*load_run(run_dir), "metamoe")
+    for c in ("mnist", "uci"):
+        assert abs(probe[c] - m["accuracy"]["per_domain"][c]) <= 0.011, (c, probe[c])
+        assert np.isclose(sum(probe["route_share"][c].values()), 1.0, atol=2e-3)
+    assert np.allclose(probe["lambdas"], m["lambdas"], atol=1e-3)
+
     # Nothing the launch started is left running.
     launches = list(home.iterdir())
     assert launches == []  # the per-launch FLWR_HOME is removed ...

@@ -78,7 +78,8 @@ def test_same_start_unify_starts_from_the_clients_experts_and_adds_the_private_s
     from metamoe.data import load_benchmark
     from metamoe.strategies.base import ClientInfo
 
-    cfg = resolve_config({"benchmark": "tiny", "method": "unrestricted_moe_same_start"})
+    cfg = resolve_config({"benchmark": "tiny", "method": "unrestricted_moe_same_start",
+                          "overrides": "expert.epochs=2"})  # unify.epochs stays 1
     bench = load_benchmark(cfg)
     torch.manual_seed(0)
     seed = ViT(vit_config(cfg, bench.num_classes)).eval()
@@ -96,7 +97,7 @@ def test_same_start_unify_starts_from_the_clients_experts_and_adds_the_private_s
 
     def spy(moe, x, y, section, seed_, train_router, train_experts, desc, sample_weights):
         seen.update(moe=moe, n=len(x), w=sample_weights, router=train_router,
-                    experts=train_experts)
+                    experts=train_experts, epochs=section.epochs, lr=section.lr)
         return {"loss": 0.0}
 
     monkeypatch.setattr(unr, "finetune", lambda moe, x, y, section, seed_, r, e, desc="",
@@ -104,6 +105,8 @@ def test_same_start_unify_starts_from_the_clients_experts_and_adds_the_private_s
                                                  sample_weights))
     moe = strat.unify(experts, union)
     assert seen["moe"] is moe and seen["router"] and seen["experts"]
+    # the unify section's rates for the passes every method gets over private data
+    assert (seen["epochs"], seen["lr"]) == (cfg.expert.epochs, cfg.unify.lr)
     assert seen["n"] == 600 + len(union) == 670  # both private sets and the 70 proxies
     w = seen["w"].numpy()  # rows: mnist 300, uci 300, proxies 0-39 (mnist's), 40-69 (uci's)
     assert w[:300].sum() + w[600:640].sum() == pytest.approx(0.5)  # mnist: half the draws

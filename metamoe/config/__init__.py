@@ -3,6 +3,8 @@
 Resolution order (later wins)::
 
     schema defaults  <-  conf/benchmark/<benchmark>.yaml  <-  conf/method/<method>.yaml
+                     <-  the benchmark file's ``recipes.<method>`` (that method's settings on
+                         that benchmark, chosen on val)
                      <-  conf/experiment/<experiment>.yaml  <-  run_config "overrides"
                      <-  run_config seed / run-id / output-dir / cache-dir
 

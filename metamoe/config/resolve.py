@@ -51,6 +51,24 @@ def _yaml(kind: str, name: str, seen: tuple[str, ...] = ()) -> DictConfig:
     return conf
 
 
+# Whose recipe a method takes (``recipes:`` of a benchmark file): the suite and the upper bound
+# that start from MetaMoE take MetaMoE's.
+RECIPE_OF = {"metamoe_suite": "metamoe", "unrestricted_moe_same_start": "metamoe"}
+
+
+def _recipes(bconf: DictConfig, bench: str) -> dict[str, DictConfig]:
+    """Pop a benchmark file's ``recipes:`` ({method: sections}): each method's own settings
+    on this benchmark, chosen on its validation split, merged over the method's file (so an
+    experiment and the overrides still win). Unknown method names are refused."""
+    recipes = bconf.pop("recipes", None) or {}
+    known = {p.stem for p in (conf_dir() / "method").glob("*.yaml")}
+    bad = sorted(set(recipes) - known)
+    if bad:
+        raise ConfigError(f"conf/benchmark/{bench}.yaml: recipes for unknown method(s) {bad}; "
+                          f"known: {sorted(known)}")
+    return dict(recipes)
+
+
 def _split_top_commas(token: str) -> list[str]:
     """``a=1,b=[x,y]`` -> ``["a=1", "b=[x,y]"]``: commas inside brackets stay in the value."""
     out, depth, cur = [], 0, ""
@@ -85,8 +103,13 @@ def resolve_config(run_config: Mapping[str, Any] | None = None) -> DictConfig:
     cfg = OmegaConf.structured(Config)
     bench = str(rc.get("benchmark", "vision"))
     method = str(rc.get("method", "metamoe"))
-    cfg = _merge(cfg, _yaml("benchmark", bench), f"conf/benchmark/{bench}.yaml")
+    bconf = _yaml("benchmark", bench)
+    recipes = _recipes(bconf, bench)
+    cfg = _merge(cfg, bconf, f"conf/benchmark/{bench}.yaml")
     cfg = _merge(cfg, _yaml("method", method), f"conf/method/{method}.yaml")
+    family = RECIPE_OF.get(method, method)
+    if family in recipes:
+        cfg = _merge(cfg, recipes[family], f"conf/benchmark/{bench}.yaml recipes.{family}")
     cfg.method = method
     exp = str(rc.get("experiment", "") or "")
     if exp:

@@ -4,8 +4,8 @@ to be sent) + the replies; every row and metrics file carries ``"private": false
 
 * ``unrestricted_moe_same_start`` — MetaMoE's own sketch, proxies, proxy-aligned experts and
   router vectors, then router + λ + experts fine-tuned on the pooled private data ∪ MetaMoE's
-  proxies instead of the proxies alone: a strict superset of MetaMoE's information, so it
-  should be above MetaMoE.
+  proxies instead of the proxies alone, for ``expert.epochs`` passes: a strict superset of
+  MetaMoE's information, so it should be above MetaMoE.
 * ``unrestricted_moe_scratch`` — fresh experts and a random router under renormalised top-k
   (so the MoE starts exactly at M0), BTX's load-balancing loss, trained on the pooled private
   data ∪ a random public sample of MetaMoE's proxy budget (K·m).
@@ -90,15 +90,28 @@ class UnrestrictedSameStart(MetaMoE):
         return super().unify_data(selections)
 
     def unify(self, experts: dict[str, tuple], union_idx: np.ndarray):
-        uc = self.cfg.unify
         moe = self.expert_moe(experts, vectors=True)
         clients = [c for c in self._fed.clients.values() if c.name in experts]
-        xs, ys, doms, self._nbytes = private_sets(self.cfg, self.bench, clients)
+        self._nbytes = self.finetune_pooled(moe, clients, self._selections)
+        return moe
+
+    def finetune_pooled(self, moe, clients, selections) -> dict[str, int]:
+        """Fine-tune router + λ + experts of ``moe`` on the pooled private sets of ``clients``
+        ∪ their proxies, domain-balanced, with the unify section's optimiser, rates and batch
+        for ``expert.epochs`` passes (the passes every method gets over private data). Returns
+        the private bytes read per client (NON-PRIVATE).
+
+        Not ``unify.epochs``: MetaMoE's router stage (one pass on text) is a transient on the
+        pooled data, in which λ falls and the tweets domain dips (val, seed 0: 1 pass 77.44,
+        level with MetaMoE; 2 passes 79.33; 3 passes 78.56; ``bench/unify_probe.py``,
+        docs/results.md "Upper bound same start")."""
+        uc = OmegaConf.merge(self.cfg.unify, {"epochs": int(self.cfg.expert.epochs)})
+        xs, ys, doms, nbytes = private_sets(self.cfg, self.bench, clients)
         # every proxy counts for the domain of the first client (partition order) that picked it
         owner: dict[int, str] = {}
         method = self.cfg.select.method
         for c in sorted(clients, key=lambda c: c.partition_id):
-            for i in np.asarray(self._selections[c.name][method]).tolist():
+            for i in np.asarray(selections[c.name][method]).tolist():
                 owner.setdefault(int(i), c.domain)
         idx = np.asarray(sorted(owner), np.int64)
         x, y, groups = pooled(xs, ys, doms, self.bench.pool_x[idx], self.bench.pool_y[idx],
@@ -107,7 +120,7 @@ class UnrestrictedSameStart(MetaMoE):
                         sample_weights=balanced_weights(groups))
         log.info("NON-PRIVATE same-start MoE fine-tuned on %d private + %d public samples, "
                  "loss %.4f", sum(len(v) for v in xs), len(idx), hist["loss"])
-        return moe
+        return nbytes
 
 
 @register("unrestricted_moe_scratch")
