@@ -169,6 +169,18 @@ def test_more_seeds_plan_and_publish(tmp_path):
     for bad in ((3, ["metamoe"]), (5, ["fedavg"])):
         with pytest.raises(ConfigError, match="--more-seeds"):
             seed_plan(3, rows, bad)
+    assert seed_plan(3, rows, (5, ["metamoe", "best_private"]))[3] == (3, ["metamoe"])
+    # best_private: the strongest private baseline, never MetaMoE, an ablation, an upper bound
+    # or a reference row
+    from metamoe.compare import best_private
+
+    t = {"btm": {"average": 0.8}, "btx": {"average": 0.82}, "metamoe": {"average": 0.9},
+         "metamoe[no_pa]": {"average": 0.85}, "zero_shot": {"average": 0.5},
+         "unrestricted_moe_scratch": {"average": 0.95, "private": False},
+         "metamoe/expert[a]": {"average": 0.99}, "fedavg": {"status": "unavailable"}}
+    assert best_private(t) == "btx"
+    with pytest.raises(ConfigError, match="best_private"):
+        best_private({"metamoe": {"average": 0.9}})
     assert main(["--benchmark", "tiny", "--more-seeds", "five:metamoe"]) == 2
     assert main(["--benchmark", "tiny", "--methods", "btm", "--more-seeds", "3:btx"]) == 2
     src = tmp_path / "cmp"

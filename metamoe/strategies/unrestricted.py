@@ -74,7 +74,8 @@ class UnrestrictedSameStart(MetaMoE):
     name = "unrestricted_moe_same_start"
     private = False
     notes = ("NOT PRIVATE: MetaMoE's experts, router vectors and proxies, then router + λ + "
-             "experts fine-tuned on the pooled private data ∪ the proxies, domain-balanced")
+             "experts fine-tuned on the pooled private data ∪ the proxies, domain-balanced, "
+             "expert.epochs passes")
 
     def run(self, fed: Federation, node_ids: list[int]) -> Outcome:
         self._fed, self._nbytes = fed, {}
