@@ -8,7 +8,9 @@ domains.
                                  [--split test|val] [--output-dir results/many-clients-<bench>]
     python -m bench.many_clients --combine A/many_clients.json B/many_clients.json ...
 
-K = 3 is ``<benchmark>`` itself (one client per domain). Every larger K is
+K = 3 is ``<benchmark>`` itself (one client per domain; with ``<benchmark>_k60``'s train, val and
+test sizes, so that every K divides the same private data: text_k60 holds 2,400 train texts
+per domain, text 600). Every larger K is
 ``<benchmark>_k60`` (20 clients per domain, Dirichlet(0.5) label skew inside a domain) with
 ``benchmark.num_clients=K`` and ``select.m`` = clip(4000 / K, 100, the benchmark's m) rounded
 to tens, the rule ``conf/benchmark/vision_k60.yaml`` documents (K = 20 gives vision_k20's 200);
@@ -54,14 +56,21 @@ def proxies_per_client(k: int, base_m: int) -> int:
     return int(min(base_m, max(100, 10 * round(400 / k))))
 
 
+SAME_DATA = ("max_train", "max_test", "val_fraction")  # what every K holds of each domain
+
+
 def setting(benchmark: str, k: int) -> tuple[str, str]:
-    """(benchmark config, overrides) of the K-client run."""
+    """(benchmark config, overrides) of the K-client run. K = 3 is ``benchmark`` itself, with
+    ``<benchmark>_k60``'s train / val / test sizes where they differ (text_k60 holds 2,400 train
+    texts per domain, text 600), so that every K divides the same private data."""
     from metamoe.config import resolve_config
 
     base = resolve_config({"benchmark": benchmark})
-    if k == len(base.benchmark.domains):
-        return benchmark, ""
     many = f"{benchmark}_k60"
+    if k == len(base.benchmark.domains):
+        mb = resolve_config({"benchmark": many}).benchmark
+        return benchmark, " ".join(f"benchmark.{key}={mb[key]}" for key in SAME_DATA
+                                   if mb[key] != base.benchmark[key])
     return many, f"benchmark.num_clients={k} select.m={proxies_per_client(k, base.select.m)}"
 
 

@@ -25,9 +25,27 @@ def test_k60_is_the_committed_many_clients_benchmark(bench):
     assert config_hash(to_container(resolve_config({"benchmark": name, "overrides": ov}))) \
         == config_hash(to_container(plain))
     assert plain.benchmark.partition == "dirichlet" and plain.benchmark.dirichlet_alpha == 0.5
-    assert setting(bench, 3) == (bench, "")
+    # K = 3 holds the same private data as every larger K
+    three = resolve_config({"benchmark": bench, "overrides": setting(bench, 3)[1]})
+    assert setting(bench, 3)[0] == bench
+    assert {k: three.benchmark[k] for k in ("max_train", "max_test", "val_fraction")} == \
+        {k: plain.benchmark[k] for k in ("max_train", "max_test", "val_fraction")}
+    assert setting("vision", 3) == ("vision", "")
     k12 = resolve_config({"benchmark": name, "overrides": setting(bench, 12)[1]})
     assert k12.benchmark.num_clients == 12 and k12.benchmark.partition == "dirichlet"
+
+
+@pytest.mark.parametrize("bench", ["vision_k60", "text_k60"])
+def test_every_k60_client_holds_enough_samples_to_upload(bench):
+    """Each of the 60 clients holds at least privacy.min_count train samples, so none refuses
+    its uploads (a client below it refuses every aggregate: clients/privacy.py)."""
+    from metamoe.data import client_names, client_partition, load_benchmark
+
+    cfg = resolve_config({"benchmark": bench})
+    data = load_benchmark(cfg)
+    sizes = [len(client_partition(cfg, data, p)[1].y_train)
+             for p in range(len(client_names(cfg)))]
+    assert len(sizes) == 60 and min(sizes) >= cfg.privacy.min_count, min(sizes)
 
 
 def _fake_compare_dir(tmp_path, k):

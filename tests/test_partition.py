@@ -81,6 +81,26 @@ def test_an_infeasible_split_names_the_domain():
         split_indices(LABELS, 20, partition="dirichlet", size_skew="linear", min_size=10)
 
 
+def test_a_dirichlet_split_flowers_draws_miss_is_drawn_again_under_a_derived_seed():
+    """Two labels, 20 clients of >= 20 (privacy.min_count): Flower's 10 Dirichlet draws miss
+    for some seeds; the split then takes the next derived seed, the same one every time."""
+    from metamoe.data.partition import _flower_split
+
+    two = np.repeat([0, 1], 1200)
+    missed = []
+    for seed in range(8):
+        try:
+            _flower_split(two.tobytes(), str(two.dtype), 20, "dirichlet", 0.5, "none", 20, seed)
+        except ValueError:
+            missed.append(seed)
+    assert missed  # Flower alone fails on some seeds ...
+    for seed in missed:  # ... the split does not, deterministically
+        parts = split_indices(two, 20, partition="dirichlet", alpha=0.5, min_size=20, seed=seed)
+        _check_cover(parts, len(two), min_size=20)
+        again = split_indices(two, 20, partition="dirichlet", alpha=0.5, min_size=20, seed=seed)
+        assert all(np.array_equal(a, b) for a, b in zip(parts, again, strict=True))
+
+
 def test_benchmark_options_reach_the_clients():
     over = ("benchmark.clients_per_domain=4 benchmark.partition=dirichlet "
             "benchmark.dirichlet_alpha=0.3 benchmark.size_skew=linear "

@@ -6,7 +6,8 @@ than one client (``clients_per_domain > 1`` or ``num_clients`` > the number of d
 * ``iid`` + ``none`` — a seeded permutation cut into equal parts (the default);
 * ``dirichlet`` — label skew: flwr-datasets' ``DirichletPartitioner`` (each label's samples
   divided among the clients by a Dirichlet(``dirichlet_alpha``) draw, redrawn until every
-  client has ``min_partition_size`` samples);
+  client has ``min_partition_size`` samples; when Flower's 10 draws all fail, again under the
+  next of ``RESEEDS`` derived seeds);
 * ``size_skew`` ``linear`` | ``exponential`` — client j of a domain holds a share of the
   domain proportional to j+1 (or e^(j+1)): flwr-datasets' ``LinearPartitioner`` /
   ``ExponentialPartitioner`` sizes; with ``dirichlet`` too, those sizes are filled by
@@ -29,6 +30,7 @@ import numpy as np
 from metamoe.config import CHOICES
 
 PARTITIONS = CHOICES["benchmark.partition"]
+RESEEDS = 8  # Dirichlet splits: seeds tried (each with Flower's own 10 draws) before failing
 SIZE_SKEWS = CHOICES["benchmark.size_skew"]
 
 
@@ -48,14 +50,22 @@ def split_indices(labels: np.ndarray, k: int, *, partition: str = "iid",
     if partition == "iid" and size_skew == "none":
         perm = np.random.default_rng(seed).permutation(len(labels))
         return np.array_split(perm, k)
-    key = (labels.tobytes(), str(labels.dtype), k, partition, float(alpha), size_skew,
-           int(min_size), int(seed))
-    try:
-        return [np.asarray(p) for p in _flower_split(*key)]
-    except ValueError as e:
-        raise ValueError(f"{where}: benchmark.partition={partition} (dirichlet_alpha="
-                         f"{alpha}, min_partition_size={min_size}), size_skew={size_skew} "
-                         f"cannot split {len(labels)} samples among {k} clients: {e}") from None
+    # Flower's Dirichlet partitioner redraws up to 10 times; when every draw leaves a client
+    # below min_size, the split is drawn again under the next derived seed (deterministic: the
+    # same config always gives the same split, and a split that succeeds at once is unchanged).
+    err = None
+    for attempt in range(RESEEDS):
+        key = (labels.tobytes(), str(labels.dtype), k, partition, float(alpha), size_skew,
+               int(min_size), int(seed) + 7919 * attempt)
+        try:
+            return [np.asarray(p) for p in _flower_split(*key)]
+        except ValueError as e:
+            err = e
+            if partition != "dirichlet" or size_skew != "none":
+                break  # the size partitioners are deterministic in their sizes
+    raise ValueError(f"{where}: benchmark.partition={partition} (dirichlet_alpha="
+                     f"{alpha}, min_partition_size={min_size}), size_skew={size_skew} "
+                     f"cannot split {len(labels)} samples among {k} clients: {err}") from None
 
 
 @lru_cache(maxsize=32)
