@@ -320,7 +320,7 @@ def compare(benchmark: str = "vision", seeds: int = 1, methods: list[str] | None
     (out / "table.json").write_text(json.dumps(blob, indent=2, allow_nan=True))
     write_markdown(out / "table.md", table, unavailable, domains, benchmark,
                    list(range(len(schedule))), split)
-    write_plots(out, table, domains)
+    write_plots(out, table, domains, split)
     (out / "compare.json").write_text(json.dumps(
         {"benchmark": benchmark, "seeds": seeds, "split": split, "rows": rows, "share": share,
          "budgets": budgets,

@@ -102,7 +102,7 @@ def write_markdown(path: Path, table: dict, unavailable: dict, domains: list[str
     path.write_text("\n".join(lines) + "\n")
 
 
-def write_plots(out: Path, table: dict, domains: list[str]) -> list[Path]:
+def write_plots(out: Path, table: dict, domains: list[str], split: str = "test") -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -124,7 +124,7 @@ def write_plots(out: Path, table: dict, domains: list[str]) -> list[Path]:
     ax.set_xticks(xs + width * len(domains) / 2)
     ax.set_xticklabels([n if table[n]["private"] else f"{n}\n(NOT PRIVATE)" for n in names],
                        rotation=45, ha="right", fontsize=8)
-    ax.set_ylabel("test accuracy (%)")
+    ax.set_ylabel(f"{split} accuracy (%)")
     ax.set_title("Accuracy per domain")
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -144,7 +144,7 @@ def write_plots(out: Path, table: dict, domains: list[str]) -> list[Path]:
                     xytext=(3, 3), textcoords="offset points")
     ax.set_xscale("log")
     ax.set_xlabel("bytes uploaded per client (log)")
-    ax.set_ylabel("average test accuracy (%)")
+    ax.set_ylabel(f"average {split} accuracy (%)")
     ax.set_title("Accuracy vs upload (o one-shot, ■ iterative, red = not private)")
     fig.tight_layout()
     p = out / "accuracy_vs_upload.png"
