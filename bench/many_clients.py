@@ -14,8 +14,9 @@ per domain, text 600). Every larger K is
 ``<benchmark>_k60`` (20 clients per domain, Dirichlet(0.5) label skew inside a domain) with
 ``benchmark.num_clients=K`` and ``select.m`` = clip(4000 / K, 100, the benchmark's m) rounded
 to tens, the rule ``conf/benchmark/vision_k60.yaml`` documents (K = 20 gives vision_k20's 200);
-they inherit its ``expert.batch_size`` 16 (chosen on val), so ``--overrides
-expert.batch_size=16`` puts K = 3 on the same recipe (docs/results.md's command).
+K = 3 also takes ``<benchmark>_k60``'s local batch (vision_k60: 16, chosen on its val), FL
+rounds and FL weighting, so every K trains alike (the benchmark's own FL recipe, chosen for
+the 3-client comparison, does not reach K = 3 alone).
 Rows, each one ``metamoe.compare`` row run over the same seeds:
 
 * ``per_client_moe`` — ``metamoe``: one expert per client, K experts;
@@ -57,20 +58,45 @@ def proxies_per_client(k: int, base_m: int) -> int:
 
 
 SAME_DATA = ("max_train", "max_test", "val_fraction")  # what every K holds of each domain
+# How every K trains: K = 3 takes these from <benchmark>_k60 (overrides win over the benchmark
+# file's per-method recipes, so e.g. vision's FL recipe does not reach K = 3 alone).
+SAME_TRAINING = ("expert.batch_size", "fl.rounds", "fl.weighting")
+
+
+def _recipe_keys(benchmark: str) -> set[str]:
+    """Dotted keys the benchmark file's ``recipes:`` set for some method."""
+    from omegaconf import OmegaConf
+
+    from metamoe.config.resolve import conf_dir
+
+    raw = OmegaConf.to_container(OmegaConf.load(conf_dir() / "benchmark" / f"{benchmark}.yaml"))
+    out: set[str] = set()
+    for sections in (raw.get("recipes") or {}).values():
+        for sec, keys in (sections or {}).items():
+            out |= {f"{sec}.{k}" for k in (keys or {})}
+    return out
 
 
 def setting(benchmark: str, k: int) -> tuple[str, str]:
     """(benchmark config, overrides) of the K-client run. K = 3 is ``benchmark`` itself, with
     ``<benchmark>_k60``'s train / val / test sizes where they differ (text_k60 holds 2,400 train
-    texts per domain, text 600), so that every K divides the same private data."""
+    texts per domain, text 600), so that every K divides the same private data, and with its
+    local batch, FL rounds and weighting (``SAME_TRAINING``) where they differ or a recipe of
+    ``benchmark`` sets them, so that every K trains alike."""
+    from omegaconf import OmegaConf
+
     from metamoe.config import resolve_config
 
     base = resolve_config({"benchmark": benchmark})
     many = f"{benchmark}_k60"
     if k == len(base.benchmark.domains):
-        mb = resolve_config({"benchmark": many}).benchmark
-        return benchmark, " ".join(f"benchmark.{key}={mb[key]}" for key in SAME_DATA
-                                   if mb[key] != base.benchmark[key])
+        mc = resolve_config({"benchmark": many})
+        ov = [f"benchmark.{key}={mc.benchmark[key]}" for key in SAME_DATA
+              if mc.benchmark[key] != base.benchmark[key]]
+        recipe = _recipe_keys(benchmark)
+        ov += [f"{key}={OmegaConf.select(mc, key)}" for key in SAME_TRAINING
+               if OmegaConf.select(mc, key) != OmegaConf.select(base, key) or key in recipe]
+        return benchmark, " ".join(ov)
     return many, f"benchmark.num_clients={k} select.m={proxies_per_client(k, base.select.m)}"
 
 

@@ -64,11 +64,16 @@ def test_resolved_config_is_read_only():
 @pytest.mark.parametrize("method", ["fedavg", "fedavg_moe", "fedalign_moe", "ddome"])
 def test_benchmark_sets_the_fl_budget_methods_do_not_override_it(method):
     """Method files describe the method; the benchmark file's fl budget (rounds, epochs, lr)
-    applies, and without one the schema default (4 x 2) does."""
+    applies, and without one the schema default (4 x 2) does. A benchmark's recipe (chosen on
+    val) may set a row's rounds; its passes over Dp stay rounds x epochs = expert.epochs."""
     tiny = resolve_config({"benchmark": "tiny", "method": method})
     assert (tiny.fl.rounds, tiny.fl.epochs) == (2, 1)
+    k60 = resolve_config({"benchmark": "vision_k60", "method": method})
+    assert (k60.fl.rounds, k60.fl.epochs, k60.fl.lr) == (4, 2, 3e-3)
     vision = resolve_config({"benchmark": "vision", "method": method})
-    assert (vision.fl.rounds, vision.fl.epochs, vision.fl.lr) == (4, 2, 3e-3)
+    rounds = {"fedavg": 16, "fedavg_moe": 8, "fedalign_moe": 16, "ddome": 16}[method]
+    assert (vision.fl.rounds, vision.fl.rounds * vision.fl.epochs, vision.fl.lr) == \
+        (rounds, vision.expert.epochs, 3e-3)
 
 
 def test_the_flower_app_declares_every_run_config_key():

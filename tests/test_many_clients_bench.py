@@ -30,7 +30,14 @@ def test_k60_is_the_committed_many_clients_benchmark(bench):
     assert setting(bench, 3)[0] == bench
     assert {k: three.benchmark[k] for k in ("max_train", "max_test", "val_fraction")} == \
         {k: plain.benchmark[k] for k in ("max_train", "max_test", "val_fraction")}
-    assert setting("vision", 3) == ("vision", "")
+    # ... and trains like it: the local batch, FL rounds and weighting of <bench>_k60 for every
+    # method, whatever the benchmark's own per-method recipes say
+    for method in ("metamoe", "fedavg", "fedalign_moe", "ddome"):
+        three_m = resolve_config({"benchmark": bench, "method": method,
+                                  "overrides": setting(bench, 3)[1]})
+        many_m = resolve_config({"benchmark": name, "method": method})
+        assert [three_m.expert.batch_size, three_m.fl.rounds, three_m.fl.weighting] == \
+            [many_m.expert.batch_size, many_m.fl.rounds, many_m.fl.weighting], method
     k12 = resolve_config({"benchmark": name, "overrides": setting(bench, 12)[1]})
     assert k12.benchmark.num_clients == 12 and k12.benchmark.partition == "dirichlet"
 
