@@ -1,7 +1,7 @@
 """Re-run the server's unify stage of a finished MetaMoE run offline, under variants, and score
 each unified MoE on every client's evaluation split (the split the run was evaluated on).
 
-    python -m bench.unify_probe RUN_DIR [--variants metamoe,same_start,...]
+    python -m bench.unify_probe RUN_DIR [--variants "metamoe;same_start;..."]
                                 [--output results/unify-probe.json]
 
 RUN_DIR is a ``metamoe`` or ``unrestricted_moe_same_start`` run directory (its
@@ -11,8 +11,8 @@ so a variant costs one fine-tuning and one evaluation, not a federation. A diagn
 upper bound's recipe (docs/results.md "Upper bound same start"); it reads the clients' private
 sets the way the NON-PRIVATE upper bound does (``strategies/unrestricted.py``).
 
-Variants (``name`` or ``name:key=value,key=value``; a key without a section is the unify
-section's, e.g. ``same_start:expert.epochs=3,lr=1e-4``):
+Variants, separated by ``;`` (``name`` or ``name:key=value,key=value``; a key without a
+section is the unify section's, e.g. ``same_start:expert.epochs=3,lr=1e-4``):
 
 * ``metamoe`` — MetaMoE's unify (router, λ and experts on the union of the proxies);
 * ``same_start`` — the upper bound's unify (``UnrestrictedSameStart.finetune_pooled`` on the
@@ -93,8 +93,14 @@ def evaluate(moe, cfg, bench) -> dict:
     return out
 
 
+KINDS = ("metamoe", "same_start", "after")
+
+
 def parse_variant(spec: str) -> tuple[str, dict]:
     name, _, kv = spec.partition(":")
+    if name.strip() not in KINDS:
+        raise SystemExit(f"unknown variant {name.strip()!r} in {spec!r} (one of {KINDS}; "
+                         "variants are separated by ';')")
     sets = {}
     for item in filter(None, kv.split(",")):
         k, _, v = item.partition("=")
@@ -125,8 +131,6 @@ def run_variant(strat, experts, selections, clients, spec: str) -> dict:
             moe = MetaMoE.unify(strat, experts, union)
             strat.cfg = cfg
             strat.finetune_pooled(moe, members, selections)
-        else:
-            raise SystemExit(f"unknown variant {kind!r} (metamoe | same_start | after)")
     finally:
         strat.cfg = base
     res = evaluate(moe, cfg, strat.bench)
@@ -138,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.unify_probe", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("run_dir")
-    ap.add_argument("--variants", default="metamoe,same_start",
+    ap.add_argument("--variants", default="metamoe;same_start",
                     help="';'-separated variants, e.g. 'metamoe;same_start:epochs=3,lr=1e-4'")
     ap.add_argument("--output", default=None)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
@@ -149,10 +153,13 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(a.threads)
     from metamoe.logging_utils import setup_logging
 
+    specs = [s for s in (s.strip() for s in a.variants.split(";")) if s]
+    for spec in specs:  # a bad variant fails before the run is loaded
+        parse_variant(spec)
     setup_logging()
     strat, experts, selections, clients = load_run(Path(a.run_dir))
     results = {}
-    for spec in filter(None, (s.strip() for s in a.variants.split(";"))):
+    for spec in specs:
         res = run_variant(strat, experts, selections, clients, spec)
         results[spec] = res
         doms = " ".join(f"{d} {100 * v:.2f}" for d, v in res.items()

@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from metamoe.proxy.select import METHODS as RULES  # the bench sweeps every rule
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -142,3 +144,13 @@ def test_recipe_offers_each_method_the_same_trials_and_picks_on_val_averages() -
     res = choose(tables, ["metamoe", "flexolmo"])
     assert res["router_epochs_choice"] == 1  # (0.72 + 0.55) / 2 > (0.60 + 0.60) / 2
     assert res["choice"] == {"metamoe": "metamoe[lambda1]@E1", "flexolmo": "flexolmo@E1"}
+
+
+def test_unify_probe_variants_parse_and_a_bad_one_is_named() -> None:
+    from bench.unify_probe import main, parse_variant
+
+    assert parse_variant("same_start:expert.epochs=3,lr=1e-4") == \
+        ("same_start", {"expert.epochs": "3", "lr": "1e-4"})
+    assert parse_variant("metamoe") == ("metamoe", {})
+    with pytest.raises(SystemExit, match="'metamoe,same_start'.*separated by ';'"):
+        main(["/nonexistent-run", "--variants", "metamoe,same_start"])  # before any loading

@@ -102,8 +102,8 @@ class UnrestrictedSameStart(MetaMoE):
         for ``expert.epochs`` passes (the passes every method gets over private data). Returns
         the private bytes read per client (NON-PRIVATE).
 
-        Not ``unify.epochs``: MetaMoE's router stage (one pass on text) is a transient on the
-        pooled data, in which λ falls and the tweets domain dips (val, seed 0: 1 pass 77.44,
+        Not ``unify.epochs``: one pass (text's router stage before its val recipe) is a
+        transient on the pooled data, in which λ falls and the tweets domain dips (val, seed 0: 1 pass 77.44,
         level with MetaMoE; 2 passes 79.33; 3 passes 78.56; ``bench/unify_probe.py``,
         docs/results.md "Upper bound same start")."""
         uc = OmegaConf.merge(self.cfg.unify, {"epochs": int(self.cfg.expert.epochs)})
