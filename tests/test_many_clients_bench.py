@@ -3,6 +3,7 @@ line follow the interface the issue names (keyed by K, averages in [0, 1], purit
 
 import json
 
+import numpy as np
 import pytest
 
 from bench.many_clients import ROWS, last_line, proxies_per_client, render, setting, summarise
@@ -44,15 +45,23 @@ def test_k60_is_the_committed_many_clients_benchmark(bench):
 
 @pytest.mark.parametrize("bench", ["vision_k60", "text_k60"])
 def test_every_k60_client_holds_enough_samples_to_upload(bench):
-    """Each of the 60 clients holds at least privacy.min_count train samples, so none refuses
-    its uploads (a client below it refuses every aggregate: clients/privacy.py)."""
+    """Each of the 60 clients holds at least privacy.min_count train samples, and as many
+    effective samples under its router vectors' token-weighted mean, so none refuses its
+    uploads (a client below it refuses them: clients/stages.py's expert_stage)."""
+    from types import SimpleNamespace
+
+    from metamoe.clients.privacy import effective_count, sample_token_counts
     from metamoe.data import client_names, client_partition, load_benchmark
 
     cfg = resolve_config({"benchmark": bench})
     data = load_benchmark(cfg)
-    sizes = [len(client_partition(cfg, data, p)[1].y_train)
-             for p in range(len(client_names(cfg)))]
+    # the token count reads only the seed model's pad id (text: 0, as models/text.py pads)
+    pad = SimpleNamespace(cfg=SimpleNamespace(pad_id=0))
+    doms = [client_partition(cfg, data, p)[1] for p in range(len(client_names(cfg)))]
+    sizes = [len(d.y_train) for d in doms]
+    eff = [effective_count(sample_token_counts(pad, d.x_train)) for d in doms]
     assert len(sizes) == 60 and min(sizes) >= cfg.privacy.min_count, min(sizes)
+    assert min(eff) >= cfg.privacy.min_count, (min(eff), int(np.argmin(eff)))
 
 
 def _fake_compare_dir(tmp_path, k):
