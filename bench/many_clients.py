@@ -9,7 +9,7 @@ domains.
     python -m bench.many_clients --combine A/many_clients.json B/many_clients.json ...
 
 K = 3 is ``<benchmark>`` itself (one client per domain; with ``<benchmark>_k60``'s train, val and
-test sizes, so that every K divides the same private data: text_k60 holds 2,400 train texts
+test sizes, so that every K divides the same private data: text_k60 holds 3,600 train texts
 per domain, text 600). Every larger K is
 ``<benchmark>_k60`` (20 clients per domain, Dirichlet(0.5) label skew inside a domain) with
 ``benchmark.num_clients=K`` and ``select.m`` = clip(4000 / K, 100, the benchmark's m) rounded
@@ -79,7 +79,7 @@ def _recipe_keys(benchmark: str) -> set[str]:
 
 def setting(benchmark: str, k: int) -> tuple[str, str]:
     """(benchmark config, overrides) of the K-client run. K = 3 is ``benchmark`` itself, with
-    ``<benchmark>_k60``'s train / val / test sizes where they differ (text_k60 holds 2,400 train
+    ``<benchmark>_k60``'s train / val / test sizes where they differ (text_k60 holds 3,600 train
     texts per domain, text 600), so that every K divides the same private data, and with its
     local batch, FL rounds and weighting (``SAME_TRAINING``) where they differ or a recipe of
     ``benchmark`` sets them, so that every K trains alike."""
