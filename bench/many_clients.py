@@ -65,16 +65,10 @@ SAME_TRAINING = ("expert.batch_size", "fl.rounds", "fl.weighting")
 
 def _recipe_keys(benchmark: str) -> set[str]:
     """Dotted keys the benchmark file's ``recipes:`` set for some method."""
-    from omegaconf import OmegaConf
+    from metamoe.config.resolve import benchmark_recipes
 
-    from metamoe.config.resolve import conf_dir
-
-    raw = OmegaConf.to_container(OmegaConf.load(conf_dir() / "benchmark" / f"{benchmark}.yaml"))
-    out: set[str] = set()
-    for sections in (raw.get("recipes") or {}).values():
-        for sec, keys in (sections or {}).items():
-            out |= {f"{sec}.{k}" for k in (keys or {})}
-    return out
+    return {f"{sec}.{k}" for sections in benchmark_recipes(benchmark).values()
+            for sec, keys in sections.items() for k in keys}
 
 
 def setting(benchmark: str, k: int) -> tuple[str, str]:

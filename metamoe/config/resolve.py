@@ -69,6 +69,13 @@ def _recipes(bconf: DictConfig, bench: str) -> dict[str, DictConfig]:
     return dict(recipes)
 
 
+def benchmark_recipes(bench: str) -> dict[str, dict]:
+    """A benchmark file's ``recipes:`` ({method: {section: {key: value}}}), its ``extends``
+    chain included, as plain containers."""
+    return {m: OmegaConf.to_container(r) for m, r in _recipes(_yaml("benchmark", bench),
+                                                              bench).items()}
+
+
 def _split_top_commas(token: str) -> list[str]:
     """``a=1,b=[x,y]`` -> ``["a=1", "b=[x,y]"]``: commas inside brackets stay in the value."""
     out, depth, cur = [], 0, ""

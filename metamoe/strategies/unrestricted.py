@@ -103,9 +103,9 @@ class UnrestrictedSameStart(MetaMoE):
         the private bytes read per client (NON-PRIVATE).
 
         Not ``unify.epochs``: one pass (text's router stage before its val recipe) is a
-        transient on the pooled data, in which λ falls and the tweets domain dips (val, seed 0: 1 pass 77.44,
-        level with MetaMoE; 2 passes 79.33; 3 passes 78.56; ``bench/unify_probe.py``,
-        docs/results.md "Upper bound same start")."""
+        transient on the pooled data, in which λ falls and the tweets domain dips (val, seed 0:
+        1 pass 77.44, level with MetaMoE; 2 passes 79.33; 3 passes 78.56;
+        ``bench/unify_probe.py``, docs/results.md "Upper bound same start")."""
         uc = OmegaConf.merge(self.cfg.unify, {"epochs": int(self.cfg.expert.epochs)})
         xs, ys, doms, nbytes = private_sets(self.cfg, self.bench, clients)
         # every proxy counts for the domain of the first client (partition order) that picked it
