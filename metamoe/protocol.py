@@ -16,7 +16,8 @@ train.expert        ``expert`` FFN-LoRA A/B          clients.stages.expert_stage
                     loss, coverage, router_dp_*)     clients.stages.coverage
                     (the same, once per round, with  (strategies.group_fl sends the group's
                     unify.group_expert=fedavg or     LoRA in ``init``: the FedAvg mean, or
-                    cyclic)                          with cyclic the previous member's)
+                    cyclic; ``router`` and the train with cyclic the previous member's, and
+                    accuracy in the last round only) ``final`` in ``group-round``)
 evaluate            ``metrics`` accuracies, coverage clients.stages.evaluate_stage
 query.fl_seed       ``info`` acknowledgement         clients.fl_handlers.fl_seed
 train               ``arrays`` FFN-LoRA weights      clients.fl_handlers.fedavg_train

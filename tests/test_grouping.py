@@ -233,6 +233,9 @@ def test_group_fedavg_rounds_average_the_members_uploads(tmp_path, cache_dir, pr
             assert all(np.array_equal(v, i[0][k]) for i in inits)
             if "lora_B" in k:
                 assert not v.any()
+        for n in nids:  # router vectors and train accuracy in the last round only
+            assert [("router" in u, "train_acc_private" in u["metrics"][1])
+                    for u in ups[n]] == [(False, False), (True, True)]
         w = np.array([ups[n][0]["metrics"][1]["n_train"] for n in nids], np.float64)
         for k, v in inits[0][1].items():  # round 2: the weighted mean of round 1's uploads
             want = sum(wi * ups[n][0]["expert"][1][k] for wi, n in zip(w / w.sum(), nids))
@@ -289,16 +292,19 @@ def test_cyclic_group_expert_passes_the_lora_from_member_to_member(tmp_path, cac
     node = {u["info"][1]["name"]: nid for t, nid, u in uploads if t == IDENTIFY}
     ups: dict = {}
     n_train: dict = {}
+    routed: dict = {}  # node -> per round: were router vectors uploaded?
     for t, nid, u in uploads:
         if t == EXPERT:
             ups.setdefault(nid, []).append(u["expert"][1])
             n_train[nid] = float(u["metrics"][1]["n_train"])
+            routed.setdefault(nid, []).append("router" in u)
     seed = int(m["config"]["run"]["seed"])
     for gname, ms in g["groups"].items():
         orders = [shuffled(ms, seed, r) if order == "shuffled" else ms for r in (1, 2)]
         nids = [node[c] for c in ms]
         init = {n: [s["init"][1] for s in sent[(EXPERT, n)]] for n in nids}
         assert all(len(init[n]) == 2 == len(ups[n]) for n in nids)
+        assert all(routed[n] == [False, True] for n in nids)  # the last round's only
         first = node[orders[0][0]]
         assert all(not v.any() for k, v in init[first][0].items() if "lora_B" in k)  # M0
         # the order the expert travels

@@ -60,26 +60,30 @@ def expert(msg: Message, context: Context) -> Message:
     idx = np.asarray(sel.pop("selected"), dtype=np.int64)
     if len(idx) and (idx.min() < 0 or idx.max() >= len(bench.pool_x)):
         raise ValueError(f"proxy index out of range [0, {len(bench.pool_x)})")
-    init, epochs, rng = None, None, derive_seed(cfg.run.seed, node.partition_id)
+    init, epochs, final = None, None, True
+    rng = derive_seed(cfg.run.seed, node.partition_id)
     if "group-round" in msg.content:  # unify.group_expert=fedavg: a round of a group's expert
         rnd = get_record(msg.content, "group-round", ConfigRecord, "server")
         init = check_arrays(from_record(get_record(msg.content, "init", ArrayRecord, "server")),
                             lora_shapes(seed.cfg.depth, seed.cfg.dim, seed.cfg.mlp_hidden,
                                         int(cfg.expert.rank)), "server", "group expert")
         epochs = float(rnd["epochs"])
+        final = bool(rnd.get("final", True))  # earlier rounds: the LoRA only
         rng = derive_seed(cfg.run.seed, node.partition_id, int(rnd["round"]))
     lora, vectors, metrics = stages.expert_stage(cfg, seed, node.domain, bench, idx, rng,
-                                                 init=init, epochs=epochs)
+                                                 init=init, epochs=epochs, final=final)
     if sel:  # selection-quality ablation: coverage of each method's picks
         sel["selected"] = idx
         metrics.update(stages.coverage(seed, node.domain, bench, sel, cfg.select.embedding,
                                        min_count=int(cfg.privacy.min_count)))
     log.info("client %s: expert trained on %d samples (%d proxies), loss %.3f", node.name,
              metrics["n_train"], metrics["n_proxies"], metrics.get("train_loss", float("nan")))
-    # Uploaded: the expert's LoRA, its router vectors and scalars (stages.expert_stage).
-    return Message(RecordDict({"expert": to_record(lora),
-                               "router": to_record({"vectors": vectors}),
-                               "metrics": MetricRecord(metrics)}), reply_to=msg)
+    # Uploaded: the expert's LoRA, its router vectors (not in a group's non-final rounds) and
+    # scalars (stages.expert_stage).
+    reply = RecordDict({"expert": to_record(lora), "metrics": MetricRecord(metrics)})
+    if vectors is not None:
+        reply["router"] = to_record({"vectors": vectors})
+    return Message(reply, reply_to=msg)
 
 
 def evaluate(msg: Message, context: Context) -> Message:

@@ -76,8 +76,8 @@ def sketch_stage(cfg: DictConfig, seed: nn.Module, dom: Domain, bench: VisionBen
 
 def expert_stage(cfg: DictConfig, seed: nn.Module, dom: Domain, bench: VisionBenchmark,
                  proxy_idx: np.ndarray, rng_seed: int, init: dict | None = None,
-                 epochs: float | None = None
-                 ) -> tuple[dict[str, np.ndarray], np.ndarray, dict]:
+                 epochs: float | None = None, final: bool = True
+                 ) -> tuple[dict[str, np.ndarray], np.ndarray | None, dict]:
     """Proxy-aligned expert: LoRA on M0's FFNs trained on Dp ∪ proxies (paper §3.3).
 
     Proxies keep their public-pool labels in the shared named-class head (as the paper keeps
@@ -89,6 +89,8 @@ def expert_stage(cfg: DictConfig, seed: nn.Module, dom: Domain, bench: VisionBen
     ``init`` / ``epochs``: one round of a group's shared expert (``unify.group_expert=fedavg``,
     ``strategies/group_fl.py``): training starts from the server's LoRA ``init`` and runs
     ``epochs`` passes (a share of ``expert.epochs``) instead of ``expert.epochs``.
+    ``final=False`` (a group's non-final round): the LoRA and its training scalars only, no
+    router vectors (None) and no train accuracy; only the last round's are used.
     """
     ec = cfg.expert
     if epochs is not None:
@@ -128,9 +130,9 @@ def expert_stage(cfg: DictConfig, seed: nn.Module, dom: Domain, bench: VisionBen
                  desc=f"expert[{dom.name}]", log_every=1, dp=dp)
     router_x = x if ec.router_data == "union" else xp
     # Uploaded: the LoRA weight deltas and the per-layer means over all of router_x.
-    vectors = ffn_input_means(model, router_x).numpy().astype(np.float32)
+    vectors = ffn_input_means(model, router_x).numpy().astype(np.float32) if final else None
     dp_info: dict[str, float] = {}
-    if z["router"] > 0:  # optional: Gaussian mechanism on the clipped mean instead
+    if final and z["router"] > 0:  # optional: Gaussian mechanism on the clipped mean instead
         from metamoe.clients.privacy import private_router_vectors
 
         vectors, dp_info = private_router_vectors(model, router_x, pc.router_dp_clip,
@@ -139,9 +141,11 @@ def expert_stage(cfg: DictConfig, seed: nn.Module, dom: Domain, bench: VisionBen
     lora = {k: v.numpy().astype(np.float32) for k, v in lora_state_dict(model).items()}
     metrics = {"n_train": int(len(x)), "n_private": int(len(xp)), "n_proxies": int(len(xq)),
                "train_loss": float(hist["loss"]), "train_seconds": float(hist["seconds"]),
-               "train_acc_private": accuracy(model, xp, yp, dom.classes), **dp_info}
+               **dp_info}
+    if final:
+        metrics["train_acc_private"] = accuracy(model, xp, yp, dom.classes)
     if dp is not None:  # the expert is post-processing of DP-SGD; metrics over Dp are not
-        metrics.pop("train_acc_private")
+        metrics.pop("train_acc_private", None)
         metrics.pop("train_loss")
         metrics.update(expert_dp_epsilon=dpsgd_epsilon(dp.noise_multiplier,
                                                        hist["dp_sample_rate"],

@@ -32,7 +32,9 @@ MetaMoE's expert phase, run as ``unify.group_rounds`` R rounds per group:
 A member that fails or is rejected in a round is left out of that round's average (logged
 and recorded by :class:`~metamoe.strategies.base.Federation`); a group no member answered
 keeps its LoRA; a group with no reply in the last round has no expert. Uploads: R expert
-replies per client, counted in upload bytes.
+replies per client, counted in upload bytes; only the last round's carry router vectors and
+the train accuracy (``"final"`` in the round's config): the earlier ones would go unused, and
+each would be one more release of a mean over the client's private data.
 """
 
 from __future__ import annotations
@@ -109,7 +111,8 @@ def group_fedavg(strat, fed: Federation, selections: dict[str, dict[str, np.ndar
                         "proxies": to_record({"selected": proxies[c]}),
                         "init": to_record(state[g]),
                         "group-round": ConfigRecord({"round": r,
-                                                     "epochs": float(ec.epochs) / rounds})})
+                                                     "epochs": float(ec.epochs) / rounds,
+                                                     "final": r == rounds})})
                     if seed is not None and r == 1:  # a member's first message
                         content["seed"], content["seed-config"] = seed["seed"], \
                             seed["seed-config"]
@@ -118,7 +121,8 @@ def group_fedavg(strat, fed: Federation, selections: dict[str, dict[str, np.ndar
             # a cyclic step holds one member per group: federation.min_clients is checked
             # over the whole round instead
             got = fed.exchange(phase, EXPERT, payloads,
-                               lambda nid, c: strat.aggregate_expert(fed, nid, c),
+                               lambda nid, c, final=r == rounds:
+                               strat.aggregate_expert(fed, nid, c, vectors=final),
                                min_replies=0 if cyclic else None)
             by_name = {fed.client_name(n): v for n, v in got.items()}
             if j == 0:

@@ -108,16 +108,24 @@ class PhaseStrategy(Strategy):
             payloads[nid] = content
         return payloads
 
-    def aggregate_expert(self, fed: Federation, nid: int, content: RecordDict):
+    def aggregate_expert(self, fed: Federation, nid: int, content: RecordDict,
+                         vectors: bool = True):
+        """A client's expert upload, checked: (LoRA, router vectors, metrics). ``vectors=False``:
+        a non-final group round (``strategies/group_fl.py``), whose reply holds no router
+        vectors (None) and must not: only the last round's are used."""
         name = fed.client_name(nid)
         mc, ec = self.seed_model.cfg, self.cfg.expert
         lora = check_arrays(from_record(get_record(content, "expert", ArrayRecord, name)),
                             lora_shapes(mc.depth, mc.dim, mc.mlp_hidden, ec.rank), name,
                             "expert")
-        router = check_arrays(from_record(get_record(content, "router", ArrayRecord, name)),
-                              {"vectors": (mc.depth, mc.dim)}, name, "router vectors")
         metrics = check_metrics(get_record(content, "metrics", MetricRecord, name),
                                 ["n_train"], name)
+        if not vectors:
+            if "router" in content:
+                raise ValueError(f"{name}: router vectors in a non-final group round")
+            return lora, None, metrics
+        router = check_arrays(from_record(get_record(content, "router", ArrayRecord, name)),
+                              {"vectors": (mc.depth, mc.dim)}, name, "router vectors")
         return lora, router["vectors"], metrics
 
     # ---------------------------------------------------------------- screening
