@@ -324,3 +324,38 @@ def test_cyclic_group_expert_passes_the_lora_from_member_to_member(tmp_path, cac
             np.testing.assert_allclose(v, want[k], rtol=1e-5, atol=1e-7)
     if order == "shuffled":  # a permutation that moves someone in some round
         assert any(shuffled(ms, seed, r) != ms for ms in g["groups"].values() for r in (1, 2))
+
+
+def test_group_round_replies_carry_router_vectors_in_the_last_round_only():
+    """The server's check of one expert reply (PhaseStrategy.aggregate_expert): a non-final
+    group round's reply is the LoRA and scalars (vectors None) and is refused when it holds
+    router vectors; the last round's, like a one-shot expert's, must hold them."""
+    from types import SimpleNamespace
+
+    from flwr.app import MetricRecord, RecordDict
+
+    from metamoe.protocol import to_record
+    from metamoe.strategies.base import Federation
+    from metamoe.strategies.phases import PhaseStrategy
+
+    cfg = resolve_config({"benchmark": "tiny", "method": "metamoe"})
+    mc = SimpleNamespace(depth=2, dim=8, mlp_hidden=16)
+    strat = SimpleNamespace(seed_model=SimpleNamespace(cfg=mc), cfg=cfg)
+    lora = {k: np.zeros(s, np.float32)
+            for k, s in lora_shapes(2, 8, 16, int(cfg.expert.rank)).items()}
+    fed = Federation(grid=None, cfg=cfg)
+
+    def reply(with_vectors: bool) -> RecordDict:
+        rd = RecordDict({"expert": to_record(lora), "metrics": MetricRecord({"n_train": 5})})
+        if with_vectors:
+            rd["router"] = to_record({"vectors": np.ones((2, 8), np.float32)})
+        return rd
+
+    check = PhaseStrategy.aggregate_expert
+    _, vec, met = check(strat, fed, 3, reply(False), vectors=False)
+    assert vec is None and met["n_train"] == 5
+    assert check(strat, fed, 3, reply(True))[1].shape == (2, 8)
+    with pytest.raises(ValueError, match="non-final group round"):
+        check(strat, fed, 3, reply(True), vectors=False)
+    with pytest.raises(Exception, match="router"):
+        check(strat, fed, 3, reply(False))
