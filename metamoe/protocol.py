@@ -49,6 +49,7 @@ aggregate covers fewer than ``privacy.min_count`` private samples (clients/priva
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Mapping
 
@@ -124,6 +125,23 @@ def record_nbytes(content: RecordDict) -> int:
             for k, v in rec.items():
                 total += len(k) + (len(v) if isinstance(v, (str, bytes, list)) else 8)
     return total
+
+
+def content_digest(content: RecordDict) -> str:
+    """A digest of a message's content (record names, kinds, array bytes, shapes and dtypes,
+    scalar items): two payloads with the same digest ask the same of a node."""
+    h = hashlib.sha256()
+    for name in sorted(content):
+        rec = content[name]
+        h.update(f"{name}|{type(rec).__name__}|".encode())
+        if isinstance(rec, ArrayRecord):
+            for k in sorted(rec):
+                a = rec[k]
+                h.update(f"{k}|{a.dtype}|{tuple(a.shape)}|".encode())
+                h.update(a.data)
+        else:
+            h.update(repr(sorted(rec.items())).encode())
+    return h.hexdigest()
 
 
 def get_record(content: RecordDict, key: str, kind: type, client: str):

@@ -596,3 +596,30 @@ def test_index_batches_are_grouped_by_the_indexed_texts_lengths():
         assert sorted(np.concatenate(seen).tolist()) == sorted(lengths.tolist())  # every sample
         spans[grouped] = np.mean([b.max() - b.min() for b in seen])
     assert spans[True] < 0.25 * spans[False]
+
+
+@pytest.mark.slow
+def test_e2e_ddome_eval_per_domain_reports_what_every_client_would(tmp_path, monkeypatch,
+                                                                    cache_dir):
+    """DDOME with three clients per domain (three anchors, three normal clients), run twice:
+    every client evaluating, and run.eval_per_domain (one client per domain and model). The
+    metrics.json accuracies, gate shares and byte counts are the same; the second run names
+    who stood for whom."""
+    from metamoe.launch import launch
+
+    monkeypatch.setenv("METAMOE_FLWR_HOME", str(tmp_path / "flwr-home"))
+    ms = []
+    for flag in ("false", "true"):
+        run_dir = launch(benchmark="tiny", method="ddome", experiment="ddome_paper",
+                         overrides=f"benchmark.clients_per_domain=3 {OVR} "
+                                   f"run.eval_per_domain={flag}",
+                         output_dir=str(tmp_path / "results"), cache_dir=cache_dir,
+                         run_id=f"tiny-ddome-{flag}", timeout=600, quiet=True)
+        ms.append(json.loads((run_dir / "metrics.json").read_text()))
+    every, shared = ms
+    assert len(every["clients"]) == 6 and not every["eval_shared"]
+    rep = {c: c.split("-")[0] + "-0" for c in every["clients"] if not c.endswith("-0")}
+    assert shared["eval_shared"] == {"evaluate": rep} and len(rep) == 4
+    for key in ("accuracy", "ddome_share", "ddome_test_experts", "upload_bytes",
+                "download_bytes"):
+        assert shared[key] == every[key], key

@@ -256,3 +256,72 @@ def test_federation_orders_clients_and_replies_independently_of_arrival():
     replies = [_reply(w, nid) for nid in (32, 31, 30)]  # arrival: last payload first
     got = fed.collect("train", [30, 31, 32], replies, lambda nid, c: nid, min_replies=3)
     assert list(got) == [30, 31, 32]
+
+
+class _EvalGrid:
+    """Answers each evaluate message with the node's accuracy (node id / 100), or an error for
+    the nodes in ``fail``; records who was asked."""
+
+    def __init__(self, fail=()):
+        self.fail, self.asked = set(fail), []
+
+    def send_and_receive(self, msgs, timeout=None):
+        from flwr.app import Error
+
+        out = []
+        for m in msgs:
+            nid = m.metadata.dst_node_id
+            self.asked.append(nid)
+            md = Metadata(run_id=1, message_id=f"m-{nid}-{time.time_ns()}", src_node_id=1,
+                          dst_node_id=nid, reply_to_message_id="", group_id="evaluate",
+                          created_at=time.time(), ttl=3600.0, message_type="evaluate")
+            ask = Message(m.content, metadata=md)
+            if nid in self.fail:
+                rep = Message(error=Error(code=0, reason="crashed"), reply_to=ask)
+            else:
+                rep = Message(RecordDict({"metrics": MetricRecord({"acc": nid / 100})}),
+                              reply_to=ask)
+            out.append(rep)
+        return out
+
+
+def test_eval_per_domain_asks_one_client_per_domain_and_model_and_falls_back(monkeypatch):
+    """run.eval_per_domain: of the clients of a domain sent the same model, the first
+    evaluates for the others (their bytes counted, metrics.json's eval_shared names who stood
+    for whom); a client sent another model, or of another domain, evaluates itself; when the
+    one asked fails, the others are asked and the failure is recorded as missing. Off, every
+    client is asked."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for attr in ("_run_id", "_node_id", "_task_id"):  # the server's messages outside a run
+        monkeypatch.setattr(TaskIdentity, attr, 1)
+    w = {"w": np.ones((2, 3), np.float32)}
+
+    def run(flag: bool, fail=()):
+        fed = Federation(grid=_EvalGrid(fail), cfg=_cfg(f"run.eval_per_domain={flag}"))
+        for nid, dom in ((10, "mnist"), (11, "mnist"), (12, "mnist"), (20, "uci"), (21, "uci")):
+            fed.clients[nid] = ClientInfo(nid, f"c{nid}", dom, nid, 300)
+        same = RecordDict({"moe": to_record(w)})
+        other = RecordDict({"moe": to_record({"w": np.zeros((2, 3), np.float32)})})
+        payloads = {10: same, 11: RecordDict({"moe": to_record(w)}), 12: other, 20: same,
+                    21: same}
+        got = fed.evaluate("evaluate", "evaluate", payloads,
+                           lambda nid, c: dict(c["metrics"]))
+        return fed, {fed.client_name(n): m["acc"] for n, m in got.items()}
+
+    fed, acc = run(False)
+    assert sorted(fed.grid.asked) == [10, 11, 12, 20, 21] and not fed.eval_shared
+    fed, acc = run(True)
+    assert sorted(fed.grid.asked) == [10, 12, 20]  # 11: same bytes as 10's payload
+    assert acc == {"c10": 0.10, "c11": 0.10, "c12": 0.12, "c20": 0.20, "c21": 0.20}
+    assert fed.eval_shared == {"evaluate": {"c11": "c10", "c21": "c20"}}
+    assert fed.upload_bytes["c11"] == fed.upload_bytes["c10"] > 0
+    assert fed.download_bytes["c21"] == fed.download_bytes["c20"] > 0
+    fed, acc = run(True, fail={10})
+    assert sorted(fed.grid.asked) == [10, 11, 12, 20]
+    assert acc == {"c11": 0.11, "c12": 0.12, "c20": 0.20, "c21": 0.20}
+    assert fed.missing == {"evaluate": ["c10"]} and "c11" not in fed.eval_shared["evaluate"]
+    with pytest.raises(ConfigError, match="run.eval_per_domain"):
+        resolve_config({"benchmark": "tiny_local", "method": "metamoe",
+                        "overrides": "benchmark.num_clients=3 benchmark.pool_data=/p "
+                                     "run.eval_per_domain=true"})

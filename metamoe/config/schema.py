@@ -328,6 +328,11 @@ class RunConf:
     # metrics.json) when the model has at most this many experts (-1: always): K clients x K
     # experts passes, the slowest phase at K = 60. Changes no row's accuracy.
     eval_references_max: int = 20
+    # Simulation shortcut (Federation.evaluate): the clients of a domain that share its
+    # evaluation split and are sent the same model evaluate once, one standing for the others
+    # (metrics.json "eval_shared"); the same accuracies, a domain's K-fold evaluation cost
+    # once. Refused with local data (benchmark.kind=local: each node its own split).
+    eval_per_domain: bool = False
     # A suite run's rows, comma-separated (metamoe.compare sets it; strategies/suites.py);
     # empty: the suite's default rows.
     members: str = ""

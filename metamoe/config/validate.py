@@ -52,6 +52,10 @@ def validate(cfg: DictConfig) -> None:
     if cfg.benchmark.kind == "local" and cfg.method.startswith("unrestricted_moe"):
         raise ConfigError(f"method {cfg.method} pools the clients' raw data on the server; "
                           "with benchmark.kind=local the server holds no client data")
+    if cfg.benchmark.kind == "local" and cfg.run.eval_per_domain:
+        raise ConfigError("run.eval_per_domain lets one client of a domain evaluate for the "
+                          "others on their shared split; with benchmark.kind=local each node "
+                          "evaluates on its own data")
     groups = str(cfg.unify.groups).strip().lower()
     if groups not in ("none", "auto") and not (groups.isdigit() and int(groups) >= 1):
         raise ConfigError(f"unify.groups must be 'none', 'auto' or a positive integer, got "

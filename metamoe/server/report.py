@@ -119,6 +119,7 @@ def build_metrics(cfg, fed: Federation, outcome: Outcome, wall_total: float,
                             for n in expert_names} for d, ms in by_domain.items()
                         if ms and expert_names},
         "missing": fed.missing,
+        "eval_shared": fed.eval_shared,
         "resumed_phases": fed.resumed,
         "rejected": fed.rejected,
         "seed_model": seed_info,

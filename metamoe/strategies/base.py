@@ -10,6 +10,7 @@ recorded per phase; below ``federation.min_clients`` valid replies the run stops
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import time
@@ -25,7 +26,7 @@ import numpy as np
 from flwr.app import ConfigRecord, Message, RecordDict
 from omegaconf import DictConfig
 
-from metamoe.protocol import IDENTIFY, UploadError, get_record, record_nbytes
+from metamoe.protocol import IDENTIFY, UploadError, content_digest, get_record, record_nbytes
 
 log = logging.getLogger("metamoe")
 T = TypeVar("T")
@@ -104,6 +105,8 @@ class Federation:
     wall: dict[str, float] = field(default_factory=dict)
     rejected: list[dict] = field(default_factory=list)
     missing: dict[str, list[str]] = field(default_factory=dict)
+    # run.eval_per_domain: per evaluation phase, {client: the client whose evaluation it shares}
+    eval_shared: dict[str, dict[str, str]] = field(default_factory=dict)
     checkpoint: Checkpoint | None = None
     resumed: list[str] = field(default_factory=list)
 
@@ -196,6 +199,55 @@ class Federation:
         replies = self.grid.send_and_receive(
             msgs, timeout=float(self.cfg.federation.phase_timeout_s))
         return self.collect(phase, payloads, replies, validate, min_replies)
+
+    def evaluate(self, phase: str, message_type: str, payloads: dict[int, RecordDict],
+                 validate: Callable[[int, RecordDict], T]) -> dict[int, T]:
+        """:meth:`exchange` for an evaluation phase. With ``run.eval_per_domain`` (a simulation
+        shortcut for benchmarks whose clients of a domain share one evaluation split; refused
+        for local data) the clients of a domain sent the same payload
+        (:func:`~metamoe.protocol.content_digest`) are asked once: the first of them in payload
+        order evaluates, and its validated reply stands for the others, whose bytes count as if
+        each had evaluated (``metrics.json["eval_shared"]`` names who stood for whom). If it
+        fails, the others are asked themselves. The accuracies are the ones each would report:
+        the same model on the same split."""
+        if not bool(self.cfg.run.eval_per_domain):
+            return self.exchange(phase, message_type, payloads, validate)
+        groups: dict[tuple[str, str], list[int]] = {}
+        for nid, content in payloads.items():
+            info = self.clients.get(nid)
+            key = (info.domain if info else f"node-{nid}", content_digest(content))
+            groups.setdefault(key, []).append(nid)
+        reps = {ms[0]: ms[1:] for ms in groups.values()}
+        before = {n: self.upload_bytes[self.client_name(n)] for n in reps}
+        got = self.exchange(phase, message_type, {n: payloads[n] for n in reps}, validate,
+                            min_replies=0)
+        missing = list(self.missing.pop(phase, []))
+        retry: dict[int, RecordDict] = {}
+        for rep, others in reps.items():
+            if rep not in got:
+                retry.update({n: payloads[n] for n in others})
+                continue
+            up = self.upload_bytes[self.client_name(rep)] - before[rep]
+            for n in others:
+                got[n] = copy.copy(got[rep])
+                self.download_bytes[self.client_name(n)] += record_nbytes(payloads[n])
+                self.upload_bytes[self.client_name(n)] += up
+                self.eval_shared.setdefault(phase, {})[self.client_name(n)] = \
+                    self.client_name(rep)
+        if retry:
+            got.update(self.exchange(phase, message_type, retry, validate, min_replies=0))
+            missing += self.missing.pop(phase, [])
+        if missing:
+            self.missing[phase] = missing
+        if self.eval_shared.get(phase):
+            log.info("phase %s: %d of %d clients evaluated; the others share their domain's "
+                     "split and model (run.eval_per_domain)", phase,
+                     len(payloads) - len(self.eval_shared[phase]), len(payloads))
+        need = int(self.cfg.federation.min_clients)
+        if len(got) < need:
+            raise PhaseError(f"phase {phase}: only {len(got)} valid client replies, "
+                             f"federation.min_clients={need}; missing/rejected: {missing}")
+        return {nid: got[nid] for nid in payloads if nid in got}
 
     def collect(self, phase: str, expected: Iterable[int], replies: Iterable[Message],
                 validate: Callable[[int, RecordDict], T],

@@ -152,7 +152,7 @@ class DDOME(FLStrategy):
 
         all_experts = to_record({f"e{e}/{k}": v for e in range(M) for k, v in experts[e].items()})
         with fed.phase("evaluate"):
-            got = fed.exchange("evaluate", DDOME_EVALUATE,
+            got = fed.evaluate("evaluate", DDOME_EVALUATE,
                                {nid: RecordDict({"gate": to_record(gate), "experts": all_experts,
                                                  CONFIG: encode_settings(DDOME_SPEC, base)})
                                 for nid in fed.clients}, val_eval)

@@ -103,7 +103,7 @@ class FLStrategy(Strategy):
                                  ["acc_unified", "acc_zero_shot"], name)
 
         with fed.phase("evaluate"):
-            got = fed.exchange("evaluate", EVALUATE,
+            got = fed.evaluate("evaluate", EVALUATE,
                                {nid: RecordDict({"moe": state, CONFIG: conf})
                                 for nid in fed.clients}, val)
         return {fed.client_name(n): m for n, m in got.items()}

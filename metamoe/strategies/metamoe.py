@@ -115,7 +115,7 @@ class MetaMoE(PhaseStrategy):
         domains = {d.name: list(map(int, d.classes)) for d in self.bench.domains}
         model_extra = {"class_names": list(self.bench.class_names), "domains": domains}
         with fed.phase("evaluate"):
-            evals = fed.exchange("evaluate", EVALUATE,
+            evals = fed.evaluate("evaluate", EVALUATE,
                                  self.configure_evaluate(fed, moe, model_extra),
                                  lambda nid, c: self.aggregate_evaluate(fed, nid, c))
         evaluations = {fed.client_name(n): m for n, m in evals.items()}

@@ -126,7 +126,7 @@ def merge_and_evaluate(lead: OneShot, fed: Federation, members: dict[str, OneSho
         models[rname] = moe
         before = dict(fed.upload_bytes)
         with fed.phase(f"evaluate[{rname}]" if len(members) > 1 else "evaluate"):
-            evals = fed.exchange(
+            evals = fed.evaluate(
                 f"evaluate[{rname}]", EVALUATE,
                 m.configure_evaluate(fed, moe, {**model_extra, "mode": m.eval_mode}),
                 lambda nid, c, m=m: m.aggregate_evaluate(fed, nid, c))

@@ -166,7 +166,7 @@ class UnrestrictedScratch(OneShot):
         model_extra = {"class_names": list(self.bench.class_names), "domains": dom_classes,
                        "private": False}
         with fed.phase("evaluate"):
-            evals = fed.exchange("evaluate", EVALUATE,
+            evals = fed.evaluate("evaluate", EVALUATE,
                                  self.configure_evaluate(fed, moe, model_extra),
                                  lambda nid, c: self.aggregate_evaluate(fed, nid, c))
         evals = {fed.client_name(n): v for n, v in evals.items()}
