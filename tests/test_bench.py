@@ -154,3 +154,23 @@ def test_unify_probe_variants_parse_and_a_bad_one_is_named() -> None:
     assert parse_variant("metamoe") == ("metamoe", {})
     with pytest.raises(SystemExit, match="'metamoe,same_start'.*separated by ';'"):
         main(["/nonexistent-run", "--variants", "metamoe,same_start"])  # before any loading
+
+
+def test_ddome_gate_steps_counts_the_budgets_steps(cache_dir: str) -> None:
+    """tiny (2 domains) under ddome_paper: the anchors are partitions 0 and 1; at the budget
+    (fl.rounds x fl.epochs passes of expert.batch_size) each takes ceil(n / batch) steps per
+    pass, and 4x the passes 4x the steps."""
+    lines = _bench(["bench.ddome_gate_steps", "--benchmark", "tiny", "--passes-x", "1,4",
+                    "--lr-x", "1"], env={"METAMOE_CACHE_DIR": cache_dir})
+    out = json.loads(lines[-1])
+    from metamoe.config import resolve_config
+
+    cfg = resolve_config({"benchmark": "tiny", "method": "ddome", "experiment": "ddome_paper"})
+    passes = cfg.fl.rounds * cfg.fl.epochs
+    per_pass = sum(math.ceil(n / out["batch_size"]) for n in out["n_train"]) / 2
+    one, four = out["rows"]
+    assert len(out["n_train"]) == 2 and one["passes"] == passes and four["passes"] == 4 * passes
+    if float(passes).is_integer():
+        assert one["steps_per_anchor"] == passes * per_pass
+    assert four["steps_per_anchor"] == 4 * one["steps_per_anchor"]
+    assert all(0 <= r["val_domain_acc"] <= 1 and r["logit_std"] >= 0 for r in out["rows"])
