@@ -151,10 +151,11 @@ class DDOME(FLStrategy):
                                  ["acc_unified", "acc_zero_shot"], name)
 
         all_experts = to_record({f"e{e}/{k}": v for e in range(M) for k, v in experts[e].items()})
+        gate_rec, eval_conf = to_record(gate), encode_settings(DDOME_SPEC, base)
         with fed.phase("evaluate"):
             got = fed.evaluate("evaluate", DDOME_EVALUATE,
-                               {nid: RecordDict({"gate": to_record(gate), "experts": all_experts,
-                                                 CONFIG: encode_settings(DDOME_SPEC, base)})
+                               {nid: RecordDict({"gate": gate_rec, "experts": all_experts,
+                                                 CONFIG: eval_conf})
                                 for nid in fed.clients}, val_eval)
         evals = {fed.client_name(n): m for n, m in got.items()}
         chosen = {c: [int(k.split("/e")[1]) for k, v in m.items()
