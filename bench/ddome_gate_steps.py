@@ -5,13 +5,16 @@
 
 DDOME's anchor clients train the gate (``models.gate.GateMLP`` over M0's pooled features) to
 send their own samples to their own expert: CE(gate(x), q). This bench gives that objective
-its best case: one gate, trained centrally on the anchors' private train features in turn
-(no averaging across clients, no normal clients pulling it elsewhere), from the same init
+a favourable case: one gate and one optimiser, trained centrally on the anchors' private
+train features, each anchor's single-domain batches in turn as that anchor sees them (no
+averaging across clients, no normal clients pulling it elsewhere), from the same init
 (``nn.Linear``'s default) with the run's optimiser settings: Adam at ``fl.ddome_gate_lr``,
 ``expert.batch_size``, ``fl.rounds × fl.epochs`` passes (the budget rule's). It reports the
 gate's domain accuracy on the domains' validation splits and the spread of its logits, at
 the budget (``x1``) and at multiples of the passes and of the learning rate. A gate that
-cannot separate the domains here cannot in the federated run either. Nothing is trained on
+cannot separate the domains here is unlikely to in the federated run. (Shuffling the
+anchors' data together into mixed batches is easier still; this bench does not, which is why
+it keeps its own loop instead of ``metamoe.training.train``.) Nothing is trained on
 validation data. Prints one JSON object (last line).
 """
 
