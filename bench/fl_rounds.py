@@ -2,13 +2,16 @@
 
     python -m bench.fl_rounds --benchmark vision --split val [--seeds 1] [--rounds 4,8,16]
                               [--methods fedavg,fedavg_moe,fedalign_moe,ddome[ddome_paper]]
+                              [--more-rounds 32:fedavg,fedavg_moe]
                               [--output-dir results/fl-rounds-vision-val]
 
 The budget rule (``metamoe/budget.py``) fixes ``fl.rounds × fl.epochs`` at ``expert.epochs``
 (``fl.epochs`` is interpolated from ``fl.rounds``, a fraction of an epoch per round when rounds
 exceed the passes), so more rounds means more communication for the same passes over each
 client's private data. Each round count is one :func:`metamoe.compare.compare` with override
-``fl.rounds=R`` (its runs, ids and tables under ``<out>/R<R>/``, reused when present). Writes
+``fl.rounds=R`` (its runs, ids and tables under ``<out>/R<R>/``, reused when present);
+``--more-rounds R[,R2]:rows`` runs only the listed rows at those further round counts (a grid
+extended past its edge for the rows that peak there, without the expensive ones). Writes
 ``<out>/sweep.json`` ({row: {R: {average, std, per_seed_average, upload_bytes, rounds}}} plus
 ``best_rounds`` per row, the round count with the highest mean average), ``<out>/sweep.md`` and
 ``<out>/accuracy_vs_upload.png`` (one line per row, a point per round count). Choose a row's
@@ -82,18 +85,37 @@ def write_plot(path: Path, sweep: dict, split: str) -> Path:
     return path
 
 
+def parse_more_rounds(spec: str, rounds: list[int]) -> dict[int, list[str]]:
+    """``"32,64:fedavg,fedavg_moe"`` -> {32: [...], 64: [...]}; a count already in ``rounds``
+    or not positive, or an empty row list, is refused."""
+    if not spec.strip():
+        return {}
+    counts, sep, rows = spec.partition(":")
+    try:
+        rs = [int(x) for x in counts.split(",") if x.strip()]
+    except ValueError:
+        rs = []
+    names = [m.strip() for m in rows.split(",") if m.strip()]
+    if not sep or not rs or not names or any(r < 1 or r in rounds for r in rs):
+        raise SystemExit(f"--more-rounds must be 'R[,R2]:row[,row2]' with round counts that "
+                         f"are positive and not in --rounds {rounds}, got {spec!r}")
+    return {r: names for r in rs}
+
+
 def sweep(benchmark: str, rounds: list[int], methods: list[str], seeds: int, split: str,
           output_dir: str | None, overrides: str = "", cache_dir: str | None = None,
-          timeout: float = 3600.0, quiet: bool = False) -> dict:
+          timeout: float = 3600.0, quiet: bool = False,
+          more_rounds: dict[int, list[str]] | None = None) -> dict:
     from metamoe.compare import compare
 
     if not rounds or any(r < 1 for r in rounds):
         raise SystemExit(f"--rounds must be positive integers, got {rounds}")
+    plan = {r: methods for r in rounds} | (more_rounds or {})
     suffix = "" if split == "test" else f"-{split}"
     out = Path(output_dir or ROOT / "results" / f"fl-rounds-{benchmark}{suffix}").resolve()
     tables = {}
-    for r in rounds:
-        d = compare(benchmark, seeds, methods, str(out / f"R{r}"), cache_dir,
+    for r, rows in sorted(plan.items()):
+        d = compare(benchmark, seeds, rows, str(out / f"R{r}"), cache_dir,
                     overrides=f"{overrides} fl.rounds={r}".strip(), timeout=timeout,
                     quiet=quiet, split=split)
         tables[r] = json.loads((d / "table.json").read_text())
@@ -101,7 +123,8 @@ def sweep(benchmark: str, rounds: list[int], methods: list[str], seeds: int, spl
     from metamoe.server.report import code_commit
 
     result.update(benchmark=benchmark, split=split, seeds=seeds, overrides=overrides,
-                  commit=code_commit(), runs={r: str(out / f"R{r}" / "runs") for r in rounds})
+                  commit=code_commit(), runs={r: str(out / f"R{r}" / "runs") for r in plan},
+                  more_rounds=more_rounds or {})
     (out / "sweep.json").write_text(json.dumps(result, indent=2))
     write_markdown(out / "sweep.md", result, benchmark, split, seeds)
     write_plot(out / "accuracy_vs_upload.png", result, split)
@@ -116,6 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--benchmark", default="vision")
     ap.add_argument("--rounds", default=",".join(map(str, DEFAULT_ROUNDS)))
     ap.add_argument("--methods", default=",".join(FL))
+    ap.add_argument("--more-rounds", default="", metavar="R[,R2]:ROWS",
+                    help="run only these rows at these further round counts")
     ap.add_argument("--seeds", type=int, default=1)
     ap.add_argument("--split", choices=("test", "val"), default="val")
     add_run_args(ap)  # --output-dir, --cache-dir, --overrides, --timeout
@@ -127,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     methods = [m.strip() for m in a.methods.split(",") if m.strip()]
     res = sweep(a.benchmark, rounds, methods, a.seeds, a.split, a.output_dir, a.overrides,
-                a.cache_dir, a.timeout)
+                a.cache_dir, a.timeout, more_rounds=parse_more_rounds(a.more_rounds, rounds))
     print(json.dumps({**{row: {str(r): v["average"] for r, v in by_r.items()}
                          for row, by_r in res["rows"].items()},
                       "best_rounds": res["best_rounds"]}))

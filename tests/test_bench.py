@@ -110,6 +110,19 @@ def test_fl_rounds_collects_each_round_count_and_picks_the_best(tmp_path: Path) 
     assert write_plot(tmp_path / "p.png", sweep, "val").stat().st_size > 1000
 
 
+def test_fl_rounds_more_rounds_extends_the_grid_for_named_rows_only() -> None:
+    """--more-rounds: further round counts for the listed rows; a count already swept, a
+    non-positive one or a spec without rows is refused before anything runs."""
+    from bench.fl_rounds import parse_more_rounds
+
+    assert parse_more_rounds("", [4, 8]) == {}
+    assert parse_more_rounds("32,64:fedavg, fedavg_moe", [4, 8]) == {
+        32: ["fedavg", "fedavg_moe"], 64: ["fedavg", "fedavg_moe"]}
+    for bad in ("8:fedavg", "32", "32:", "0:fedavg", "x:fedavg"):
+        with pytest.raises(SystemExit, match="--more-rounds"):
+            parse_more_rounds(bad, [4, 8])
+
+
 def test_recipe_offers_each_method_the_same_trials_and_picks_on_val_averages() -> None:
     """bench.recipe: 8 trials per method (the unify-only ones share a suite run per router-
     stage length, DDOME's run once); the choice is the highest mean, ties to the default."""
