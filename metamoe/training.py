@@ -91,6 +91,7 @@ def train(
     log_every: int = 0,
     dp: DPSGD | None = None,
     sample_weights: torch.Tensor | None = None,
+    round_of: tuple[int, int] | None = None,
 ) -> dict:
     """Mini-batch training of ``model``; returns {"loss": last-epoch mean, ...}.
 
@@ -103,10 +104,14 @@ def train(
     ``metamoe/progress.py``). The model and each batch go to the current runtime's device (``metamoe/device.py``); the
     forward pass runs under its autocast. ``dp``: DP-SGD (``metamoe/dpsgd.py``): Poisson-sampled
     batches, per-sample clipping and Gaussian noise; the result then also holds ``dp_steps``
-    and ``dp_sample_rate`` for the accountant. ``sample_weights`` (one per item, e.g.
+    and ``dp_sample_rate`` for the accountant; ``steps_so_far`` counts this call's steps and,
+    with ``round_of``, the earlier rounds'. ``sample_weights`` (one per item, e.g.
     :func:`balanced_weights`): each epoch's ``ceil(N / batch_size)`` batches are drawn with
     replacement in proportion to them (PyTorch's ``WeightedRandomSampler``), then
-    length-grouped like any order.
+    length-grouped like any order. ``round_of`` = (r, R): this call is round r (1-based) of R
+    rounds whose ``cfg.epochs`` each add up to ``cfg.epochs × R`` passes; it takes its exact
+    share of those passes' steps (:func:`round_steps`), so R rounds train the same number of
+    batches as one run of ``cfg.epochs × R`` epochs (FL rounds; a group's expert rounds).
     """
     data = as_dataset(x, y)
     n = len(data)
@@ -128,7 +133,11 @@ def train(
         lengths = dataset_lengths(data, _pad_id(model))
     checked = rt.device.type != "meta"  # meta tensors carry no values to check
     # Dropout (text encoders) draws from torch's global RNG: seed it too, inside a fork.
-    plan = epoch_steps(cfg.epochs, steps)
+    plan = epoch_steps(cfg.epochs, steps) if round_of is None else \
+        round_steps(cfg.epochs, steps, *round_of, desc=desc)
+    # steps of this call and the rounds before it (the DP accountant's count after a round)
+    so_far = sum(plan) if round_of is None else \
+        round_of[0] * round(float(cfg.epochs) * round_of[1] * steps) // round_of[1]
     report = Progress(len(plan), desc, unit="epoch") if log_every else None
     if sample_weights is not None:
         sample_weights = torch.as_tensor(sample_weights, dtype=torch.float64)
@@ -139,7 +148,8 @@ def train(
         if dp is not None:
             raise ValueError(f"{desc}: DP-SGD samples its own batches (Poisson); no weights")
     if dp is not None:
-        return _train_dp(model, data, cfg, opt, loss_fn, dp, gen, seed, desc, report, t0, plan)
+        return {**_train_dp(model, data, cfg, opt, loss_fn, dp, gen, seed, desc, report, t0,
+                            plan), "steps_so_far": so_far}
     with seeded(seed):
         for epoch, k in enumerate(plan):
             if sample_weights is not None:
@@ -174,7 +184,8 @@ def train(
     if report is not None:
         report.close()
     model.eval()
-    return {"loss": epoch_loss, "seconds": time.perf_counter() - t0, "examples": n}
+    return {"loss": epoch_loss, "seconds": time.perf_counter() - t0, "examples": n,
+            "steps_so_far": so_far}
 
 
 def _train_dp(model: nn.Module, data: Dataset, cfg, opt, loss_fn, dp: DPSGD,
@@ -227,6 +238,36 @@ def epoch_steps(epochs: float, steps: int) -> list[int]:
     whole = int(math.floor(epochs + 1e-9))
     frac = float(epochs) - whole
     return [steps] * whole + ([max(1, math.ceil(frac * steps - 1e-9))] if frac > 1e-9 else [])
+
+
+def round_steps(epochs: float, steps: int, r: int, rounds: int, desc: str = "train"
+                ) -> list[int]:
+    """Round ``r`` (1-based) of ``rounds`` rounds of ``epochs`` passes each over ``steps``
+    batches: its share of the T = round(epochs · rounds · steps) steps of all rounds, the
+    cumulative floor ⌊r·T/R⌋ − ⌊(r−1)·T/R⌋ (rounds differ by at most one step and add up to T
+    exactly; per-round :func:`epoch_steps` would round every fractional round up, e.g. 16
+    rounds of 19 · 0.125 batches = 48 steps instead of 38). Returned per pass, like
+    :func:`epoch_steps`. Refused (ValueError naming both counts) when T < R: a round with
+    no step would return the model it got."""
+    if not 1 <= r <= rounds:
+        raise ValueError(f"{desc}: round {r} is not in 1..{rounds}")
+    total = round(float(epochs) * rounds * steps)
+    if total < rounds:
+        raise ValueError(f"{desc}: {rounds} rounds of {float(epochs):g} passes over {steps} "
+                         f"batches give {total} optimiser steps in all, fewer than one per "
+                         f"round; use at most {total} rounds (fl.rounds / unify.group_rounds) "
+                         "or smaller batches")
+    k = r * total // rounds - (r - 1) * total // rounds
+    return [steps] * (k // steps) + ([k % steps] if k % steps else [])
+
+
+def budget_steps(epochs: float, rounds: int, n: int, batch_size: int) -> int:
+    """The optimiser steps ``rounds`` rounds of ``epochs`` passes over ``n`` items in batches of
+    ``batch_size`` take in all (:func:`round_steps` summed; one round: :func:`epoch_steps`)."""
+    steps = math.ceil(n / batch_size)
+    if rounds == 1:
+        return sum(epoch_steps(epochs, steps))
+    return round(float(epochs) * rounds * steps)
 
 
 def balanced_weights(groups) -> torch.Tensor:

@@ -52,6 +52,45 @@ def test_a_departure_is_named_and_refused():
         assert cfg.fl.epochs == pytest.approx(epochs) and departures(cfg, ref) == []
 
 
+def test_rounds_take_exactly_the_budgets_steps_however_many_there_are():
+    """R rounds of expert.epochs / R passes train the batches of expert.epochs passes, not
+    R x ceil(a round's share): text FedAvg, 600 texts in 19 batches of 32, 2 passes = 38 steps
+    at 2, 4, 8 or 16 rounds (per-round rounding up gave 40 / 40 / 48); a budget with fewer steps
+    than rounds is refused, naming both."""
+    import torch
+    from omegaconf import OmegaConf
+
+    from metamoe.training import budget_steps, round_steps, train
+
+    for rounds in (1, 2, 3, 4, 8, 16, 38):
+        plans = [round_steps(2 / rounds, 19, r, rounds) for r in range(1, rounds + 1)]
+        per_round = [sum(p) for p in plans]
+        assert sum(per_round) == 38 == budget_steps(2 / rounds, rounds, 600, 32)
+        assert max(per_round) - min(per_round) <= 1 and all(max(p) <= 19 for p in plans)
+    assert round_steps(2, 19, 1, 4) == [19, 19]  # whole passes per round: as before
+    assert round_steps(0.5, 8, 3, 16) == [4]  # vision uci: 990 images, 8 batches of 128
+    with pytest.raises(ValueError, match="16 rounds of 0.125 passes over 4 batches give 8"):
+        round_steps(2 / 16, 4, 1, 16)  # a DDOME text client: 120 texts, 4 batches
+    with pytest.raises(ValueError, match="round 0 is not in 1..4"):
+        round_steps(0.5, 8, 0, 4)
+    model = torch.nn.Module()
+    model.w = torch.nn.Parameter(torch.zeros(1))
+    calls = []
+
+    def loss_fn(m, xb, yb):
+        calls.append(len(xb))
+        return (m.w ** 2).sum()
+
+    cfg = OmegaConf.create({"optimizer": "sgd", "lr": 0.1, "momentum": 0.0, "nesterov": False,
+                            "weight_decay": 0.0, "epochs": 2 / 16, "batch_size": 32,
+                            "shuffle": True, "group_by_length": False})
+    so_far = [train(model, torch.arange(600), torch.zeros(600, dtype=torch.long), cfg,
+                    params=[model.w], loss_fn=loss_fn, seed=r, round_of=(r, 16))["steps_so_far"]
+              for r in range(1, 17)]
+    assert len(calls) == 38 and set(calls) <= {32, 600 % 32}  # full batches or the short one
+    assert so_far[0] == 2 and so_far[-1] == 38 and so_far == sorted(so_far)
+
+
 def test_fractional_epochs_train_a_fraction_of_the_batches():
     import torch
     from omegaconf import OmegaConf

@@ -222,3 +222,15 @@ def test_target_epsilon_calibrates_one_noise_multiplier_per_client():
     assert fl["sketch"] == fl["router"] == 0 and 0 < fl["expert"]
     off = dp_sigmas(resolve_config({"benchmark": "vision"}), 3500)
     assert off == {"sketch": 0.0, "router": 0.0, "expert": 0.0}
+
+
+def test_fl_noise_is_calibrated_to_every_step_of_the_rounds_fractional_ones_too():
+    """The FL rows' DP-SGD noise covers fl.rounds x fl.epochs passes however they are split:
+    16 rounds of half a pass (fractional fl.epochs) take the noise of 8 rounds of one pass,
+    not the noise of no step at all."""
+    from metamoe.clients.privacy import dp_sigmas
+
+    z = {r: dp_sigmas(resolve_config({"benchmark": "vision", "experiment": "dp_eps4",
+                                      "overrides": f"fl.rounds={r}"}), 3500, fl=True)["expert"]
+         for r in (8, 16)}
+    assert z[16] == pytest.approx(z[8]) and z[8] > 0.5

@@ -261,7 +261,7 @@ def test_ddome_handlers_gate_learns_distinct_subsets(tiny):
     """Anchor rounds through the real handlers + server aggregation: afterwards the gate picks
     a different expert for each client's data (selection and evaluation handlers too)."""
     rc, cfg, bench, seed = tiny
-    ov = "fl.epochs=1 fl.ddome_gate_lr=0.05"
+    ov = "fl.rounds=3 fl.epochs=1 fl.ddome_gate_lr=0.05"
     M, rank, alpha = 2, cfg.expert.rank, cfg.expert.alpha
     torch.manual_seed(0)
     gate = module_arrays(GateMLP(seed.cfg.dim, 16, M))
@@ -271,7 +271,7 @@ def test_ddome_handlers_gate_learns_distinct_subsets(tiny):
     for ctx in ctxs:
         send_seed(ctx, seed)
     base = {"rank": rank, "alpha": alpha, "top_k": 1, "M": M}
-    for r in range(2):
+    for r in range(1, 4):  # rounds are 1-based
         gates, trained = [], []
         for q, ctx in enumerate(ctxs):
             rep = call(ctx, RecordDict({
@@ -297,7 +297,8 @@ def test_ddome_handlers_gate_learns_distinct_subsets(tiny):
     rep = call(ctxs[0], RecordDict({
         "gate": to_record(gate),
         "experts": to_record({f"e{e}/{k}": v for e in range(M) for k, v in experts[e].items()}),
-        "config": ConfigRecord({"ddome": json.dumps({**base, "top_k": 2, "anchor": None})})}),
+        "config": ConfigRecord({"ddome": json.dumps({**base, "top_k": 2, "anchor": None,
+                                                     "round": 1})})}),
         "train.ddome")
     assert not np.allclose(from_record(rep.content["gate"])["fc2.weight"], gate["fc2.weight"])
     # Test-time evaluation: per-sample single expert among the client's top-K.

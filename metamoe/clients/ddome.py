@@ -30,8 +30,9 @@ def ddome_pick(gate: GateMLP, feats: torch.Tensor, k: int) -> list[int]:
 
 def ddome_local_train(cfg, moe: MoEMixin, gate: GateMLP, feats: torch.Tensor, x: torch.Tensor,
                       y: torch.Tensor, experts: list[int], anchor: int | None,
-                      rng_seed: int) -> dict:
-    """One DDOME local step set. ``moe`` holds the client's experts in slots 0..K-1 (global ids
+                      rng_seed: int, rnd: int = 1) -> dict:
+    """One DDOME local step set (round ``rnd`` of ``fl.rounds``: its share of the budget's
+    steps). ``moe`` holds the client's experts in slots 0..K-1 (global ids
     ``experts``). Normal client: CE of the gate-renormalised mixture Σ_k ĝ_k softmax(f_k(x))
     (gate + experts jointly). Anchor client for expert q (``anchor``, slot 0): CE(f_q(x), y) +
     CE(gate(x̂), q)."""
@@ -68,7 +69,8 @@ def ddome_local_train(cfg, moe: MoEMixin, gate: GateMLP, feats: torch.Tensor, x:
     lengths = ArrayDataset(x.cpu()).lengths(int(getattr(moe.cfg, "pad_id", 0) or 0))
     try:
         hist = train(wrapper, IndexDataset(y, lengths), None, f, params=groups,
-                     loss_fn=loss_fn, seed=rng_seed, desc="ddome")
+                     loss_fn=loss_fn, seed=rng_seed, desc="ddome",
+                     round_of=(rnd, int(f.rounds)))
     finally:
         moe.set_forced(None)
     return hist

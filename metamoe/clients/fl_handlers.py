@@ -99,7 +99,7 @@ def fedavg_train(msg: Message, context: Context) -> Message:
     dp = expert_dp(cfg, dp_sigmas(cfg, node.n_private, fl=True)["expert"])
     hist = train(model, x, y, cfg.fl, params=params,
                  seed=derive_seed(cfg.run.seed, node.partition_id, rnd),
-                 desc=f"fedavg[{node.name}]", dp=dp)
+                 desc=f"fedavg[{node.name}]", dp=dp, round_of=(rnd, int(cfg.fl.rounds)))
     log.info("client %s: fedavg round %d loss %.4f", node.name, rnd, hist["loss"])
     lora = {k: v.numpy().astype(np.float32) for k, v in lora_state_dict(model).items()}
     metrics = {"num-examples": node.n_private, "train_loss": float(hist["loss"])}
@@ -130,7 +130,7 @@ def fl_moe_train(msg: Message, context: Context) -> Message:
     rnd = int(conf.get("round", 0))
     dp = expert_dp(cfg, dp_sigmas(cfg, node.n_private, fl=True)["expert"])
     hist = fl_moe_local_train(cfg, moe, x, y, derive_seed(cfg.run.seed, node.partition_id, rnd),
-                              global_p, float(conf.get("lambda_g", 0.0)), dp=dp)
+                              global_p, float(conf.get("lambda_g", 0.0)), dp=dp, rnd=rnd)
     log.info("client %s: %s round %d loss %.4f", node.name, conf.get("method"), rnd,
              hist["loss"])
     metrics = {"num-examples": node.n_private, "train_loss": float(hist["loss"])}
@@ -204,7 +204,7 @@ def ddome_train(msg: Message, context: Context) -> Message:
     x, y = as_inputs(dom.x_train), torch.from_numpy(dom.y_train)
     rnd = int(conf.get("round", 0))
     hist = ddome_local_train(cfg, moe, gate, feats, x, y, ids, anchor,
-                             derive_seed(cfg.run.seed, node.partition_id, rnd))
+                             derive_seed(cfg.run.seed, node.partition_id, rnd), rnd=rnd)
     log.info("client %s: ddome round %d experts %s%s loss %.4f", node.name, rnd, ids,
              " (anchor)" if anchor is not None else "", hist["loss"])
     experts = {f"e{e}/{k}": v.numpy() for slot, e in enumerate(ids)

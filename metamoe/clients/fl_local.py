@@ -28,9 +28,10 @@ def _capture_gates(moe: MoEMixin):
 
 def fl_moe_local_train(cfg, moe: MoEMixin, x: torch.Tensor, y: torch.Tensor, rng_seed: int,
                        global_p: np.ndarray | None = None, lambda_g: float = 0.0,
-                       dp=None) -> dict:
+                       dp=None, rnd: int = 1) -> dict:
     """Local epochs on Dp of router + λ + all experts, CE plus (FedAlign) the regulariser
-    λ_g Σ_l KL(P̄_l ‖ p̂_l), p̂_l the batch-mean gate distribution of layer l."""
+    λ_g Σ_l KL(P̄_l ‖ p̂_l), p̂_l the batch-mean gate distribution of layer l. ``rnd``: this
+    round (1-based) of ``fl.rounds``; it takes its share of the budget's steps."""
     f = cfg.fl
     moe.freeze_base()
     groups = [{"params": moe.expert_parameters(), "lr": f.lr},
@@ -58,7 +59,7 @@ def fl_moe_local_train(cfg, moe: MoEMixin, x: torch.Tensor, y: torch.Tensor, rng
         return loss + lambda_g * kl
 
     return train(moe, x, y, f, params=groups, loss_fn=loss_fn, seed=rng_seed,
-                 desc="fl-moe", dp=dp)
+                 desc="fl-moe", dp=dp, round_of=(rnd, int(f.rounds)))
 
 
 @torch.no_grad()

@@ -60,7 +60,7 @@ def expert(msg: Message, context: Context) -> Message:
     idx = np.asarray(sel.pop("selected"), dtype=np.int64)
     if len(idx) and (idx.min() < 0 or idx.max() >= len(bench.pool_x)):
         raise ValueError(f"proxy index out of range [0, {len(bench.pool_x)})")
-    init, epochs, final = None, None, True
+    init, epochs, final, round_of = None, None, True, None
     rng = derive_seed(cfg.run.seed, node.partition_id)
     if "group-round" in msg.content:  # unify.group_expert=fedavg: a round of a group's expert
         rnd = get_record(msg.content, "group-round", ConfigRecord, "server")
@@ -70,8 +70,10 @@ def expert(msg: Message, context: Context) -> Message:
         epochs = float(rnd["epochs"])
         final = bool(rnd.get("final", True))  # earlier rounds: the LoRA only
         rng = derive_seed(cfg.run.seed, node.partition_id, int(rnd["round"]))
+        round_of = (int(rnd["round"]), int(cfg.unify.group_rounds))
     lora, vectors, metrics = stages.expert_stage(cfg, seed, node.domain, bench, idx, rng,
-                                                 init=init, epochs=epochs, final=final)
+                                                 init=init, epochs=epochs, final=final,
+                                                 round_of=round_of)
     if sel:  # selection-quality ablation: coverage of each method's picks
         sel["selected"] = idx
         metrics.update(stages.coverage(seed, node.domain, bench, sel, cfg.select.embedding,

@@ -205,11 +205,15 @@ def dp_sigmas(cfg, n_private: int, fl: bool = False) -> dict[str, float]:
                 "expert": float(pc.expert_dp_sigma)}
     from metamoe.dpsgd import dpsgd_epsilon, replace_one
     from metamoe.proxy.privacy import gaussian_epsilon
+    from metamoe.training import budget_steps
 
     sect = cfg.fl if fl else cfg.expert
     n = int(n_private) + (0 if fl or not cfg.expert.use_proxies else int(cfg.select.m))
     q = min(1.0, sect.batch_size / n)
-    steps = int(sect.epochs) * math.ceil(n / sect.batch_size) * (int(cfg.fl.rounds) if fl else 1)
+    # every step of the run: fl.rounds rounds of fl.epochs passes (fractional when the
+    # rounds outnumber expert.epochs) or expert.epochs passes, as training.train takes them
+    steps = budget_steps(float(sect.epochs), int(cfg.fl.rounds) if fl else 1, n,
+                         int(sect.batch_size))
     delta = float(pc.expert_dp_delta)
 
     def total(z: float) -> float:
@@ -247,6 +251,7 @@ def round_dp_metrics(dp, hist: dict, rnd: int) -> dict[str, float]:
     functions of public settings only."""
     from metamoe.dpsgd import dpsgd_epsilon
 
-    steps = int(hist["dp_steps"]) * max(int(rnd), 1)
+    # train(round_of=...) counts the steps of rounds 1..rnd (rounds may differ by one step)
+    steps = int(hist.get("steps_so_far") or int(hist["dp_steps"]) * max(int(rnd), 1))
     return {"dp_epsilon": dpsgd_epsilon(dp.noise_multiplier, hist["dp_sample_rate"], steps,
                                         dp.delta), "dp_delta": dp.delta}

@@ -76,7 +76,8 @@ def sketch_stage(cfg: DictConfig, seed: nn.Module, dom: Domain, bench: VisionBen
 
 def expert_stage(cfg: DictConfig, seed: nn.Module, dom: Domain, bench: VisionBenchmark,
                  proxy_idx: np.ndarray, rng_seed: int, init: dict | None = None,
-                 epochs: float | None = None, final: bool = True
+                 epochs: float | None = None, final: bool = True,
+                 round_of: tuple[int, int] | None = None
                  ) -> tuple[dict[str, np.ndarray], np.ndarray | None, dict]:
     """Proxy-aligned expert: LoRA on M0's FFNs trained on Dp ∪ proxies (paper §3.3).
 
@@ -88,7 +89,9 @@ def expert_stage(cfg: DictConfig, seed: nn.Module, dom: Domain, bench: VisionBen
     server chose them and can subtract their part of the mean).
     ``init`` / ``epochs``: one round of a group's shared expert (``unify.group_expert=fedavg``,
     ``strategies/group_fl.py``): training starts from the server's LoRA ``init`` and runs
-    ``epochs`` passes (a share of ``expert.epochs``) instead of ``expert.epochs``.
+    ``epochs`` passes (a share of ``expert.epochs``) instead of ``expert.epochs``; ``round_of``
+    (r, R) makes the R rounds' steps add up to exactly those of ``expert.epochs`` passes
+    (``training.round_steps``).
     ``final=False`` (a group's non-final round): the LoRA and its training scalars only, no
     router vectors (None) and no train accuracy; only the last round's are used.
     """
@@ -127,7 +130,7 @@ def expert_stage(cfg: DictConfig, seed: nn.Module, dom: Domain, bench: VisionBen
     params = [p for p in model.parameters() if p.requires_grad]
     dp = expert_dp(cfg, z["expert"])
     hist = train(model, x_train, y, ec, params=params, seed=rng_seed,
-                 desc=f"expert[{dom.name}]", log_every=1, dp=dp)
+                 desc=f"expert[{dom.name}]", log_every=1, dp=dp, round_of=round_of)
     router_x = x if ec.router_data == "union" else xp
     # Uploaded: the LoRA weight deltas and the per-layer means over all of router_x.
     vectors = ffn_input_means(model, router_x).numpy().astype(np.float32) if final else None
