@@ -184,7 +184,8 @@ class FederationConf:
 
 def _per_round(total: int, rounds: int) -> float:
     """``fl.epochs``: the expert's passes over Dp spread evenly over ``fl.rounds`` (a fraction
-    of an epoch per round when rounds > passes: ``training.epoch_steps``)."""
+    of an epoch per round when rounds > passes; the rounds' steps add up to the passes':
+    ``training.round_steps``)."""
     if int(rounds) < 1:
         raise ConfigError(f"fl.rounds must be >= 1, got {rounds}")
     return float(total) / int(rounds)  # a float, as FLConf.epochs is typed
