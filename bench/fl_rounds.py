@@ -10,8 +10,8 @@ The budget rule (``metamoe/budget.py``) fixes ``fl.rounds × fl.epochs`` at ``ex
 exceed the passes), so more rounds means more communication for the same passes over each
 client's private data. Each round count is one :func:`metamoe.compare.compare` with override
 ``fl.rounds=R`` (its runs, ids and tables under ``<out>/R<R>/``, reused when present);
-``--more-rounds R[,R2]:rows`` runs only the listed rows at those further round counts (a grid
-extended past its edge for the rows that peak there, without the expensive ones). Writes
+``--more-rounds R[,R2]:rows[;R3:rows]`` runs only the listed rows at those further round counts
+(a grid extended past its edge for the rows that peak there, without the expensive ones). Writes
 ``<out>/sweep.json`` ({row: {R: {average, std, per_seed_average, upload_bytes, rounds}}} plus
 ``best_rounds`` per row, the round count with the highest mean average), ``<out>/sweep.md`` and
 ``<out>/accuracy_vs_upload.png`` (one line per row, a point per round count). Choose a row's
@@ -86,20 +86,23 @@ def write_plot(path: Path, sweep: dict, split: str) -> Path:
 
 
 def parse_more_rounds(spec: str, rounds: list[int]) -> dict[int, list[str]]:
-    """``"32,64:fedavg,fedavg_moe"`` -> {32: [...], 64: [...]}; a count already in ``rounds``
-    or not positive, or an empty row list, is refused."""
-    if not spec.strip():
-        return {}
-    counts, sep, rows = spec.partition(":")
-    try:
-        rs = [int(x) for x in counts.split(",") if x.strip()]
-    except ValueError:
-        rs = []
-    names = [m.strip() for m in rows.split(",") if m.strip()]
-    if not sep or not rs or not names or any(r < 1 or r in rounds for r in rs):
-        raise SystemExit(f"--more-rounds must be 'R[,R2]:row[,row2]' with round counts that "
-                         f"are positive and not in --rounds {rounds}, got {spec!r}")
-    return {r: names for r in rs}
+    """``"16:a,b,c;32:a,b"`` -> {16: [a, b, c], 32: [a, b]} (``"32,64:a"`` gives both counts
+    the same rows); a count already in ``rounds``, named twice or not positive, or an empty
+    row list, is refused."""
+    out: dict[int, list[str]] = {}
+    for part in filter(str.strip, spec.split(";")):
+        counts, sep, rows = part.partition(":")
+        try:
+            rs = [int(x) for x in counts.split(",") if x.strip()]
+        except ValueError:
+            rs = []
+        names = [m.strip() for m in rows.split(",") if m.strip()]
+        if not sep or not rs or not names or any(r < 1 or r in rounds or r in out for r in rs):
+            raise SystemExit(f"--more-rounds must be 'R[,R2]:row[,row2][;R3:rows]' with round "
+                             f"counts that are positive, named once and not in --rounds "
+                             f"{rounds}, got {spec!r}")
+        out.update({r: names for r in rs})
+    return out
 
 
 def sweep(benchmark: str, rounds: list[int], methods: list[str], seeds: int, split: str,
@@ -139,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--benchmark", default="vision")
     ap.add_argument("--rounds", default=",".join(map(str, DEFAULT_ROUNDS)))
     ap.add_argument("--methods", default=",".join(FL))
-    ap.add_argument("--more-rounds", default="", metavar="R[,R2]:ROWS",
+    ap.add_argument("--more-rounds", default="", metavar="R[,R2]:ROWS[;R3:ROWS]",
                     help="run only these rows at these further round counts")
     ap.add_argument("--seeds", type=int, default=1)
     ap.add_argument("--split", choices=("test", "val"), default="val")

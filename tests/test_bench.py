@@ -118,7 +118,8 @@ def test_fl_rounds_more_rounds_extends_the_grid_for_named_rows_only() -> None:
     assert parse_more_rounds("", [4, 8]) == {}
     assert parse_more_rounds("32,64:fedavg, fedavg_moe", [4, 8]) == {
         32: ["fedavg", "fedavg_moe"], 64: ["fedavg", "fedavg_moe"]}
-    for bad in ("8:fedavg", "32", "32:", "0:fedavg", "x:fedavg"):
+    assert parse_more_rounds("16:a,b,c; 32:a", [4, 8]) == {16: ["a", "b", "c"], 32: ["a"]}
+    for bad in ("8:fedavg", "32", "32:", "0:fedavg", "x:fedavg", "16:a;16:b"):
         with pytest.raises(SystemExit, match="--more-rounds"):
             parse_more_rounds(bad, [4, 8])
 
