@@ -71,9 +71,14 @@ def test_benchmark_sets_the_fl_budget_methods_do_not_override_it(method):
     k60 = resolve_config({"benchmark": "vision_k60", "method": method})
     assert (k60.fl.rounds, k60.fl.epochs, k60.fl.lr) == (4, 2, 3e-3)
     vision = resolve_config({"benchmark": "vision", "method": method})
-    rounds = {"fedavg": 16, "fedavg_moe": 8, "fedalign_moe": 16, "ddome": 16}[method]
+    rounds = {"fedavg": 16, "fedavg_moe": 8, "fedalign_moe": 16, "ddome": 8}[method]
     assert (vision.fl.rounds, vision.fl.rounds * vision.fl.epochs, vision.fl.lr) == \
         (rounds, vision.expert.epochs, 3e-3)
+    text = resolve_config({"benchmark": "text", "method": method})
+    assert (text.fl.rounds, text.fl.rounds * text.fl.epochs) == \
+        ({"ddome": 8}.get(method, 16), text.expert.epochs)
+    # text_k60 inherits text's recipes but keeps its FL rows at 2 rounds (clients of 40 texts)
+    assert resolve_config({"benchmark": "text_k60", "method": method}).fl.rounds == 2
 
 
 def test_the_flower_app_declares_every_run_config_key():
