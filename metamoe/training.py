@@ -137,7 +137,7 @@ def train(
         round_steps(cfg.epochs, steps, *round_of, desc=desc)
     # steps of this call and the rounds before it (the DP accountant's count after a round)
     so_far = sum(plan) if round_of is None else \
-        round_of[0] * round(float(cfg.epochs) * round_of[1] * steps) // round_of[1]
+        round_of[0] * _all_rounds_steps(cfg.epochs, round_of[1], steps) // round_of[1]
     report = Progress(len(plan), desc, unit="epoch") if log_every else None
     if sample_weights is not None:
         sample_weights = torch.as_tensor(sample_weights, dtype=torch.float64)
@@ -251,7 +251,7 @@ def round_steps(epochs: float, steps: int, r: int, rounds: int, desc: str = "tra
     no step would return the model it got."""
     if not 1 <= r <= rounds:
         raise ValueError(f"{desc}: round {r} is not in 1..{rounds}")
-    total = round(float(epochs) * rounds * steps)
+    total = _all_rounds_steps(epochs, rounds, steps)
     if total < rounds:
         raise ValueError(f"{desc}: {rounds} rounds of {float(epochs):g} passes over {steps} "
                          f"batches give {total} optimiser steps in all, fewer than one per "
@@ -267,6 +267,12 @@ def budget_steps(epochs: float, rounds: int, n: int, batch_size: int) -> int:
     steps = math.ceil(n / batch_size)
     if rounds == 1:
         return sum(epoch_steps(epochs, steps))
+    return _all_rounds_steps(epochs, rounds, steps)
+
+
+def _all_rounds_steps(epochs: float, rounds: int, steps: int) -> int:
+    """T, the steps of ``rounds`` rounds of ``epochs`` passes over ``steps`` batches, that
+    :func:`round_steps` divides among the rounds."""
     return round(float(epochs) * rounds * steps)
 
 

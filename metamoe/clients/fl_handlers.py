@@ -105,7 +105,7 @@ def fedavg_train(msg: Message, context: Context) -> Message:
     metrics = {"num-examples": node.n_private, "train_loss": float(hist["loss"])}
     if dp is not None:  # DP-SGD: no metric over Dp; the ε of the rounds so far
         metrics.pop("train_loss")
-        metrics.update(round_dp_metrics(dp, hist, rnd))
+        metrics.update(round_dp_metrics(dp, hist))
     # Uploaded: the LoRA weights after local training + |Dp| and the mean train loss (with
     # DP-SGD: ε and δ instead of the loss).
     return Message(RecordDict({"arrays": to_record(lora), "metrics": MetricRecord(metrics)}),
@@ -136,7 +136,7 @@ def fl_moe_train(msg: Message, context: Context) -> Message:
     metrics = {"num-examples": node.n_private, "train_loss": float(hist["loss"])}
     if dp is not None:  # DP-SGD: no metric over Dp; the ε of the rounds so far
         metrics.pop("train_loss")
-        metrics.update(round_dp_metrics(dp, hist, rnd))
+        metrics.update(round_dp_metrics(dp, hist))
     content = {"moe": to_record(moe_trainable_state(moe))}
     if conf.get("stats"):
         p, h, withheld = moe_local_stats(moe, x, str(conf.get("descriptor", "output")),

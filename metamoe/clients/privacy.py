@@ -245,13 +245,12 @@ def expert_dp(cfg, z: float):
     return DPSGD(z, float(pc.expert_dp_clip), float(pc.expert_dp_delta))
 
 
-def round_dp_metrics(dp, hist: dict, rnd: int) -> dict[str, float]:
-    """What an FL client reports of its DP-SGD after round ``rnd`` (1-based; it trains in every
-    round): ε of all its rounds so far (add/remove, Opacus' RDP accountant) and δ. Both are
-    functions of public settings only."""
+def round_dp_metrics(dp, hist: dict) -> dict[str, float]:
+    """What an FL client reports of its DP-SGD after a round (``hist``: that round's
+    ``training.train`` result; the client trains in every round): ε of all its rounds so far
+    (add/remove, Opacus' RDP accountant) over ``steps_so_far``, the steps of rounds 1..r
+    (rounds may differ by one step), and δ. Both are functions of public settings only."""
     from metamoe.dpsgd import dpsgd_epsilon
 
-    # train(round_of=...) counts the steps of rounds 1..rnd (rounds may differ by one step)
-    steps = int(hist.get("steps_so_far") or int(hist["dp_steps"]) * max(int(rnd), 1))
-    return {"dp_epsilon": dpsgd_epsilon(dp.noise_multiplier, hist["dp_sample_rate"], steps,
-                                        dp.delta), "dp_delta": dp.delta}
+    return {"dp_epsilon": dpsgd_epsilon(dp.noise_multiplier, hist["dp_sample_rate"],
+                                        int(hist["steps_so_far"]), dp.delta), "dp_delta": dp.delta}
