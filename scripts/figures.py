@@ -78,7 +78,7 @@ def comparison(table_path: Path, out: Path, bench: str) -> Path:
     lo = min(100 * (rows[n]["average"] - rows[n]["std"]) for n in names)
     hi = max(100 * (rows[n]["average"] + rows[n]["std"]) for n in names)
     ax1.set_xlim(max(0.0, 5 * np.floor(lo / 5) - 5), min(100.0, 5 * np.ceil(hi / 5) + 5))
-    ax1.set_xlabel("average test accuracy over domains (%), mean ± std over seeds")
+    ax1.set_xlabel("average test accuracy (%), mean ± std over seeds")
     ax1.set_title(f"{bench}: average accuracy per method")
     ax1.grid(axis="x", alpha=0.3)
 
@@ -89,7 +89,7 @@ def comparison(table_path: Path, out: Path, bench: str) -> Path:
     for n in names:
         r = rows[n]
         c, label = _kind(n, r)
-        ablation = "[" in n
+        ablation = n.startswith("metamoe[")  # ddome[ddome_paper] is DDOME's row, not an ablation
         if ablation:
             label = "MetaMoE ablations"
         x, y = max(r["upload_bytes"], 1), 100 * r["average"]
@@ -109,8 +109,10 @@ def comparison(table_path: Path, out: Path, bench: str) -> Path:
         else:
             clusters.append([p])
     for k, cl in enumerate(clusters):
-        # labels go left of the column when the next column is close, else right
-        left = k + 1 < len(clusters) and np.log10(clusters[k + 1][0][0] / cl[-1][0]) < 1.0
+        # labels go left of the column when the next column is close and at the same heights
+        nxt = clusters[k + 1] if k + 1 < len(clusters) else []
+        left = bool(nxt) and np.log10(nxt[0][0] / cl[-1][0]) < 1.0 and any(
+            abs(p[1] - q[1]) < 3 * step for p in cl for q in nxt)
         cl.sort(key=lambda p: -p[1])
         ly = [cl[0][1]]
         for p in cl[1:]:
