@@ -134,14 +134,16 @@ def write_plots(out: Path, table: dict, domains: list[str], split: str = "test")
     paths.append(p)
 
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    for n in names:
-        t = table[n]
-        iterative = t["rounds"] > 1
-        ax.scatter(max(t["upload_bytes"], 1), 100 * t["average"],
-                   marker="s" if iterative else "o",
-                   c="tab:red" if not t["private"] else ("tab:orange" if iterative else "tab:blue"))
-        ax.annotate(n, (max(t["upload_bytes"], 1), 100 * t["average"]), fontsize=7,
-                    xytext=(3, 3), textcoords="offset points")
+    pts = [(max(table[n]["upload_bytes"], 1), 100 * table[n]["average"], n) for n in names]
+    for x, y, n in pts:
+        iterative = table[n]["rounds"] > 1
+        ax.scatter(x, y, marker="s" if iterative else "o",
+                   c="tab:red" if not table[n]["private"]
+                   else ("tab:orange" if iterative else "tab:blue"))
+    for x, y, ly, n in _label_heights(pts):
+        ax.annotate(n, (x, y), xytext=(x * 1.25, ly), fontsize=7, va="center",
+                    arrowprops={"arrowstyle": "-", "color": "0.6", "lw": 0.5}
+                    if abs(ly - y) > 1e-9 else None)
     ax.set_xscale("log")
     ax.set_xlabel("bytes uploaded per client (log)")
     ax.set_ylabel(f"average {split} accuracy (%)")
@@ -152,3 +154,22 @@ def write_plots(out: Path, table: dict, domains: list[str], split: str = "test")
     plt.close(fig)
     paths.append(p)
     return paths
+
+
+def _label_heights(pts: list[tuple[float, float, str]]) -> list[tuple[float, float, float, str]]:
+    """[(x, y, name)] -> [(x, y, label y, name)]: points of about the same upload (within 0.5
+    decades) get their labels stacked downwards, at least 3 % of the y-span apart, so that
+    rows with near-equal uploads and accuracies (MetaMoE's ablations) stay readable."""
+    import math
+
+    ys = [p[1] for p in pts]
+    gap = 0.03 * max(max(ys) - min(ys), 1.0) if pts else 0.0
+    out, placed = [], []  # placed: (log x, label y)
+    for x, y, n in sorted(pts, key=lambda p: -p[1]):
+        ly = y
+        for lx, py in sorted(placed, key=lambda q: -q[1]):
+            if abs(lx - math.log10(x)) < 0.5 and abs(py - ly) < gap:
+                ly = py - gap
+        placed.append((math.log10(x), ly))
+        out.append((x, y, ly, n))
+    return out

@@ -214,3 +214,18 @@ def test_ddome_rows_tabulate_where_the_gate_sends_each_domain(tmp_path):
     assert "ddome_own_share" not in table["metamoe"]
     write_markdown(tmp_path / "t.md", table, {}, ["a", "b"], "x", [0, 1])
     assert "| ddome[ddome_paper] | 80.0 (90 / 70) | 30.0 (20 / 40) |" in (tmp_path / "t.md").read_text()
+
+
+def test_upload_plot_labels_of_close_points_do_not_overlap():
+    """accuracy_vs_upload.png: labels of points with about the same upload are stacked at
+    least the gap apart (MetaMoE's ablations sit within 1 point of each other); far points
+    keep their own height."""
+    from metamoe.compare_tables import _label_heights
+
+    pts = [(1.0e5, 86.9, "metamoe"), (1.02e5, 86.9, "metamoe[no_pa]"),
+           (1.01e5, 86.8, "metamoe[no_rw_dpp]"), (1.5e6, 86.9, "fedavg"), (250, 60.0, "zero")]
+    out = {n: (y, ly) for _, y, ly, n in _label_heights(pts)}
+    gap = 0.03 * (86.9 - 60.0)
+    close = sorted(out[n][1] for n in ("metamoe", "metamoe[no_pa]", "metamoe[no_rw_dpp]"))
+    assert all(b - a >= gap - 1e-9 for a, b in zip(close, close[1:]))
+    assert out["fedavg"] == (86.9, 86.9) and out["zero"] == (60.0, 60.0)
