@@ -160,16 +160,14 @@ def _label_heights(pts: list[tuple[float, float, str]]) -> list[tuple[float, flo
     """[(x, y, name)] -> [(x, y, label y, name)]: points of about the same upload (within 0.5
     decades) get their labels stacked downwards, at least 3 % of the y-span apart, so that
     rows with near-equal uploads and accuracies (MetaMoE's ablations) stay readable."""
-    import math
-
     ys = [p[1] for p in pts]
     gap = 0.03 * max(max(ys) - min(ys), 1.0) if pts else 0.0
     out, placed = [], []  # placed: (log x, label y)
     for x, y, n in sorted(pts, key=lambda p: -p[1]):
         ly = y
         for lx, py in sorted(placed, key=lambda q: -q[1]):
-            if abs(lx - math.log10(x)) < 0.5 and abs(py - ly) < gap:
+            if abs(lx - np.log10(x)) < 0.5 and abs(py - ly) < gap:
                 ly = py - gap
-        placed.append((math.log10(x), ly))
+        placed.append((np.log10(x), ly))
         out.append((x, y, ly, n))
     return out
