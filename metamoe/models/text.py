@@ -124,6 +124,15 @@ def masked_mean(h: torch.Tensor, mask: torch.Tensor, keepdim: bool = False) -> t
     return (h * m).sum(1, keepdim=keepdim) / m.sum(1, keepdim=keepdim).clamp(min=1.0)
 
 
+def token_mean(t: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean of t [B, T, E] over the batch's real tokens -> [E] (padding is not a token; mask
+    None: every position). Gate statistics (FedAlign's p̂, load balancing) use it."""
+    if mask is None:
+        return t.reshape(-1, t.shape[-1]).mean(0)
+    m = mask.to(t.dtype).unsqueeze(-1)
+    return (t * m).sum((0, 1)) / m.sum().clamp(min=1.0)
+
+
 @contextmanager
 def token_mask(ffns: list[nn.Module], mask: torch.Tensor):
     """Tell the FFNs (LoRA router means, MoE context and route counts) which tokens are real

@@ -10,6 +10,7 @@ import torch
 
 from metamoe.models.lora import is_lora_key, lora_shapes
 from metamoe.models.moe import MoEConfig, MoEMixin, build_moe
+from metamoe.models.text import token_mean
 
 BTX_LB_ALPHA = 0.01  # BTX's load-balancing weight (Sukhbaatar et al. 2024, §3)
 
@@ -51,15 +52,16 @@ def build_m0(seed, rank: int, alpha: float) -> MoEMixin:
 
 def load_balancing_loss(alpha: float) -> tuple[Callable, Callable[[MoEMixin], list]]:
     """BTX/Switch load balancing: per layer α·N·Σ_i u_i p_i with u_i the batch mean of the
-    (top-k) gate value of expert i and p_i the batch mean of its softmax probability.
+    (top-k) gate value of expert i and p_i the batch mean of its softmax probability, both
+    over the batch's real tokens (text: padding excluded).
 
     Returns (loss_fn for :func:`train`, installer(model) -> hook handles)."""
-    captured: list[torch.Tensor] = []
+    captured: list[tuple[torch.Tensor, torch.Tensor | None]] = []  # (FFN input, token mask)
 
     def install(model: MoEMixin) -> list:
         def hook(layer, inputs):
             if layer.forced is None and layer.training:
-                captured.append(inputs[0])
+                captured.append((inputs[0], getattr(layer, "token_mask", None)))
         return [layer.register_forward_pre_hook(hook) for layer in model.moe_layers()]
 
     def loss_fn(model: MoEMixin, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -67,15 +69,14 @@ def load_balancing_loss(alpha: float) -> tuple[Callable, Callable[[MoEMixin], li
         loss = torch.nn.functional.cross_entropy(model(x), y)
         layers = model.moe_layers()
         lb = loss.new_zeros(())
-        for layer, z in zip(layers, captured, strict=False):
+        for layer, (z, mask) in zip(layers, captured, strict=False):
             probs = layer.gate_probs(z)  # [B, T, N]
             topv, topi = probs.topk(layer.cfg.top_k, dim=-1)
             if layer.cfg.renormalize:
                 topv = topv / topv.sum(-1, keepdim=True)
             gates = torch.zeros_like(probs).scatter(-1, topi, topv)
             n = probs.shape[-1]
-            lb = lb + alpha * n * (gates.reshape(-1, n).mean(0) * probs.reshape(-1, n).mean(0)
-                                   ).sum()
+            lb = lb + alpha * n * (token_mean(gates, mask) * token_mean(probs, mask)).sum()
         captured.clear()
         return loss + lb
     return loss_fn, install
