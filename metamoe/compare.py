@@ -276,7 +276,9 @@ def compare(benchmark: str = "vision", seeds: int = 1, methods: list[str] | None
     for r, why in unavailable.items():
         say(f"[compare] skipping {r}: {why}")
     per_seed: dict[str, list[dict]] = {}
-    timing: dict[str, float] = {}
+    timing: dict[str, float] = {}  # launch seconds per run; a reused run keeps its earlier one
+    prev = out / "compare.json"
+    earlier = json.loads(prev.read_text()).get("launch_seconds", {}) if prev.exists() else {}
     failed: dict[str, str] = {}
     todo = [(seed, job) for seed, js in seed_jobs for job in js if not (
         out / "runs" / run_id(job, benchmark, seed, overrides) / "metrics.json").exists()]
@@ -287,6 +289,8 @@ def compare(benchmark: str = "vision", seeds: int = 1, methods: list[str] | None
             run_dir = out / "runs" / rid
             if (run_dir / "metrics.json").exists():
                 say(f"[compare] reusing {rid}")
+                if rid in earlier:
+                    timing[rid] = earlier[rid]
             else:
                 say(f"[compare] running {rid} (run {runs.done + 1} of {len(todo)}) -> rows "
                     f"{job.rows}")

@@ -118,6 +118,8 @@ def test_compare_tiny_table_and_resume(tmp_path, monkeypatch, capsys, cache_dir)
     assert (out / "accuracy_vs_upload.png").stat().st_size > 0
     runs = sorted(p.name for p in (out / "runs").iterdir())
     mtimes = {p: (out / "runs" / p / "metrics.json").stat().st_mtime for p in runs}
+    launch = json.loads((out / "compare.json").read_text())["launch_seconds"]
+    assert set(launch) == set(runs) and all(v > 0 for v in launch.values())
     capsys.readouterr()
     compare(**kw)  # second invocation: everything is reused, nothing is launched
     log = capsys.readouterr().out
@@ -125,6 +127,8 @@ def test_compare_tiny_table_and_resume(tmp_path, monkeypatch, capsys, cache_dir)
     assert sorted(p.name for p in (out / "runs").iterdir()) == runs
     assert {p: (out / "runs" / p / "metrics.json").stat().st_mtime for p in runs} == mtimes
     assert json.loads((out / "table.json").read_text()) == table
+    # a resume keeps the reused runs' launch times (they are not re-measured)
+    assert json.loads((out / "compare.json").read_text())["launch_seconds"] == launch
 
 
 def test_paired_differences_against_metamoe(tmp_path):
