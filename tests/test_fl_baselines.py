@@ -643,7 +643,7 @@ def test_fedalign_statistics_count_real_tokens_not_padding():
     d = seed.cfg.dim
     moe = build_moe(seed, MoEConfig(num_experts=3, rank=4, alpha=8.0, top_k=1, logit_scale=4.0),
                     fresh_loras(seed, 4, 8.0, [0, 1, 2]),
-                    [torch.randn(seed.cfg.depth, d) for _ in range(3)])
+                    [0.05 * torch.randn(seed.cfg.depth, d) for _ in range(3)])  # soft gates
     short = torch.randint(1000, 2000, (1, 16))
     short[:, 4:] = seed.cfg.pad_id  # 4 real tokens
     long = torch.randint(1000, 2000, (1, 16))  # 16 real tokens

@@ -34,8 +34,8 @@ def fl_moe_local_train(cfg, moe: MoEMixin, x: torch.Tensor, y: torch.Tensor, rng
                        dp=None, rnd: int = 1) -> dict:
     """Local epochs on Dp of router + λ + all experts, CE plus (FedAlign) the regulariser
     λ_g Σ_l KL(P̄_l ‖ p̂_l), p̂_l the mean gate distribution of layer l over the batch's real
-    tokens (:func:`~metamoe.models.text.token_mean`). ``rnd``: this round (1-based) of ``fl.rounds``; it takes its
-    share of the budget's steps."""
+    tokens (:func:`~metamoe.models.text.token_mean`). ``rnd``: this round (1-based) of
+    ``fl.rounds``; it takes its share of the budget's steps."""
     f = cfg.fl
     moe.freeze_base()
     groups = [{"params": moe.expert_parameters(), "lr": f.lr},

@@ -56,12 +56,14 @@ def load_balancing_loss(alpha: float) -> tuple[Callable, Callable[[MoEMixin], li
     over the batch's real tokens (text: padding excluded).
 
     Returns (loss_fn for :func:`train`, installer(model) -> hook handles)."""
-    captured: list[tuple[torch.Tensor, torch.Tensor | None]] = []  # (FFN input, token mask)
+    # (gate probabilities [B, T, N], token mask) per layer, taken inside the forward, where the
+    # layer's token mask is set (its per-sample context mean excludes padding too)
+    captured: list[tuple[torch.Tensor, torch.Tensor | None]] = []
 
     def install(model: MoEMixin) -> list:
         def hook(layer, inputs):
             if layer.forced is None and layer.training:
-                captured.append((inputs[0], getattr(layer, "token_mask", None)))
+                captured.append((layer.gate_probs(inputs[0]), getattr(layer, "token_mask", None)))
         return [layer.register_forward_pre_hook(hook) for layer in model.moe_layers()]
 
     def loss_fn(model: MoEMixin, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -69,8 +71,7 @@ def load_balancing_loss(alpha: float) -> tuple[Callable, Callable[[MoEMixin], li
         loss = torch.nn.functional.cross_entropy(model(x), y)
         layers = model.moe_layers()
         lb = loss.new_zeros(())
-        for layer, (z, mask) in zip(layers, captured, strict=False):
-            probs = layer.gate_probs(z)  # [B, T, N]
+        for layer, (probs, mask) in zip(layers, captured, strict=False):
             topv, topi = probs.topk(layer.cfg.top_k, dim=-1)
             if layer.cfg.renormalize:
                 topv = topv / topv.sum(-1, keepdim=True)
