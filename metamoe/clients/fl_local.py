@@ -19,16 +19,6 @@ from metamoe.models.text import token_mean
 from metamoe.training import train
 
 
-def _capture_gates(moe: MoEMixin):
-    """Forward hooks that keep each MoE layer's (differentiable) gate probabilities [B, T, E]
-    and its token mask ([B, T] real tokens on text, None without padding)."""
-    probs: list[tuple[torch.Tensor, torch.Tensor | None]] = []
-    handles = [layer.register_forward_pre_hook(
-        lambda m, inp: probs.append((m.gate_probs(inp[0]), getattr(m, "token_mask", None))))
-        for layer in moe.moe_layers()]
-    return probs, handles
-
-
 def fl_moe_local_train(cfg, moe: MoEMixin, x: torch.Tensor, y: torch.Tensor, rng_seed: int,
                        global_p: np.ndarray | None = None, lambda_g: float = 0.0,
                        dp=None, rnd: int = 1) -> dict:
@@ -50,7 +40,8 @@ def fl_moe_local_train(cfg, moe: MoEMixin, x: torch.Tensor, y: torch.Tensor, rng
     def loss_fn(model, xb, yb):
         if not use_kl:
             return F.cross_entropy(model(xb), yb)
-        probs, handles = _capture_gates(model)
+        probs: list[tuple[torch.Tensor, torch.Tensor | None]] = []
+        handles = model.capture_gates(probs)
         try:
             loss = F.cross_entropy(model(xb), yb)
         finally:

@@ -222,6 +222,16 @@ class MoEMixin:
     def moe_layers(self) -> list[MoEFFN]:
         return self.ffn_layers()  # type: ignore[attr-defined]
 
+    def capture_gates(self, into: list, routed_training_only: bool = False) -> list:
+        """Forward pre-hooks that append (gate probabilities [B, T, E], differentiable; token
+        mask [B, T] or None) of every MoE layer to ``into``, taken inside the forward, where
+        the layer's token mask is set. ``routed_training_only``: only for layers in training
+        mode and not forced to one expert. Returns the hook handles (remove them after)."""
+        def hook(layer, inputs):
+            if not routed_training_only or (layer.forced is None and layer.training):
+                into.append((layer.gate_probs(inputs[0]), getattr(layer, "token_mask", None)))
+        return [layer.register_forward_pre_hook(hook) for layer in self.moe_layers()]
+
     def set_forced(self, expert: int | None) -> None:
         """Route every token to ``expert`` (``M0_FFN`` = M0's own FFN, None = learned routing)."""
         for m in self.moe_layers():

@@ -61,10 +61,7 @@ def load_balancing_loss(alpha: float) -> tuple[Callable, Callable[[MoEMixin], li
     captured: list[tuple[torch.Tensor, torch.Tensor | None]] = []
 
     def install(model: MoEMixin) -> list:
-        def hook(layer, inputs):
-            if layer.forced is None and layer.training:
-                captured.append((layer.gate_probs(inputs[0]), getattr(layer, "token_mask", None)))
-        return [layer.register_forward_pre_hook(hook) for layer in model.moe_layers()]
+        return model.capture_gates(captured, routed_training_only=True)
 
     def loss_fn(model: MoEMixin, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         captured.clear()
