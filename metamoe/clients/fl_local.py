@@ -16,7 +16,7 @@ from metamoe import device
 from metamoe.clients.privacy import require_min_count
 from metamoe.models.moe import MoEMixin
 from metamoe.models.text import token_mean
-from metamoe.training import train
+from metamoe.training import batched_apply, train
 
 
 def fl_moe_local_train(cfg, moe: MoEMixin, x: torch.Tensor, y: torch.Tensor, rng_seed: int,
@@ -85,37 +85,33 @@ def moe_local_stats(moe: MoEMixin, x: torch.Tensor, descriptor: str = "output",
     top = torch.zeros(L, E, dtype=torch.float64, device=rt.device)  # max_i w_i
     tokens = [0]
 
-    def make_hook(l):
-        def hook(m, inp):
-            z = inp[0].float()
-            g = m.gate_probs(z)  # [B, T, E]
-            mask = getattr(m, "token_mask", None)  # text: padding is not a token
+    def observer(l):
+        def observe(m, z, g, v):  # inside layer l's forward: gate probs g, all experts' outputs v
+            mask = m.token_mask  # text: padding is not a token
             if mask is not None:
                 g = g * mask.unsqueeze(-1).to(g.dtype)
             if descriptor == "input":
                 v = z.unsqueeze(0).expand(E, *z.shape)
-            else:
-                v = m._experts(z, slice(None))  # [E, B, T, d]
-                if descriptor == "delta":
-                    v = v - m.fc2(m._act(z, m.fc1(z))).unsqueeze(0)  # minus M0's FFN
-            num[l] += torch.einsum("bte,ebtd->ed", g, v.float()).double()
+            elif descriptor == "delta":
+                v = v - m.fc2(m._act(z, m.fc1(z))).unsqueeze(0)  # minus M0's FFN
+            num[l] += torch.einsum("bte,ebtd->ed", g.float(), v.float()).double()
             w = g.sum(1).double()  # [B, E] each sample's gate mass on each expert
             den[l] += w.sum(0)
             top[l] = torch.maximum(top[l], w.max(0).values)
             if l == 0:
                 tokens[0] += g.shape[0] * g.shape[1] if mask is None else int(mask.sum())
-        return hook
+        return observe
 
-    handles = [layer.register_forward_pre_hook(make_hook(l)) for l, layer in enumerate(layers)]
+    moe.set_forced(None)
+    for l, m in enumerate(layers):
+        m.observe = observer(l)
     try:
-        moe.eval()
-        moe.set_forced(None)
-        for i in range(0, len(x), batch_size):
-            with rt.autocast():
-                moe(rt.batch(x[i:i + batch_size]))
+        # Texts grouped by length (the sums do not depend on the order): a batch is trimmed to
+        # its longest text, and every expert runs on every position of it.
+        batched_apply(moe, moe, x, batch_size)
     finally:
-        for h in handles:
-            h.remove()
+        for m in layers:
+            m.observe = None
     p = (den / max(tokens[0], 1)).float().cpu().numpy()
     h = (num / den.clamp_min(1e-12).unsqueeze(-1)).float().cpu().numpy()
     support = (den / top.clamp_min(1e-300)).cpu().numpy()  # effective count per (l, e)

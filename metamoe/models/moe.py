@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -116,6 +117,10 @@ class MoEFFN(nn.Module):
         self.forced: int | None = None  # None: routed; M0_FFN: M0's FFN; p: expert p only
         self.token_mask: torch.Tensor | None = None  # [B, T] real tokens (text), set per forward
         self.record = False
+        # observe(layer, z, gate probs [B, T, K], every expert's output [K, B, T, d]): set for
+        # one pass, the layer runs every expert on every token and hands them over (FedAlign's
+        # whole-set statistics, clients/fl_local.py), then mixes them as dense dispatch does.
+        self.observe: Callable | None = None
         # Top-1 token counts per expert while ``record`` is on (not saved; moves with .to()).
         self.register_buffer("route_counts", torch.zeros(k), persistent=False)
 
@@ -195,10 +200,14 @@ class MoEFFN(nn.Module):
         zf = z.reshape(b * t, d)
         weight = gates.reshape(b * t, -1)
         active = None if self.token_mask is None else self.token_mask.reshape(-1)
-        if self.cfg.dispatch == "dense":  # every expert on every token: no data-dependent shapes
+        if self.cfg.dispatch == "dense" or self.observe is not None:
+            # every expert on every token: no data-dependent shapes
             if active is not None:
                 weight = weight * active.unsqueeze(1).to(weight.dtype)
-            ys = self._experts(z, slice(None)).reshape(self.cfg.num_experts, b * t, d)
+            ys = self._experts(z, slice(None))
+            if self.observe is not None:
+                self.observe(self, z, probs, ys)
+            ys = ys.reshape(self.cfg.num_experts, b * t, d)
             return torch.einsum("ke,ekd->kd", weight.to(ys.dtype), ys).reshape(b, t, d)
         # Sparse dispatch: each expert runs only on the tokens routed to it (padding skipped).
         out = torch.zeros_like(zf)
