@@ -666,8 +666,8 @@ def test_fedalign_statistics_are_their_definition_over_every_real_token(descript
             m.token_mask = mask  # the per-sample context mean is over real tokens
             g = m.gate_probs(z) * mask.unsqueeze(-1)  # [B, T, E], padding weighs 0
             m.token_mask = None
-            v = {"output": m._experts(z, slice(None)),
-                 "delta": m._experts(z, slice(None)) - m.fc2(m._act(z, m.fc1(z))),
+            ys = m._experts(z, slice(None))  # [E, B, T, d]
+            v = {"output": ys, "delta": ys - m.fc2(m._act(z, m.fc1(z))),
                  "input": z.unsqueeze(0).expand(3, *z.shape)}[descriptor]
             p_ref.append(g.sum((0, 1)) / mask.sum())
             h_ref.append(torch.einsum("bte,ebtd->ed", g, v) / g.sum((0, 1)).unsqueeze(-1))
