@@ -58,11 +58,13 @@ compare: setup
 # The published comparison of one benchmark (docs/results/$(BENCH)/table.*): every row on 3
 # seeds, 5 for MetaMoE, BEST and both upper bounds; BEST=best_private (default) is the
 # privacy-preserving baseline with the highest 3-seed mean, found by the same command.
+# Every run's metrics.json is published too (docs/results/$(BENCH)/runs/); to take a published
+# comparison up again elsewhere (same code): make tables ARGS="--reuse-published docs/results/text"
 BEST ?= best_private
 tables: setup
 	$(BIN)/python -m metamoe.compare --benchmark $(BENCH) --seeds 3 \
 	  --more-seeds 5:metamoe,$(BEST),unrestricted_moe_same_start,unrestricted_moe_scratch \
-	  --output-dir results/tables-$(BENCH) --publish docs/results/$(BENCH)
+	  --output-dir results/tables-$(BENCH) --publish docs/results/$(BENCH) $(ARGS)
 
 # Real deployment on loopback: SuperLink + SuperNodes with TLS and node authentication.
 deploy: setup

@@ -4,6 +4,7 @@
                               [--methods fedavg,fedavg_moe,fedalign_moe,ddome[ddome_paper]]
                               [--more-rounds 32:fedavg,fedavg_moe]
                               [--output-dir results/fl-rounds-vision-val]
+                              [--publish DIR] [--reuse-published DIR]
 
 The budget rule (``metamoe/budget.py``) fixes ``fl.rounds × fl.epochs`` at ``expert.epochs``
 (``fl.epochs`` is interpolated from ``fl.rounds``, a fraction of an epoch per round when rounds
@@ -15,14 +16,17 @@ client's private data. Each round count is one :func:`metamoe.compare.compare` w
 ``<out>/sweep.json`` ({row: {R: {average, std, per_seed_average, upload_bytes, rounds}}} plus
 ``best_rounds`` per row, the round count with the highest mean average), ``<out>/sweep.md`` and
 ``<out>/accuracy_vs_upload.png`` (one line per row, a point per round count). Choose a row's
-rounds with ``--split val``, never on test. The last stdout line is one JSON object:
-{row: {"<R>": average in [0, 1]}, "best_rounds": {row: R}}.
+rounds with ``--split val``, never on test. ``--publish DIR`` copies the three files and every
+run's ``metrics.json`` (``DIR/runs/R<R>-<run id>.json``) to DIR; ``--reuse-published DIR`` takes
+the runs published there as finished (same code only: :mod:`metamoe.compare_publish`). The last
+stdout line is one JSON object: {row: {"<R>": average in [0, 1]}, "best_rounds": {row: R}}.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -108,20 +112,26 @@ def parse_more_rounds(spec: str, rounds: list[int]) -> dict[int, list[str]]:
 def sweep(benchmark: str, rounds: list[int], methods: list[str], seeds: int, split: str,
           output_dir: str | None, overrides: str = "", cache_dir: str | None = None,
           timeout: float = 3600.0, quiet: bool = False,
-          more_rounds: dict[int, list[str]] | None = None) -> dict:
+          more_rounds: dict[int, list[str]] | None = None, publish: str | None = None,
+          reuse_published: str | None = None) -> dict:
     from metamoe.compare import compare
+    from metamoe.compare_publish import publish_runs, take_published_runs
 
     if not rounds or any(r < 1 for r in rounds):
         raise SystemExit(f"--rounds must be positive integers, got {rounds}")
     plan = {r: methods for r in rounds} | (more_rounds or {})
     suffix = "" if split == "test" else f"-{split}"
     out = Path(output_dir or ROOT / "results" / f"fl-rounds-{benchmark}{suffix}").resolve()
-    tables = {}
+    tables, used = {}, {}
     for r, rows in sorted(plan.items()):
+        if reuse_published:
+            take_published_runs(Path(reuse_published) / "runs", out / f"R{r}" / "runs", f"R{r}-")
         d = compare(benchmark, seeds, rows, str(out / f"R{r}"), cache_dir,
                     overrides=f"{overrides} fl.rounds={r}".strip(), timeout=timeout,
                     quiet=quiet, split=split)
         tables[r] = json.loads((d / "table.json").read_text())
+        used.update({f"R{r}-{rid}": d / "runs" / rid
+                     for t in tables[r].values() for rid in t.get("runs", [])})
     result = collect(tables)
     from metamoe.server.report import code_commit
 
@@ -131,6 +141,12 @@ def sweep(benchmark: str, rounds: list[int], methods: list[str], seeds: int, spl
     (out / "sweep.json").write_text(json.dumps(result, indent=2))
     write_markdown(out / "sweep.md", result, benchmark, split, seeds)
     write_plot(out / "accuracy_vs_upload.png", result, split)
+    if publish:
+        dest = Path(publish)
+        dest.mkdir(parents=True, exist_ok=True)
+        for f in ("sweep.json", "sweep.md", "accuracy_vs_upload.png"):
+            shutil.copy2(out / f, dest / f)
+        publish_runs(used, dest / "runs")
     return result
 
 
@@ -147,6 +163,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", type=int, default=1)
     ap.add_argument("--split", choices=("test", "val"), default="val")
     add_run_args(ap)  # --output-dir, --cache-dir, --overrides, --timeout
+    ap.add_argument("--publish", default=None, metavar="DIR",
+                    help="copy sweep.json, sweep.md, the plot and every run's metrics.json "
+                         "(DIR/runs/R<R>-<run id>.json) to DIR")
+    ap.add_argument("--reuse-published", default=None, metavar="DIR",
+                    help="take the runs published in DIR/runs as finished (same code only)")
     a = ap.parse_args(argv)
     try:
         rounds = [int(x) for x in a.rounds.split(",") if x.strip()]
@@ -155,7 +176,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     methods = [m.strip() for m in a.methods.split(",") if m.strip()]
     res = sweep(a.benchmark, rounds, methods, a.seeds, a.split, a.output_dir, a.overrides,
-                a.cache_dir, a.timeout, more_rounds=parse_more_rounds(a.more_rounds, rounds))
+                a.cache_dir, a.timeout, more_rounds=parse_more_rounds(a.more_rounds, rounds),
+                publish=a.publish, reuse_published=a.reuse_published)
     print(json.dumps({**{row: {str(r): v["average"] for r, v in by_r.items()}
                          for row, by_r in res["rows"].items()},
                       "best_rounds": res["best_rounds"]}))

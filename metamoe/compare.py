@@ -4,6 +4,7 @@
                               [--no-share] [--output-dir results/compare-vision]
                               [--split test|val] [--more-seeds 5:metamoe,flexolmo]
                               [--publish docs/results/vision]
+                              [--reuse-published docs/results/vision]
                               [--gpus-per-client auto|G] [--cpus-per-client 1] [--ray-address A]
 
 Writes ``results/compare-<bench>/``:
@@ -51,7 +52,10 @@ both upper bounds). The row ``best_private`` there stands for the privacy-preser
 with the highest mean over seeds 0..N-1 (not MetaMoE or its ablations; recorded as
 ``best_private`` in ``compare.json``). Paired differences use the seeds both rows have (``metamoe_minus_this``
 names them); ``compare.json`` records ``seeds_per_row``. ``--publish DIR`` copies ``table.json``,
-``table.md``, ``compare.json`` and the plots to DIR (``make tables``).
+``table.md``, ``compare.json``, the plots and every run's ``metrics.json`` (``DIR/runs/<run
+id>.json``) to DIR (``make tables``); ``--reuse-published DIR`` takes those runs as finished, so a
+published comparison is rebuilt or extended elsewhere without re-running them
+(:mod:`metamoe.compare_publish`).
 
 Resume: a run's id is ``<method>[-<experiment>]-s<seed>-<hash>`` (hash of the resolved config
 and, for a suite, its members' configs) under ``<out>/runs/``; a run whose ``metrics.json``
@@ -69,6 +73,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from metamoe.budget import check_rows
+from metamoe.compare_publish import publish_runs, publish_tables, take_published_runs
 from metamoe.compare_tables import aggregate, write_markdown, write_plots
 from metamoe.config import ConfigError, conf_dir, config_hash, resolve_config, to_container
 from metamoe.logging_utils import setup_logging
@@ -227,7 +232,7 @@ def compare(benchmark: str = "vision", seeds: int = 1, methods: list[str] | None
             cpus_per_client: int = 1, ray_address: str | None = None,
             split: str = "test", allow_budget_departure: bool = False,
             more_seeds: tuple[int, list[str]] | None = None,
-            publish: str | None = None) -> Path:
+            publish: str | None = None, reuse_published: str | None = None) -> Path:
     """Run (or reuse) every job of ``methods`` x ``seeds``; write the tables. ``gpus_per_client``,
     ``cpus_per_client`` and ``ray_address`` go to every :func:`metamoe.launch.launch` (they do
     not enter the run ids: a run is reused whatever device produced it). ``split="val"``
@@ -235,7 +240,8 @@ def compare(benchmark: str = "vision", seeds: int = 1, methods: list[str] | None
     of each run's id): the split every choice is made on. Every row must keep the budget rule
     (:func:`metamoe.budget.check_rows`) unless ``allow_budget_departure``. ``more_seeds`` =
     (M, rows) also runs those rows on seeds ``seeds``..M-1 (:func:`seed_plan`); ``publish``
-    copies the tables and plots to that directory."""
+    copies the tables, plots and runs to that directory; ``reuse_published`` takes the runs
+    published in that directory as finished (:mod:`metamoe.compare_publish`)."""
     from metamoe.launch import launch
 
     if split not in ("test", "val"):
@@ -248,7 +254,8 @@ def compare(benchmark: str = "vision", seeds: int = 1, methods: list[str] | None
         # them first; reused below) takes the extra seeds with the rows named beside it
         first = compare(benchmark, seeds, rows, output_dir, cache_dir, share, overrides,
                         timeout, quiet, references, gpus_per_client, cpus_per_client,
-                        ray_address, split, allow_budget_departure)
+                        ray_address, split, allow_budget_departure,
+                        reuse_published=reuse_published)
         best = best_private(json.loads((first / "table.json").read_text()))
         more_seeds = (more_seeds[0], [best if r == BEST_PRIVATE else r for r in more_seeds[1]])
         if not quiet:
@@ -261,6 +268,10 @@ def compare(benchmark: str = "vision", seeds: int = 1, methods: list[str] | None
     suffix = "" if split == "test" else f"-{split}"
     out = Path(output_dir or ROOT / "results" / f"compare-{benchmark}{suffix}").resolve()
     (out / "runs").mkdir(parents=True, exist_ok=True)
+    if reuse_published:
+        taken = take_published_runs(Path(reuse_published) / "runs", out / "runs")
+        if not quiet and taken:
+            print(f"[compare] {len(taken)} runs taken from {reuse_published}/runs", flush=True)
     domains = list(resolve_config({"benchmark": benchmark}).benchmark.domains)
     jobs, unavailable = plan(rows, share, benchmark, overrides)
     plans = {tuple(rows): jobs}  # one plan per distinct row set (the extra seeds share one)
@@ -280,6 +291,7 @@ def compare(benchmark: str = "vision", seeds: int = 1, methods: list[str] | None
     prev = out / "compare.json"
     earlier = json.loads(prev.read_text()).get("launch_seconds", {}) if prev.exists() else {}
     failed: dict[str, str] = {}
+    used: dict[str, Path] = {}  # the runs this table is read from
     todo = [(seed, job) for seed, js in seed_jobs for job in js if not (
         out / "runs" / run_id(job, benchmark, seed, overrides) / "metrics.json").exists()]
     runs = Progress(len(todo), "[compare] runs", unit="run")
@@ -310,6 +322,7 @@ def compare(benchmark: str = "vision", seeds: int = 1, methods: list[str] | None
                 timing[rid] = round(time.perf_counter() - t0, 1)
                 runs.step(info=rid)
             metrics = json.loads((run_dir / "metrics.json").read_text())
+            used[rid] = run_dir
             for r, row in rows_of(metrics, job, references).items():
                 per_seed.setdefault(r, []).append({**row, "_run": rid, "_seed": seed})
     runs.close()
@@ -336,19 +349,8 @@ def compare(benchmark: str = "vision", seeds: int = 1, methods: list[str] | None
     say((out / "table.md").read_text())
     if publish:
         publish_tables(out, Path(publish))
+        publish_runs(used, Path(publish) / "runs")
     return out
-
-
-PUBLISHED = ("table.json", "table.md", "compare.json", "accuracy_per_domain.png",
-             "accuracy_vs_upload.png")
-
-
-def publish_tables(out: Path, dest: Path) -> list[Path]:
-    """Copy a comparison's tables and plots to ``dest`` (docs/results/<benchmark>/)."""
-    import shutil
-
-    dest.mkdir(parents=True, exist_ok=True)
-    return [Path(shutil.copy2(out / f, dest / f)) for f in PUBLISHED if (out / f).exists()]
 
 
 def add_run_args(ap: argparse.ArgumentParser) -> None:
@@ -382,7 +384,11 @@ def main(argv: list[str] | None = None) -> int:
                     help="also run these comma-separated rows on seeds --seeds..M-1, e.g. "
                          "'5:metamoe,flexolmo' (paired differences use common seeds)")
     ap.add_argument("--publish", default=None, metavar="DIR",
-                    help="copy table.json, table.md, compare.json and the plots to DIR")
+                    help="copy table.json, table.md, compare.json, the plots and every run's "
+                         "metrics.json (DIR/runs/<run id>.json) to DIR")
+    ap.add_argument("--reuse-published", default=None, metavar="DIR",
+                    help="take the runs published in DIR/runs as finished: a published "
+                         "comparison taken up again on another machine (same code only)")
     from metamoe.launch import add_resource_args
 
     add_resource_args(ap)  # --gpus-per-client, --cpus-per-client, --ray-address
@@ -408,8 +414,8 @@ def main(argv: list[str] | None = None) -> int:
                       gpus_per_client=a.gpus_per_client, cpus_per_client=a.cpus_per_client,
                       ray_address=a.ray_address, split=a.split,
                       allow_budget_departure=a.allow_budget_departure, more_seeds=more,
-                      publish=a.publish)
-    except ConfigError as e:
+                      publish=a.publish, reuse_published=a.reuse_published)
+    except (ConfigError, FileNotFoundError) as e:
         print(f"configuration error: {e}", file=sys.stderr)
         return 2
     print(out)

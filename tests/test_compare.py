@@ -121,7 +121,9 @@ def test_compare_tiny_table_and_resume(tmp_path, monkeypatch, capsys, cache_dir)
     launch = json.loads((out / "compare.json").read_text())["launch_seconds"]
     assert set(launch) == set(runs) and all(v > 0 for v in launch.values())
     capsys.readouterr()
-    compare(**kw)  # second invocation: everything is reused, nothing is launched
+    docs = tmp_path / "docs"
+    # second invocation: everything is reused, nothing is launched; published with its run
+    compare(**kw, publish=str(docs))
     log = capsys.readouterr().out
     assert log.count("[compare] reusing") == 1 and "[compare] running" not in log
     assert sorted(p.name for p in (out / "runs").iterdir()) == runs
@@ -129,6 +131,13 @@ def test_compare_tiny_table_and_resume(tmp_path, monkeypatch, capsys, cache_dir)
     assert json.loads((out / "table.json").read_text()) == table
     # a resume keeps the reused runs' launch times (they are not re-measured)
     assert json.loads((out / "compare.json").read_text())["launch_seconds"] == launch
+    assert sorted(p.name for p in (docs / "runs").iterdir()) == [f"{r}.json" for r in runs]
+    # the published comparison taken up elsewhere: its run is taken, nothing is launched
+    again = compare(**{**kw, "output_dir": str(tmp_path / "elsewhere")},
+                    reuse_published=str(docs))
+    log = capsys.readouterr().out
+    assert "[compare] running" not in log and "1 runs taken from" in log
+    assert json.loads((again / "table.json").read_text()) == table
 
 
 def test_paired_differences_against_metamoe(tmp_path):
@@ -161,7 +170,8 @@ def test_more_seeds_plan_and_publish(tmp_path):
     """``--more-seeds M:rows``: every row on seeds 0..N-1, the named rows on N..M-1 (planned
     on their own, so MetaMoE runs alone there instead of in the suite); bad plans fail before
     anything runs; ``--publish`` copies the tables."""
-    from metamoe.compare import main, publish_tables, seed_plan
+    from metamoe.compare import main, seed_plan
+    from metamoe.compare_publish import publish_tables
     from metamoe.config import ConfigError
 
     rows = ["btm", "btx", "metamoe", "metamoe[no_ca_router]"]
@@ -196,6 +206,35 @@ def test_more_seeds_plan_and_publish(tmp_path):
     assert sorted(p.name for p in got) == ["compare.json", "table.json", "table.md"]
     assert (tmp_path / "docs" / "vision" / "table.md").read_text() == "table.md"
     assert not (tmp_path / "docs" / "vision" / "runs").exists()
+
+
+def test_published_runs_go_back_as_finished_runs(tmp_path):
+    """``publish_runs`` leaves exactly the table's runs in the folder; ``take_published_runs``
+    puts them back as ``<run id>/metrics.json`` (stripping the sweep's ``R<R>-`` prefix),
+    never over a finished run, and refuses a folder that does not exist."""
+    from metamoe.compare_publish import publish_runs, take_published_runs
+
+    runs = tmp_path / "runs"
+    for rid in ("a-s0-1", "b-s0-2", "killed-s0-3"):
+        (runs / rid / "checkpoints").mkdir(parents=True)
+    for rid in ("a-s0-1", "b-s0-2"):
+        (runs / rid / "metrics.json").write_text(rid)
+    dest = tmp_path / "docs" / "runs"
+    dest.mkdir(parents=True)
+    (dest / "R4-stale-s0-9.json").write_text("old")
+    got = publish_runs({f"R4-{r}": runs / r for r in ("a-s0-1", "b-s0-2", "killed-s0-3")}, dest)
+    assert sorted(p.name for p in got) == ["R4-a-s0-1.json", "R4-b-s0-2.json"]
+    assert sorted(p.name for p in dest.iterdir()) == ["R4-a-s0-1.json", "R4-b-s0-2.json"]
+    (dest / "R8-c-s0-4.json").write_text("c")
+    fresh = tmp_path / "fresh"
+    (fresh / "a-s0-1").mkdir(parents=True)
+    (fresh / "a-s0-1" / "metrics.json").write_text("kept")
+    assert take_published_runs(dest, fresh, "R4-") == ["b-s0-2"]
+    assert (fresh / "b-s0-2" / "metrics.json").read_text() == "b-s0-2"
+    assert (fresh / "a-s0-1" / "metrics.json").read_text() == "kept"
+    assert not (fresh / "c-s0-4").exists()
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        take_published_runs(tmp_path / "nowhere", fresh)
 
 
 def test_ddome_rows_tabulate_where_the_gate_sends_each_domain(tmp_path):

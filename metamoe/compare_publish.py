@@ -1,0 +1,52 @@
+"""Published comparisons: the tables and plots under ``docs/results/<bench>/`` and, beside them,
+every run they were read from (``runs/<name>.json``: the run's ``metrics.json``, which records
+its resolved config, commit and machine).
+
+A published comparison can be taken up again on another machine: ``--reuse-published DIR``
+(``metamoe.compare``, ``bench.fl_rounds``) puts each published run back as a finished run, so
+only the runs not yet published are launched and the tables are rebuilt from the same files.
+Run ids hash the resolved config, not the code: reuse runs only with the code that made them
+(each file names its commit).
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+TABLES = ("table.json", "table.md", "compare.json", "accuracy_per_domain.png",
+          "accuracy_vs_upload.png")
+
+
+def publish_tables(out: Path, dest: Path) -> list[Path]:
+    """Copy a comparison's tables and plots to ``dest`` (docs/results/<benchmark>/)."""
+    dest.mkdir(parents=True, exist_ok=True)
+    return [Path(shutil.copy2(out / f, dest / f)) for f in TABLES if (out / f).exists()]
+
+
+def publish_runs(run_dirs: dict[str, Path], dest: Path) -> list[Path]:
+    """Copy each finished run's ``metrics.json`` ({name: run dir}) to ``dest/<name>.json``;
+    ``dest`` then holds exactly these runs (files of runs no longer in the table go)."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for old in dest.glob("*.json"):
+        if old.stem not in run_dirs:
+            old.unlink()
+    return [Path(shutil.copy2(d / "metrics.json", dest / f"{name}.json"))
+            for name, d in sorted(run_dirs.items()) if (d / "metrics.json").exists()]
+
+
+def take_published_runs(src: Path, runs_dir: Path, prefix: str = "") -> list[str]:
+    """Put each published run ``src/<prefix><run id>.json`` back as
+    ``runs_dir/<run id>/metrics.json`` where that run has none yet; returns the run ids taken.
+    A missing ``src`` is an error (a mistyped folder would otherwise rerun everything)."""
+    if not src.is_dir():
+        raise FileNotFoundError(f"--reuse-published: no folder of published runs at {src}")
+    taken = []
+    for f in sorted(src.glob(f"{prefix}*.json")):
+        rid = f.stem[len(prefix):]
+        target = runs_dir / rid / "metrics.json"
+        if not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(f, target)
+            taken.append(rid)
+    return taken
