@@ -674,7 +674,9 @@ def test_fedalign_statistics_are_their_definition_over_every_real_token(descript
     p, h, withheld = moe_local_stats(moe, x, descriptor, batch_size=2)
     assert withheld == 0
     np.testing.assert_allclose(p, torch.stack(p_ref).numpy(), rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(h, torch.stack(h_ref).numpy(), rtol=1e-4, atol=1e-6)
+    # h's entries are ~0.05; "delta" is a difference of two FFN outputs, whose float32
+    # cancellation leaves ~4e-6 between batchings (a wrong token set or layer moves h by ~1e-2)
+    np.testing.assert_allclose(h, torch.stack(h_ref).numpy(), rtol=1e-4, atol=2e-5)
     assert all(m.observe is None for m in moe.moe_layers())
     with torch.no_grad():
         torch.testing.assert_close(moe(x), routed)
