@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 from pathlib import Path
 
@@ -115,7 +114,7 @@ def sweep(benchmark: str, rounds: list[int], methods: list[str], seeds: int, spl
           more_rounds: dict[int, list[str]] | None = None, publish: str | None = None,
           reuse_published: str | None = None) -> dict:
     from metamoe.compare import compare
-    from metamoe.compare_publish import publish_runs, take_published_runs
+    from metamoe.compare_publish import publish_runs, publish_tables, take_published_runs
 
     if not rounds or any(r < 1 for r in rounds):
         raise SystemExit(f"--rounds must be positive integers, got {rounds}")
@@ -142,11 +141,8 @@ def sweep(benchmark: str, rounds: list[int], methods: list[str], seeds: int, spl
     write_markdown(out / "sweep.md", result, benchmark, split, seeds)
     write_plot(out / "accuracy_vs_upload.png", result, split)
     if publish:
-        dest = Path(publish)
-        dest.mkdir(parents=True, exist_ok=True)
-        for f in ("sweep.json", "sweep.md", "accuracy_vs_upload.png"):
-            shutil.copy2(out / f, dest / f)
-        publish_runs(used, dest / "runs")
+        publish_tables(out, Path(publish), ("sweep.json", "sweep.md", "accuracy_vs_upload.png"))
+        publish_runs(used, Path(publish) / "runs")
     return result
 
 

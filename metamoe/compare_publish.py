@@ -18,10 +18,11 @@ TABLES = ("table.json", "table.md", "compare.json", "accuracy_per_domain.png",
           "accuracy_vs_upload.png")
 
 
-def publish_tables(out: Path, dest: Path) -> list[Path]:
-    """Copy a comparison's tables and plots to ``dest`` (docs/results/<benchmark>/)."""
+def publish_tables(out: Path, dest: Path, files: tuple[str, ...] = TABLES) -> list[Path]:
+    """Copy a comparison's tables and plots (``files`` of ``out``; a sweep names its own) to
+    ``dest`` (docs/results/<benchmark>/)."""
     dest.mkdir(parents=True, exist_ok=True)
-    return [Path(shutil.copy2(out / f, dest / f)) for f in TABLES if (out / f).exists()]
+    return [Path(shutil.copy2(out / f, dest / f)) for f in files if (out / f).exists()]
 
 
 def publish_runs(run_dirs: dict[str, Path], dest: Path) -> list[Path]:
