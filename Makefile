@@ -16,7 +16,7 @@ PYTEST_ARGS ?=
 SEEDS ?= 1
 BENCH ?= vision
 
-.PHONY: setup demo demo-text paper-cv test compare tables deploy figures lint clean
+.PHONY: setup demo demo-text paper-cv test compare tables publish-runs deploy figures lint clean
 
 setup: $(STAMP) $(FASHION)
 
@@ -65,6 +65,10 @@ tables: setup
 	$(BIN)/python -m metamoe.compare --benchmark $(BENCH) --seeds 3 \
 	  --more-seeds 5:metamoe,$(BEST),unrestricted_moe_same_start,unrestricted_moe_scratch \
 	  --output-dir results/tables-$(BENCH) --publish docs/results/$(BENCH) $(ARGS)
+
+# A table that spans sessions: publish its finished runs so far (kill it between runs first).
+publish-runs: setup
+	$(BIN)/python -m metamoe.compare_publish results/tables-$(BENCH)/runs docs/results/$(BENCH)/runs
 
 # Real deployment on loopback: SuperLink + SuperNodes with TLS and node authentication.
 deploy: setup

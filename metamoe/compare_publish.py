@@ -7,10 +7,15 @@ A published comparison can be taken up again on another machine: ``--reuse-publi
 only the runs not yet published are launched and the tables are rebuilt from the same files.
 Run ids hash the resolved config, not the code: reuse runs only with the code that made them
 (each file names its commit).
+
+A comparison that spans machines or sessions is published as it goes, finished runs only:
+``python -m metamoe.compare_publish results/tables-text/runs docs/results/text/runs``
+(``make publish-runs BENCH=text``) adds every finished run's ``metrics.json`` and removes none.
 """
 
 from __future__ import annotations
 
+import argparse
 import shutil
 from pathlib import Path
 
@@ -51,3 +56,33 @@ def take_published_runs(src: Path, runs_dir: Path, prefix: str = "") -> list[str
             shutil.copy2(f, target)
             taken.append(rid)
     return taken
+
+
+def publish_finished_runs(runs_dir: Path, dest: Path) -> tuple[list[Path], list[str]]:
+    """Add every finished run under ``runs_dir`` (``<run id>/metrics.json``) to ``dest`` as
+    ``<run id>.json``, keeping the files already there; returns (files written, run ids with no
+    metrics.json: killed or running, not published)."""
+    if not runs_dir.is_dir():
+        raise FileNotFoundError(f"no folder of runs at {runs_dir}")
+    dest.mkdir(parents=True, exist_ok=True)
+    written, unfinished = [], []
+    for d in sorted(p for p in runs_dir.iterdir() if p.is_dir()):
+        if (d / "metrics.json").exists():
+            written.append(Path(shutil.copy2(d / "metrics.json", dest / f"{d.name}.json")))
+        else:
+            unfinished.append(d.name)
+    return written, unfinished
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description="Publish a comparison's finished runs so far.")
+    ap.add_argument("runs_dir", type=Path, help="a comparison's runs folder (results/.../runs)")
+    ap.add_argument("dest", type=Path, help="published runs folder (docs/results/<bench>/runs)")
+    a = ap.parse_args(argv)
+    written, unfinished = publish_finished_runs(a.runs_dir, a.dest)
+    print(f"published {len(written)} finished runs to {a.dest}; "
+          f"{len(unfinished)} unfinished left out: {', '.join(unfinished) or 'none'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -237,6 +237,26 @@ def test_published_runs_go_back_as_finished_runs(tmp_path):
         take_published_runs(tmp_path / "nowhere", fresh)
 
 
+def test_publishing_finished_runs_adds_them_and_leaves_unfinished_ones_out(tmp_path, capsys):
+    """``python -m metamoe.compare_publish RUNS DEST`` adds each finished run and keeps the
+    files already published; a killed run (no metrics.json) is named, not published."""
+    from metamoe.compare_publish import main
+
+    runs = tmp_path / "runs"
+    (runs / "a-s1-1").mkdir(parents=True)
+    (runs / "a-s1-1" / "metrics.json").write_text("a")
+    (runs / "killed-s1-2" / "checkpoints").mkdir(parents=True)
+    dest = tmp_path / "docs" / "runs"
+    dest.mkdir(parents=True)
+    (dest / "a-s0-0.json").write_text("seed 0")
+    main([str(runs), str(dest)])
+    assert sorted(p.name for p in dest.iterdir()) == ["a-s0-0.json", "a-s1-1.json"]
+    assert (dest / "a-s1-1.json").read_text() == "a"
+    assert "1 unfinished left out: killed-s1-2" in capsys.readouterr().out
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        main([str(tmp_path / "nowhere"), str(dest)])
+
+
 def test_ddome_rows_tabulate_where_the_gate_sends_each_domain(tmp_path):
     """A DDOME run's ``ddome_own_share`` reaches its row in table.json (mean and per seed) and
     table.md; rows without it get no such key."""
