@@ -140,10 +140,12 @@ def write_plots(out: Path, table: dict, domains: list[str], split: str = "test")
         ax.scatter(x, y, marker="s" if iterative else "o",
                    c="tab:red" if not table[n]["private"]
                    else ("tab:orange" if iterative else "tab:blue"))
-    for x, y, ly, n in _label_heights(pts):
-        ax.annotate(n, (x, y), xytext=(x * 1.25, ly), fontsize=7, va="center",
+    step = 0.045 * (max(p[1] for p in pts) - min(p[1] for p in pts) + 2)
+    for x, y, lx, ly, side, n in label_columns(pts, step):
+        ax.annotate(n, (x, y), xytext=(lx, ly), fontsize=7, va="center",
+                    ha="right" if side == "left" else "left",
                     arrowprops={"arrowstyle": "-", "color": "0.6", "lw": 0.5}
-                    if abs(ly - y) > 1e-9 else None)
+                    if abs(ly - y) > step / 2 or not 0.6 < lx / x < 1.6 else None)
     ax.set_xscale("log")
     ax.set_xlabel("bytes uploaded per client (log)")
     ax.set_ylabel(f"average {split} accuracy (%)")
@@ -156,18 +158,31 @@ def write_plots(out: Path, table: dict, domains: list[str], split: str = "test")
     return paths
 
 
-def _label_heights(pts: list[tuple[float, float, str]]) -> list[tuple[float, float, float, str]]:
-    """[(x, y, name)] -> [(x, y, label y, name)]: points of about the same upload (within 0.5
-    decades) get their labels stacked downwards, at least 3 % of the y-span apart, so that
-    rows with near-equal uploads and accuracies (MetaMoE's ablations) stay readable."""
-    ys = [p[1] for p in pts]
-    gap = 0.03 * max(max(ys) - min(ys), 1.0) if pts else 0.0
-    out, placed = [], []  # placed: (log x, label y)
-    for x, y, n in sorted(pts, key=lambda p: -p[1]):
-        ly = y
-        for lx, py in sorted(placed, key=lambda q: -q[1]):
-            if abs(lx - np.log10(x)) < 0.5 and abs(py - ly) < gap:
-                ly = py - gap
-        placed.append((np.log10(x), ly))
-        out.append((x, y, ly, n))
+def label_columns(points: list[tuple[float, float, str]], step: float
+                  ) -> list[tuple[float, float, float, float, str, str]]:
+    """Where the labels of an accuracy-vs-upload plot (log x) go: [(x, y, name)] ->
+    [(x, y, label x, label y, "left" | "right", name)]. Points within 0.35 decades of upload
+    form a column whose labels stack downwards at least ``step`` apart, centred on the points'
+    mean height (three or more points); they go left of the points when the next column is
+    within a decade and at about the same heights, else right."""
+    points = sorted(points, key=lambda p: p[0])
+    clusters: list[list[tuple[float, float, str]]] = []
+    for p in points:
+        if clusters and np.log10(p[0]) - np.log10(clusters[-1][-1][0]) < 0.35:
+            clusters[-1].append(p)
+        else:
+            clusters.append([p])
+    out = []
+    for k, cl in enumerate(clusters):
+        nxt = clusters[k + 1] if k + 1 < len(clusters) else []
+        left = bool(nxt) and np.log10(nxt[0][0] / cl[-1][0]) < 1.0 and any(
+            abs(p[1] - q[1]) < 3 * step for p in cl for q in nxt)
+        cl.sort(key=lambda p: -p[1])
+        ly = [cl[0][1]]
+        for p in cl[1:]:
+            ly.append(min(p[1], ly[-1] - step))
+        shift = np.mean([p[1] for p in cl]) - np.mean(ly) if len(cl) > 2 else 0.0
+        lx = min(p[0] for p in cl) / 1.4 if left else 1.4 * max(p[0] for p in cl)
+        out += [(x, y, lx, yy + shift, "left" if left else "right", n)
+                for (x, y, n), yy in zip(cl, ly)]
     return out

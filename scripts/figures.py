@@ -30,6 +30,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from metamoe.compare_tables import label_columns  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 DPI = 120
 BENCHMARKS = ("vision", "text")
@@ -99,32 +101,11 @@ def comparison(table_path: Path, out: Path, bench: str) -> Path:
         handles.setdefault(label, h)
         if not ablation:  # the ablations sit on top of metamoe: the left panel names them
             points.append((x, y, n))
-    # Labels of points at about the same upload size form a column to the right of them,
-    # spaced by `step` and centred on the points' mean height.
-    points.sort(key=lambda p: p[0])
-    clusters: list[list[tuple[float, float, str]]] = []
-    for p in points:
-        if clusters and np.log10(p[0]) - np.log10(clusters[-1][-1][0]) < 0.35:
-            clusters[-1].append(p)
-        else:
-            clusters.append([p])
-    for k, cl in enumerate(clusters):
-        # labels go left of the column when the next column is close and at the same heights
-        nxt = clusters[k + 1] if k + 1 < len(clusters) else []
-        left = bool(nxt) and np.log10(nxt[0][0] / cl[-1][0]) < 1.0 and any(
-            abs(p[1] - q[1]) < 3 * step for p in cl for q in nxt)
-        cl.sort(key=lambda p: -p[1])
-        ly = [cl[0][1]]
-        for p in cl[1:]:
-            ly.append(min(p[1], ly[-1] - step))
-        shift = np.mean([p[1] for p in cl]) - np.mean(ly) if len(cl) > 2 else 0.0
-        lx = min(p[0] for p in cl) / 1.4 if left else 1.4 * max(p[0] for p in cl)
-        for (x, y, n), yy in zip(cl, ly):
-            yy += shift
-            ax2.annotate(n, (x, y), xytext=(lx, yy), fontsize=6.5, va="center",
-                         ha="right" if left else "left",
-                         arrowprops={"arrowstyle": "-", "color": "0.6", "lw": 0.5}
-                         if abs(yy - y) > step / 2 or not 0.6 < lx / x < 1.6 else None)
+    for x, y, lx, ly, side, n in label_columns(points, step):
+        ax2.annotate(n, (x, y), xytext=(lx, ly), fontsize=6.5, va="center",
+                     ha="right" if side == "left" else "left",
+                     arrowprops={"arrowstyle": "-", "color": "0.6", "lw": 0.5}
+                     if abs(ly - y) > step / 2 or not 0.6 < lx / x < 1.6 else None)
     order = ["MetaMoE", "MetaMoE ablations", "one-shot baseline", "iterative FL", "not private"]
     ax2.legend([handles[k] for k in order if k in handles], [k for k in order if k in handles],
                fontsize=7, loc="upper left")

@@ -280,15 +280,19 @@ def test_ddome_rows_tabulate_where_the_gate_sends_each_domain(tmp_path):
 
 
 def test_upload_plot_labels_of_close_points_do_not_overlap():
-    """accuracy_vs_upload.png: labels of points with about the same upload are stacked at
-    least the gap apart (MetaMoE's ablations sit within 1 point of each other); far points
-    keep their own height."""
-    from metamoe.compare_tables import _label_heights
+    """Accuracy-vs-upload plots (accuracy_vs_upload.png, docs/figures/*_comparison.png): labels
+    of points with about the same upload stack at least ``step`` apart (MetaMoE's ablations sit
+    within 1 point of each other) and go left when the next column is close at the same
+    heights; a lone far point keeps its own height, labelled to its right."""
+    from metamoe.compare_tables import label_columns
 
     pts = [(1.0e5, 86.9, "metamoe"), (1.02e5, 86.9, "metamoe[no_pa]"),
-           (1.01e5, 86.8, "metamoe[no_rw_dpp]"), (1.5e6, 86.9, "fedavg"), (250, 60.0, "zero")]
-    out = {n: (y, ly) for _, y, ly, n in _label_heights(pts)}
-    gap = 0.03 * (86.9 - 60.0)
-    close = sorted(out[n][1] for n in ("metamoe", "metamoe[no_pa]", "metamoe[no_rw_dpp]"))
-    assert all(b - a >= gap - 1e-9 for a, b in zip(close, close[1:]))
-    assert out["fedavg"] == (86.9, 86.9) and out["zero"] == (60.0, 60.0)
+           (1.01e5, 86.8, "metamoe[no_rw_dpp]"), (4.0e5, 86.5, "flexolmo"),
+           (1.0e8, 86.9, "fedavg"), (250, 60.0, "zero")]
+    step = 0.8
+    out = {n: (y, lx, ly, side) for _, y, lx, ly, side, n in label_columns(pts, step)}
+    close = sorted(out[n][2] for n in ("metamoe", "metamoe[no_pa]", "metamoe[no_rw_dpp]"))
+    assert all(b - a >= step - 1e-9 for a, b in zip(close, close[1:]))
+    assert {out[n][3] for n in ("metamoe", "metamoe[no_pa]", "metamoe[no_rw_dpp]")} == {"left"}
+    assert out["fedavg"] == (86.9, 1.4e8, 86.9, "right")
+    assert out["zero"] == (60.0, 1.4 * 250, 60.0, "right")
