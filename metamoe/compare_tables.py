@@ -141,11 +141,7 @@ def write_plots(out: Path, table: dict, domains: list[str], split: str = "test")
                    c="tab:red" if not table[n]["private"]
                    else ("tab:orange" if iterative else "tab:blue"))
     step = 0.045 * (max(p[1] for p in pts) - min(p[1] for p in pts) + 2)
-    for x, y, lx, ly, side, n in label_columns(pts, step):
-        ax.annotate(n, (x, y), xytext=(lx, ly), fontsize=7, va="center",
-                    ha="right" if side == "left" else "left",
-                    arrowprops={"arrowstyle": "-", "color": "0.6", "lw": 0.5}
-                    if abs(ly - y) > step / 2 or not 0.6 < lx / x < 1.6 else None)
+    label_points(ax, pts, step, fontsize=7)
     ax.set_xscale("log")
     ax.set_xlabel("bytes uploaded per client (log)")
     ax.set_ylabel(f"average {split} accuracy (%)")
@@ -156,6 +152,17 @@ def write_plots(out: Path, table: dict, domains: list[str], split: str = "test")
     plt.close(fig)
     paths.append(p)
     return paths
+
+
+def label_points(ax, points: list[tuple[float, float, str]], step: float,
+                 fontsize: float) -> None:
+    """Name each (x, y, name) point of ``ax`` where :func:`label_columns` puts its label, with a
+    leader line where the label is away from its point."""
+    for x, y, lx, ly, side, n in label_columns(points, step):
+        ax.annotate(n, (x, y), xytext=(lx, ly), fontsize=fontsize, va="center",
+                    ha="right" if side == "left" else "left",
+                    arrowprops={"arrowstyle": "-", "color": "0.6", "lw": 0.5}
+                    if abs(ly - y) > step / 2 or not 0.6 < lx / x < 1.6 else None)
 
 
 def label_columns(points: list[tuple[float, float, str]], step: float

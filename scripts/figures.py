@@ -30,7 +30,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from metamoe.compare_tables import label_columns  # noqa: E402
+from metamoe.compare_tables import label_points  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DPI = 120
@@ -101,11 +101,7 @@ def comparison(table_path: Path, out: Path, bench: str) -> Path:
         handles.setdefault(label, h)
         if not ablation:  # the ablations sit on top of metamoe: the left panel names them
             points.append((x, y, n))
-    for x, y, lx, ly, side, n in label_columns(points, step):
-        ax2.annotate(n, (x, y), xytext=(lx, ly), fontsize=6.5, va="center",
-                     ha="right" if side == "left" else "left",
-                     arrowprops={"arrowstyle": "-", "color": "0.6", "lw": 0.5}
-                     if abs(ly - y) > step / 2 or not 0.6 < lx / x < 1.6 else None)
+    label_points(ax2, points, step, fontsize=6.5)
     order = ["MetaMoE", "MetaMoE ablations", "one-shot baseline", "iterative FL", "not private"]
     ax2.legend([handles[k] for k in order if k in handles], [k for k in order if k in handles],
                fontsize=7, loc="upper left")
