@@ -30,13 +30,16 @@ def publish_tables(out: Path, dest: Path, files: tuple[str, ...] = TABLES) -> li
     return [Path(shutil.copy2(out / f, dest / f)) for f in files if (out / f).exists()]
 
 
-def publish_runs(run_dirs: dict[str, Path], dest: Path) -> list[Path]:
+def publish_runs(run_dirs: dict[str, Path], dest: Path, keep_others: bool = False
+                 ) -> list[Path]:
     """Copy each finished run's ``metrics.json`` ({name: run dir}) to ``dest/<name>.json``;
-    ``dest`` then holds exactly these runs (files of runs no longer in the table go)."""
+    ``dest`` then holds exactly these runs (files of runs no longer in the table go), or, with
+    ``keep_others``, these runs besides those already published."""
     dest.mkdir(parents=True, exist_ok=True)
-    for old in dest.glob("*.json"):
-        if old.stem not in run_dirs:
-            old.unlink()
+    if not keep_others:
+        for old in dest.glob("*.json"):
+            if old.stem not in run_dirs:
+                old.unlink()
     return [Path(shutil.copy2(d / "metrics.json", dest / f"{name}.json"))
             for name, d in sorted(run_dirs.items()) if (d / "metrics.json").exists()]
 
@@ -64,14 +67,10 @@ def publish_finished_runs(runs_dir: Path, dest: Path) -> tuple[list[Path], list[
     metrics.json: killed or running, not published)."""
     if not runs_dir.is_dir():
         raise FileNotFoundError(f"no folder of runs at {runs_dir}")
-    dest.mkdir(parents=True, exist_ok=True)
-    written, unfinished = [], []
-    for d in sorted(p for p in runs_dir.iterdir() if p.is_dir()):
-        if (d / "metrics.json").exists():
-            written.append(Path(shutil.copy2(d / "metrics.json", dest / f"{d.name}.json")))
-        else:
-            unfinished.append(d.name)
-    return written, unfinished
+    runs = [d for d in sorted(runs_dir.iterdir()) if d.is_dir()]
+    finished = {d.name: d for d in runs if (d / "metrics.json").exists()}
+    return (publish_runs(finished, dest, keep_others=True),
+            [d.name for d in runs if d.name not in finished])
 
 
 def main(argv: list[str] | None = None) -> None:
