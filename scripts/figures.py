@@ -104,7 +104,7 @@ def comparison(table_path: Path, out: Path, bench: str) -> Path:
     label_points(ax2, points, step, fontsize=6.5)
     order = ["MetaMoE", "MetaMoE ablations", "one-shot baseline", "iterative FL", "not private"]
     ax2.legend([handles[k] for k in order if k in handles], [k for k in order if k in handles],
-               fontsize=7, loc="upper left")
+               fontsize=7, loc="best")  # "best" also avoids the point labels (Text)
     ax2.set_xscale("log")
     ax2.set_xlim(min(p[0] for p in points) / 3, max(p[0] for p in points) * 8)
     ax2.set_xlabel("bytes uploaded per client over the whole run (log)")
