@@ -11,11 +11,15 @@ Run ids hash the resolved config, not the code: reuse runs only with the code th
 A comparison that spans machines or sessions is published as it goes, finished runs only:
 ``python -m metamoe.compare_publish results/tables-text/runs docs/results/text/runs``
 (``make publish-runs BENCH=text``) adds every finished run's ``metrics.json`` and removes none.
+
+A published table's plots are redrawn from its ``table.json`` alone, no run needed:
+``python -m metamoe.compare_publish --replot docs/results/vision``.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 from pathlib import Path
 
@@ -73,11 +77,40 @@ def publish_finished_runs(runs_dir: Path, dest: Path) -> tuple[list[Path], list[
             [d.name for d in runs if d.name not in finished])
 
 
+def replot(dest: Path) -> list[Path]:
+    """Redraw the plots of the comparison published in ``dest`` from its ``table.json`` (and
+    the split named in its ``compare.json``): the same figures ``metamoe.compare`` draws."""
+    from metamoe.compare_tables import write_plots
+
+    path = dest / "table.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"--replot: no table.json in {dest}")
+    table = {k: v for k, v in json.loads(path.read_text()).items() if not k.startswith("_")}
+    meta = dest / "compare.json"
+    split = json.loads(meta.read_text()).get("split", "test") if meta.is_file() else "test"
+    domains = list(next(iter(table.values()))["per_domain"]) if table else []
+    return write_plots(dest, table, domains, split)
+
+
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description="Publish a comparison's finished runs so far.")
-    ap.add_argument("runs_dir", type=Path, help="a comparison's runs folder (results/.../runs)")
-    ap.add_argument("dest", type=Path, help="published runs folder (docs/results/<bench>/runs)")
+    ap = argparse.ArgumentParser(description="Publish a comparison's finished runs so far, or "
+                                             "redraw a published comparison's plots.")
+    ap.add_argument("runs_dir", type=Path, nargs="?",
+                    help="a comparison's runs folder (results/.../runs)")
+    ap.add_argument("dest", type=Path, nargs="?",
+                    help="published runs folder (docs/results/<bench>/runs)")
+    ap.add_argument("--replot", type=Path, metavar="DIR",
+                    help="redraw the plots of the comparison published in DIR from its "
+                         "table.json (docs/results/<bench>)")
     a = ap.parse_args(argv)
+    if a.replot is not None:
+        if a.runs_dir is not None:
+            ap.error("--replot takes no runs folder")
+        for p in replot(a.replot):
+            print(f"wrote {p}")
+        return
+    if a.dest is None:
+        ap.error("give the runs folder and the published runs folder, or --replot DIR")
     written, unfinished = publish_finished_runs(a.runs_dir, a.dest)
     print(f"published {len(written)} finished runs to {a.dest}; "
           f"{len(unfinished)} unfinished left out: {', '.join(unfinished) or 'none'}")

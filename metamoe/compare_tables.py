@@ -133,25 +133,60 @@ def write_plots(out: Path, table: dict, domains: list[str], split: str = "test")
     plt.close(fig)
     paths.append(p)
 
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    pts = [(max(table[n]["upload_bytes"], 1), 100 * table[n]["average"], n) for n in names]
-    for x, y, n in pts:
-        iterative = table[n]["rounds"] > 1
-        ax.scatter(x, y, marker="s" if iterative else "o",
-                   c="tab:red" if not table[n]["private"]
-                   else ("tab:orange" if iterative else "tab:blue"))
-    step = 0.045 * (max(p[1] for p in pts) - min(p[1] for p in pts) + 2)
-    label_points(ax, pts, step, fontsize=7)
-    ax.set_xscale("log")
-    ax.set_xlabel("bytes uploaded per client (log)")
-    ax.set_ylabel(f"average {split} accuracy (%)")
-    ax.set_title("Accuracy vs upload (o one-shot, ■ iterative, red = not private)")
+    fig, ax = plt.subplots(figsize=(6.5, 5))
+    plot_accuracy_vs_upload(ax, table, split)
+    ax.set_title(f"average {split} accuracy vs upload")
     fig.tight_layout()
     p = out / "accuracy_vs_upload.png"
     fig.savefig(p, dpi=120)
     plt.close(fig)
     paths.append(p)
     return paths
+
+
+def row_kind(name: str, row: dict) -> tuple[str, str]:
+    """A row's colour and legend entry in the comparison plots."""
+    if not row.get("private", True):
+        return "tab:red", "not private"
+    if row.get("rounds", 1) > 1:
+        return "tab:orange", "iterative FL"
+    if name.startswith("metamoe["):  # ddome[ddome_paper] is DDOME's row, not an ablation
+        return "tab:green", "MetaMoE ablations"
+    if name.startswith("metamoe"):
+        return "tab:green", "MetaMoE"
+    return "tab:blue", "one-shot baseline"
+
+
+def plot_accuracy_vs_upload(ax, table: dict, split: str = "test", fontsize: float = 6.5
+                            ) -> None:
+    """Average accuracy (± std over seeds) against the bytes each client uploads (log x), one
+    marker per row of ``table`` (:func:`aggregate`'s rows): squares for iterative rows, hollow
+    markers for MetaMoE's ablations (they sit on MetaMoE's point; the bar plots name them),
+    every other point named where :func:`label_columns` puts it; drawn by ``metamoe.compare``
+    (accuracy_vs_upload.png) and ``scripts/figures.py`` (docs/figures/*_comparison.png)."""
+    ys = [100 * r["average"] for r in table.values()]
+    step = 0.045 * (max(ys) - min(ys) + 2)  # the smallest gap between two labels
+    handles, points = {}, []
+    for n, r in table.items():
+        c, label = row_kind(n, r)
+        ablation = label == "MetaMoE ablations"
+        x, y = max(r["upload_bytes"], 1), 100 * r["average"]
+        h = ax.errorbar(x, y, yerr=100 * r["std"], fmt="s" if r.get("rounds", 1) > 1 else "o",
+                        color=c, mfc="none" if ablation else c, capsize=2,
+                        alpha=0.6 if ablation else 1)
+        handles.setdefault(label, h)
+        if not ablation:
+            points.append((x, y, n))
+    label_points(ax, points, step, fontsize=fontsize)
+    order = ["MetaMoE", "MetaMoE ablations", "one-shot baseline", "iterative FL", "not private"]
+    ax.legend([handles[k] for k in order if k in handles], [k for k in order if k in handles],
+              fontsize=7, loc="best")  # "best" also avoids the point labels (Text)
+    ax.set_xscale("log")
+    xs = [p[0] for p in points] or [max(r["upload_bytes"], 1) for r in table.values()]
+    ax.set_xlim(min(xs) / 3, max(xs) * 8)
+    ax.set_xlabel("bytes uploaded per client over the whole run (log)")
+    ax.set_ylabel(f"average {split} accuracy (%)")
+    ax.grid(alpha=0.3)
 
 
 def label_points(ax, points: list[tuple[float, float, str]], step: float,

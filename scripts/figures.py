@@ -30,7 +30,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from metamoe.compare_tables import label_points  # noqa: E402
+from metamoe.compare_tables import plot_accuracy_vs_upload, row_kind  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DPI = 120
@@ -54,16 +54,6 @@ def _source_line(fig, path: Path, prov: dict | None) -> None:
     fig.text(0.01, 0.01, text, fontsize=6.5, color="0.35", ha="left", va="bottom")
 
 
-def _kind(name: str, row: dict) -> tuple[str, str]:
-    if not row.get("private", True):
-        return "tab:red", "not private"
-    if row.get("rounds", 1) > 1:
-        return "tab:orange", "iterative FL"
-    if name.startswith("metamoe"):
-        return "tab:green", "MetaMoE"
-    return "tab:blue", "one-shot baseline"
-
-
 def comparison(table_path: Path, out: Path, bench: str) -> Path:
     blob = json.loads(table_path.read_text())
     prov = blob.get("_provenance")
@@ -71,7 +61,7 @@ def comparison(table_path: Path, out: Path, bench: str) -> Path:
     names = list(rows)
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 5.2), gridspec_kw={"width_ratios": [1, 1.1]})
     ys = np.arange(len(names))[::-1]
-    colours = [_kind(n, rows[n])[0] for n in names]
+    colours = [row_kind(n, rows[n])[0] for n in names]
     ax1.barh(ys, [100 * rows[n]["average"] for n in names],
              xerr=[100 * rows[n]["std"] for n in names], color=colours, capsize=2)
     ax1.set_yticks(ys)
@@ -84,33 +74,8 @@ def comparison(table_path: Path, out: Path, bench: str) -> Path:
     ax1.set_title(f"{bench}: average accuracy per method")
     ax1.grid(axis="x", alpha=0.3)
 
-    ys_all = [100 * rows[n]["average"] for n in names]
-    step = 0.045 * (max(ys_all) - min(ys_all) + 2)  # the smallest gap between two labels
-    handles = {}
-    points = []  # (x, y, name) of the labelled points
-    for n in names:
-        r = rows[n]
-        c, label = _kind(n, r)
-        ablation = n.startswith("metamoe[")  # ddome[ddome_paper] is DDOME's row, not an ablation
-        if ablation:
-            label = "MetaMoE ablations"
-        x, y = max(r["upload_bytes"], 1), 100 * r["average"]
-        h = ax2.errorbar(x, y, yerr=100 * r["std"], fmt="s" if r.get("rounds", 1) > 1 else "o",
-                         color=c, mfc="none" if ablation else c, capsize=2,
-                         alpha=0.6 if ablation else 1)
-        handles.setdefault(label, h)
-        if not ablation:  # the ablations sit on top of metamoe: the left panel names them
-            points.append((x, y, n))
-    label_points(ax2, points, step, fontsize=6.5)
-    order = ["MetaMoE", "MetaMoE ablations", "one-shot baseline", "iterative FL", "not private"]
-    ax2.legend([handles[k] for k in order if k in handles], [k for k in order if k in handles],
-               fontsize=7, loc="best")  # "best" also avoids the point labels (Text)
-    ax2.set_xscale("log")
-    ax2.set_xlim(min(p[0] for p in points) / 3, max(p[0] for p in points) * 8)
-    ax2.set_xlabel("bytes uploaded per client over the whole run (log)")
-    ax2.set_ylabel("average test accuracy (%)")
+    plot_accuracy_vs_upload(ax2, rows)
     ax2.set_title(f"{bench}: accuracy vs upload")
-    ax2.grid(alpha=0.3)
     fig.tight_layout(rect=(0, 0.03, 1, 1))
     _source_line(fig, table_path, prov)
     return _save(fig, out / f"{bench}_comparison.png")

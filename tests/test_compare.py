@@ -257,6 +257,42 @@ def test_publishing_finished_runs_adds_them_and_leaves_unfinished_ones_out(tmp_p
         main([str(tmp_path / "nowhere"), str(dest)])
 
 
+def test_replot_redraws_a_published_tables_plots_from_its_table_json(tmp_path, capsys,
+                                                                     monkeypatch):
+    """``python -m metamoe.compare_publish --replot DIR`` draws both plots from DIR/table.json
+    alone (the split from compare.json); the plots mark MetaMoE's ablations without naming them
+    and name every other row. A folder without table.json is refused, naming it."""
+    from matplotlib.axes import Axes
+
+    from metamoe.compare_publish import main
+    from metamoe.compare_tables import aggregate
+
+    def run(avg, seed, ups=1000):
+        return {"accuracy": {"average": avg, "per_domain": {"a": avg, "b": avg - 0.1}},
+                "upload_bytes": {"c": ups}, "_run": f"r{seed}"}
+
+    per_seed = {"metamoe": [run(0.80, s) for s in range(2)],
+                "metamoe[no_pa]": [run(0.79, s) for s in range(2)],
+                "btm": [run(0.70, s) for s in range(2)],
+                "fedavg": [{**run(0.75, s, 10**6), "rounds": 8} for s in range(2)]}
+    table = aggregate(per_seed, ["a", "b"])
+    dest = tmp_path / "docs" / "results" / "x"
+    dest.mkdir(parents=True)
+    (dest / "table.json").write_text(json.dumps(table))
+    (dest / "compare.json").write_text(json.dumps({"split": "val"}))
+    named = []
+    real = Axes.annotate
+    monkeypatch.setattr(Axes, "annotate", lambda self, text, *a, **k: (
+        named.append(text), real(self, text, *a, **k))[1])
+    main(["--replot", str(dest)])
+    assert (dest / "accuracy_vs_upload.png").stat().st_size > 0
+    assert (dest / "accuracy_per_domain.png").stat().st_size > 0
+    assert sorted(named) == ["btm", "fedavg", "metamoe"]
+    assert "wrote" in capsys.readouterr().out
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        main(["--replot", str(tmp_path / "nowhere")])
+
+
 def test_ddome_rows_tabulate_where_the_gate_sends_each_domain(tmp_path):
     """A DDOME run's ``ddome_own_share`` reaches its row in table.json (mean and per seed) and
     table.md; rows without it get no such key."""
