@@ -147,7 +147,8 @@ def sweep(benchmark: str, rounds: list[int], methods: list[str], seeds: int, spl
 
 
 def main(argv: list[str] | None = None) -> int:
-    from metamoe.compare import FL, add_run_args
+    from metamoe.compare import add_run_args
+    from metamoe.compare_plan import FL
 
     ap = argparse.ArgumentParser(prog="python -m bench.fl_rounds", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -26,7 +26,7 @@ LAYERS = [  # (module prefix, layer); the longest matching prefix wins
     ("metamoe.clients", 3), ("metamoe.strategies", 3),
     ("metamoe.clients.client_app", 4), ("metamoe.server", 4),
     ("metamoe.resources", 5), ("metamoe.launch", 5), ("metamoe.compare", 5),
-    ("metamoe.compare_tables", 5), ("metamoe.compare_publish", 5),
+    ("metamoe.compare_tables", 5), ("metamoe.compare_publish", 5), ("metamoe.compare_plan", 5),
 ]
 
 

@@ -128,7 +128,7 @@ def test_recipe_offers_each_method_the_same_trials_and_picks_on_val_averages() -
     """bench.recipe: 8 trials per method (the unify-only ones share a suite run per router-
     stage length, DDOME's run once); the choice is the highest mean, ties to the default."""
     from bench.recipe import SERVER_STAGE, TRIALS, choose
-    from metamoe.compare import plan
+    from metamoe.compare_plan import plan
 
     n = {f: len(rows) * (2 if f in SERVER_STAGE else 1) for f, rows in TRIALS.items()}
     assert n == {"metamoe": 8, "flexolmo": 8, "ddome": 8}

@@ -5,9 +5,10 @@ that breaks it."""
 import pytest
 
 from metamoe.budget import EXEMPT, check_rows, departures
-from metamoe.compare import DEFAULT_ROWS, parse_row
+from metamoe.compare_plan import DEFAULT_ROWS
 from metamoe.config import ConfigError, resolve_config
 from metamoe.strategies import STRATEGIES
+from metamoe.strategies.suites import parse_row
 
 
 @pytest.mark.parametrize("benchmark", ["vision", "text"])

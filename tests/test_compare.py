@@ -4,7 +4,9 @@ import json
 
 import pytest
 
-from metamoe.compare import DEFAULT_ROWS, Job, aggregate, compare, parse_row, plan, rows_of, run_id
+from metamoe.compare import aggregate, compare, rows_of
+from metamoe.compare_plan import DEFAULT_ROWS, Job, plan, run_id
+from metamoe.strategies.suites import parse_row
 
 
 def test_parse_row():
@@ -170,7 +172,8 @@ def test_more_seeds_plan_and_publish(tmp_path):
     """``--more-seeds M:rows``: every row on seeds 0..N-1, the named rows on N..M-1 (planned
     on their own, so MetaMoE runs alone there instead of in the suite); bad plans fail before
     anything runs; ``--publish`` copies the tables."""
-    from metamoe.compare import main, seed_plan
+    from metamoe.compare import main
+    from metamoe.compare_plan import seed_plan
     from metamoe.compare_publish import publish_tables
     from metamoe.config import ConfigError
 
@@ -186,7 +189,7 @@ def test_more_seeds_plan_and_publish(tmp_path):
     assert seed_plan(3, rows, (5, ["metamoe", "best_private"]))[3] == (3, ["metamoe"])
     # best_private: the strongest private baseline, never MetaMoE, an ablation, an upper bound
     # or a reference row
-    from metamoe.compare import best_private
+    from metamoe.compare_plan import best_private
 
     t = {"btm": {"average": 0.8}, "btx": {"average": 0.82}, "metamoe": {"average": 0.9},
          "metamoe[no_pa]": {"average": 0.85}, "zero_shot": {"average": 0.5},
