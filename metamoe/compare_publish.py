@@ -80,12 +80,12 @@ def publish_finished_runs(runs_dir: Path, dest: Path) -> tuple[list[Path], list[
 def replot(dest: Path) -> list[Path]:
     """Redraw the plots of the comparison published in ``dest`` from its ``table.json`` (and
     the split named in its ``compare.json``): the same figures ``metamoe.compare`` draws."""
-    from metamoe.compare_tables import write_plots
+    from metamoe.compare_tables import measured_rows, write_plots
 
     path = dest / "table.json"
     if not path.is_file():
         raise FileNotFoundError(f"--replot: no table.json in {dest}")
-    table = {k: v for k, v in json.loads(path.read_text()).items() if not k.startswith("_")}
+    table = measured_rows(json.loads(path.read_text()))
     meta = dest / "compare.json"
     split = json.loads(meta.read_text()).get("split", "test") if meta.is_file() else "test"
     domains = list(next(iter(table.values()))["per_domain"]) if table else []

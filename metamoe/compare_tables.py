@@ -102,6 +102,12 @@ def write_markdown(path: Path, table: dict, unavailable: dict, domains: list[str
     path.write_text("\n".join(lines) + "\n")
 
 
+def measured_rows(blob: dict) -> dict[str, dict]:
+    """The rows of a ``table.json`` that have results: without its ``_``-keys (provenance) and
+    the rows listed as ``{"status": "unavailable"}``."""
+    return {k: v for k, v in blob.items() if not k.startswith("_") and "average" in v}
+
+
 def write_plots(out: Path, table: dict, domains: list[str], split: str = "test") -> list[Path]:
     import matplotlib
 

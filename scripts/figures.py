@@ -30,7 +30,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from metamoe.compare_tables import plot_accuracy_vs_upload, row_kind  # noqa: E402
+from metamoe.compare_tables import measured_rows, plot_accuracy_vs_upload, row_kind  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DPI = 120
@@ -57,7 +57,7 @@ def _source_line(fig, path: Path, prov: dict | None) -> None:
 def comparison(table_path: Path, out: Path, bench: str) -> Path:
     blob = json.loads(table_path.read_text())
     prov = blob.get("_provenance")
-    rows = {k: v for k, v in blob.items() if not k.startswith("_") and "average" in v}
+    rows = measured_rows(blob)
     names = list(rows)
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 5.2), gridspec_kw={"width_ratios": [1, 1.1]})
     ys = np.arange(len(names))[::-1]

@@ -263,8 +263,9 @@ def test_publishing_finished_runs_adds_them_and_leaves_unfinished_ones_out(tmp_p
 def test_replot_redraws_a_published_tables_plots_from_its_table_json(tmp_path, capsys,
                                                                      monkeypatch):
     """``python -m metamoe.compare_publish --replot DIR`` draws both plots from DIR/table.json
-    alone (the split from compare.json); the plots mark MetaMoE's ablations without naming them
-    and name every other row. A folder without table.json is refused, naming it."""
+    alone (the split from compare.json), leaving out rows listed as unavailable; the plots mark
+    MetaMoE's ablations without naming them and name every other row. A folder without
+    table.json is refused, naming it."""
     from matplotlib.axes import Axes
 
     from metamoe.compare_publish import main
@@ -281,7 +282,8 @@ def test_replot_redraws_a_published_tables_plots_from_its_table_json(tmp_path, c
     table = aggregate(per_seed, ["a", "b"])
     dest = tmp_path / "docs" / "results" / "x"
     dest.mkdir(parents=True)
-    (dest / "table.json").write_text(json.dumps(table))
+    (dest / "table.json").write_text(json.dumps(  # as compare writes it, unavailable rows too
+        {**table, "fedprox": {"status": "unavailable", "reason": "not registered"}}))
     (dest / "compare.json").write_text(json.dumps({"split": "val"}))
     named = []
     real = Axes.annotate
